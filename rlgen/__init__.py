@@ -1,0 +1,3 @@
+"""rlgen: reward-driven post-training of generative models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from rlgen.cli.app import main
+
+main()

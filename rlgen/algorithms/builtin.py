@@ -1,0 +1,35 @@
+"""Built-in algorithms: sft, grpo, and grpo presets under the names users look for."""
+from __future__ import annotations
+
+from rlgen.algorithms.base import Algorithm
+from rlgen.algorithms.grpo import GRPOConfig, GRPOTrainer
+from rlgen.algorithms.sft import SFTConfig, SFTTrainer
+from rlgen.hookspecs import hookimpl
+
+ALGORITHMS = (
+    Algorithm("sft", SFTConfig, SFTTrainer, "supervised fine-tuning on prompt -> completion"),
+    Algorithm("grpo", GRPOConfig, GRPOTrainer, "group relative policy optimisation (advantage and loss from the registries)"),
+    Algorithm("rloo", GRPOConfig, GRPOTrainer, "REINFORCE leave-one-out (grpo preset)",
+              {"algorithm": {"advantage": "rloo", "loss_type": "grpo"}}),
+    Algorithm("remax", GRPOConfig, GRPOTrainer, "ReMax: greedy-rollout baseline (grpo preset)",
+              {"algorithm": {"advantage": "remax", "loss_type": "grpo"}}),
+    Algorithm("reinforce-pp", GRPOConfig, GRPOTrainer, "REINFORCE++ with batch-normalised advantages (grpo preset)",
+              {"algorithm": {"advantage": "reinforce++", "loss_type": "dapo"}}),
+    Algorithm("dapo", GRPOConfig, GRPOTrainer, "DAPO: clip-higher, dynamic sampling, overlong shaping, token mean (grpo preset)",
+              {"algorithm": {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "dynamic_sampling": True,
+                             "overlong_buffer": 2, "mask_truncated_completions": True}}),
+    Algorithm("dr-grpo", GRPOConfig, GRPOTrainer, "Dr. GRPO: no std scaling, constant normaliser (grpo preset)",
+              {"algorithm": {"loss_type": "dr_grpo", "scale_rewards": "none"}}),
+    Algorithm("gdpo", GRPOConfig, GRPOTrainer, "GDPO: per-reward group normalisation, then weighted sum (grpo preset)",
+              {"algorithm": {"advantage": "gdpo", "scale_rewards": "batch"}}),
+    Algorithm("gspo", GRPOConfig, GRPOTrainer, "GSPO: sequence-level importance ratio (grpo preset)",
+              {"algorithm": {"loss_type": "gspo", "epsilon": 3e-4, "epsilon_high": 4e-4}}),
+    Algorithm("cispo", GRPOConfig, GRPOTrainer, "CISPO: clipped importance-sampling weights (grpo preset)",
+              {"algorithm": {"loss_type": "cispo", "epsilon_high": 5.0}}),
+)
+
+
+@hookimpl
+def register_algorithms(register):
+    for algorithm in ALGORITHMS:
+        register(algorithm.name, algorithm, algorithm.description)

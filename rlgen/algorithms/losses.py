@@ -1,0 +1,171 @@
+"""Policy losses (TRL `loss_type` names) and KL estimators: small pure functions with a name.
+
+A policy loss maps per-token log-probs of the current policy (`logp`), of the policy that sampled
+(`old_logp`), per-sequence `advantages` [B] and the completion `mask` [B, T] to
+`(per_token_loss [B, T], aggregation mode, statistics)`; `aggregate` turns it into one number.
+`ctx` carries the clip ranges and normalisers (LossContext).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlgen.hookspecs import hookimpl
+
+
+@dataclass
+class LossContext:
+    epsilon: float = 0.2  # lower clip range (and upper unless epsilon_high is set)
+    epsilon_high: float | None = None  # DAPO clip-higher; CISPO's epsilon_max
+    delta: float | None = None  # two-sided clip (INTELLECT-2): ratio capped at delta for A < 0
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    max_completion_length: int = 1  # Dr. GRPO's constant normaliser
+    num_items_in_batch: float | None = None  # DAPO: active tokens over the whole accumulated batch
+    num_sequences_in_batch: float | None = None  # sequences over the whole accumulated batch
+    num_micro_batches: int = 1  # bnpo's local token mean is averaged over micro-batches
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """Per-token log importance ratio; 'sequence' (GSPO) uses the length-normalised sequence ratio with
+    the token-level gradient of GSPO-token: sg[s_i] * pi / sg[pi]."""
+    token = logp - old_logp
+    if level == "token":
+        return token
+    if level == "sequence":
+        seq = (token * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        return seq.detach() + logp - logp.detach()
+    raise ValueError(f"importance_sampling_level must be token or sequence, got {level!r}")
+
+
+def clip_stats(ratio, advantages, mask, ctx: LossContext) -> dict[str, torch.Tensor]:
+    adv = advantages.unsqueeze(-1).expand_as(ratio)
+    low = ((ratio < 1 - ctx.epsilon) & (adv < 0)).float()
+    high = ((ratio > 1 + ctx.eps_high) & (adv > 0)).float()
+    return {
+        "clip_ratio/low_mean": masked_mean(low, mask).detach(),
+        "clip_ratio/high_mean": masked_mean(high, mask).detach(),
+        "clip_ratio/region_mean": masked_mean(((low + high) > 0).float(), mask).detach(),
+    }
+
+
+def clipped_surrogate(logp, old_logp, advantages, mask, ctx: LossContext):
+    """PPO's clipped objective per token (negated, so lower is better), with clip-higher and delta."""
+    ratio = torch.exp(log_ratio(logp, old_logp, mask, ctx.importance_sampling_level))
+    adv = advantages.unsqueeze(-1)
+    unclipped = ratio if ctx.delta is None else torch.clamp(ratio, max=ctx.delta)
+    clipped = torch.clamp(ratio, 1 - ctx.epsilon, 1 + ctx.eps_high)
+    per_token = -torch.min(unclipped * adv, clipped * adv)
+    return per_token, clip_stats(ratio, advantages, mask, ctx)
+
+
+# --- aggregation: how per-token losses become one number (the heart of TRL's loss_type) ---
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, ctx: LossContext) -> torch.Tensor:
+    if mode == "sequence-mean":  # grpo: mean over each sequence's tokens, then over sequences
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        if ctx.num_sequences_in_batch:
+            return per_seq.sum() / ctx.num_sequences_in_batch
+        return per_seq.mean()
+    if mode == "token-mean-local":  # bnpo: token mean over this (micro-)batch
+        return (per_token * mask).sum() / mask.sum().clamp(min=1) / ctx.num_micro_batches
+    if mode == "constant":  # dr_grpo: divide by batch size x max completion length
+        rows = ctx.num_sequences_in_batch or per_token.shape[0]
+        return (per_token * mask).sum() / (rows * ctx.max_completion_length)
+    if mode == "token-mean-global":  # dapo: token mean over the whole accumulated batch
+        total = ctx.num_items_in_batch or mask.sum().clamp(min=1)
+        return (per_token * mask).sum() / total
+    raise ValueError(f"unknown aggregation {mode!r}")
+
+
+def _ppo_loss(mode: str):
+    def loss(logp, old_logp, advantages, mask, ctx: LossContext):
+        per_token, stats = clipped_surrogate(logp, old_logp, advantages, mask, ctx)
+        return per_token, mode, stats
+
+    return loss
+
+
+def grpo(logp, old_logp, advantages, mask, ctx):
+    """GRPO: clipped surrogate, each sequence's token mean, then the mean over sequences."""
+    return _ppo_loss("sequence-mean")(logp, old_logp, advantages, mask, ctx)
+
+
+def bnpo(logp, old_logp, advantages, mask, ctx):
+    """BNPO: clipped surrogate averaged over the active tokens of the local batch."""
+    return _ppo_loss("token-mean-local")(logp, old_logp, advantages, mask, ctx)
+
+
+def dr_grpo(logp, old_logp, advantages, mask, ctx):
+    """Dr. GRPO: clipped surrogate summed and divided by a constant (batch x max completion length)."""
+    return _ppo_loss("constant")(logp, old_logp, advantages, mask, ctx)
+
+
+def dapo(logp, old_logp, advantages, mask, ctx):
+    """DAPO: clipped surrogate averaged over all active tokens of the accumulated batch."""
+    return _ppo_loss("token-mean-global")(logp, old_logp, advantages, mask, ctx)
+
+
+def gspo(logp, old_logp, advantages, mask, ctx):
+    """GSPO: sequence-level (length-normalised) importance ratio, clipped, per-sequence mean."""
+    seq_ctx = LossContext(**{**ctx.__dict__, "importance_sampling_level": "sequence"})
+    return _ppo_loss("sequence-mean")(logp, old_logp, advantages, mask, seq_ctx)
+
+
+def cispo(logp, old_logp, advantages, mask, ctx):
+    """CISPO: REINFORCE weighted by the clipped, detached importance ratio (ratio <= epsilon_high)."""
+    ratio = torch.exp(logp - old_logp)
+    weight = torch.clamp(ratio, max=ctx.eps_high).detach()
+    per_token = -weight * advantages.unsqueeze(-1) * logp
+    # CISPO only caps the weight from above, at epsilon_high itself (not 1 + epsilon_high): count, as TRL's
+    # cispo_clip_ratio does, the tokens with A > 0 whose weight was capped; nothing is clipped below.
+    high = ((ratio > ctx.eps_high) & (advantages.unsqueeze(-1) > 0)).float()
+    stats = {
+        "clip_ratio/low_mean": torch.zeros(()),
+        "clip_ratio/high_mean": masked_mean(high, mask).detach(),
+        "clip_ratio/region_mean": masked_mean(high, mask).detach(),
+    }
+    return per_token, "token-mean-global", stats
+
+
+POLICY_LOSSES = {"grpo": grpo, "bnpo": bnpo, "dr_grpo": dr_grpo, "dapo": dapo, "gspo": gspo, "cispo": cispo}
+
+
+def policy_loss(fn, logp, old_logp, advantages, mask, ctx: LossContext, kl: torch.Tensor | None = None, beta: float = 0.0):
+    """Apply a registered loss, add beta * per-token KL before aggregation (as TRL does), aggregate."""
+    per_token, mode, stats = fn(logp, old_logp, advantages, mask, ctx)
+    if kl is not None and beta:
+        per_token = per_token + beta * kl
+    return aggregate(per_token, mask, mode, ctx), stats
+
+
+# --- KL estimators between the policy and a frozen reference (Schulman's k1 / k2 / k3) ---
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return logp - ref_logp
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+
+
+@hookimpl
+def register_policy_losses(register):
+    for name, fn in POLICY_LOSSES.items():
+        register(name, fn)

@@ -1,0 +1,100 @@
+"""Supervised fine-tuning: cross-entropy on prompt -> completion (completion tokens only by default)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlgen.algorithms.logprobs import completion_logprobs
+from rlgen.errors import RlgenError
+from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
+from rlgen.models.causal_lm import ModelConfig
+from rlgen.plugins import registry
+from rlgen.rollout.engine import HFEngine, completion_mask_from_ids
+from rlgen.training.data import PromptSampler
+from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, Trainer, load_records
+
+
+@dataclass
+class SFTOptions:
+    batch_size: int = 32
+    completion_only_loss: bool = True  # False: the prompt tokens are trained on too
+    completion_field: str = "answer"  # used when a record has no `completion`
+    max_new_tokens: int = 8  # for the periodic held-out evaluation
+
+    def validate(self):
+        if self.batch_size < 1:
+            raise RlgenError("config key 'sft.batch_size' must be >= 1")
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTOptions = field(default_factory=SFTOptions)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/sft", steps=200))
+
+
+class SFTTrainer(Trainer):
+    config: SFTConfig
+
+    def prepare(self) -> None:
+        cfg = self.config
+        self.records = load_records(cfg.data, cfg.data.split)
+        for record in self.records:
+            if "completion" not in record and cfg.sft.completion_field not in record:
+                where = f"line {record['_line']}" if "_line" in record else "a record"
+                raise RlgenError(f"{cfg.data.path or cfg.data.task}, {where}: missing field 'completion' or '{cfg.sft.completion_field}'")
+        self.sampler = PromptSampler(self.records, cfg.sft.batch_size, cfg.run.seed)
+        self.engine = HFEngine(self.model, self.tokenizer)
+        self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
+
+    def extra_state(self) -> dict:
+        return {"sampler": self.sampler.state()}
+
+    def restore_extra_state(self, state: dict) -> None:
+        self.sampler.restore(state["sampler"])
+
+    def encode(self, batch: list[dict]):
+        cfg = self.config.sft
+        eos = self.tokenizer.eos_token_id
+        completions = [str(r.get("completion", r.get(cfg.completion_field))) for r in batch]
+        prompt_ids, prompt_mask = self.engine.encode_prompts([r["prompt"] for r in batch])
+        encoded = [self.tokenizer(c, add_special_tokens=False).input_ids + [eos] for c in completions]
+        width = max(len(e) for e in encoded)
+        completion_ids = torch.full((len(batch), width), self.engine.pad_id, dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            completion_ids[row, : len(ids)] = torch.tensor(ids)
+        completion_mask = completion_mask_from_ids(completion_ids, self.engine.stop_ids)
+        return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        batch = self.sampler.next_batch()
+        prompt_ids, prompt_mask, completion_ids, completion_mask = self.encode(batch)
+        if not cfg.sft.completion_only_loss:
+            # Train on prompt tokens too: move them into the "completion" part after the first token.
+            completion_ids = torch.cat([prompt_ids[:, 1:], completion_ids], dim=1)
+            completion_mask = torch.cat([prompt_mask[:, 1:], completion_mask], dim=1)
+            prompt_ids, prompt_mask = prompt_ids[:, :1], prompt_mask[:, :1]
+        rows = len(batch)
+        n_micro = min(cfg.optim.gradient_accumulation_steps, rows)
+        total_tokens = completion_mask.sum().clamp(min=1)
+        loss_sum = 0.0
+        for idx in torch.arange(rows).chunk(n_micro):
+            logp, _ = completion_logprobs(self.model, prompt_ids[idx], prompt_mask[idx], completion_ids[idx], completion_mask[idx])
+            mask = completion_mask[idx].float()
+            loss = -(logp * mask).sum() / total_tokens
+            loss.backward()
+            loss_sum += float(loss.detach())
+        grad_norm = self.optimizer_step()
+        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": int(total_tokens)}
+
+    def evaluate(self) -> dict:
+        task_rewards = ("exact-match",)
+        if self.config.data.task and not self.config.data.path:
+            task_rewards = registry("task").get(self.config.data.task).default_rewards
+        result = evaluate_model(self.engine, self.eval_records, correctness_rewards(task_rewards), self.config.sft.max_new_tokens)
+        self.model.train()
+        return {"eval/accuracy": result["metrics"]["accuracy"]}

@@ -1,0 +1,108 @@
+"""The `rlgen` command: typer app, subcommand registration and the error contract
+(bad input -> one line on stderr, exit status 2, traceback only with --debug)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from rlgen import __version__
+from rlgen.errors import RlgenError
+
+app = typer.Typer(
+    name="rlgen",
+    help="Reward-driven post-training of generative models: sample, score, train, merge, eval.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"rlgen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (also accepted after a subcommand)."),
+):
+    """rlgen: one tool for RL fine-tuning, sampling, scoring, merging and evaluating generative models."""
+
+
+def _register_commands() -> None:
+    from rlgen.cli import evaluate, info, merge, sample, score, train  # noqa: F401 - they add themselves
+
+    for module in (sample, score, train, merge, evaluate, info):
+        module.register(app)
+
+
+_register_commands()
+
+
+def _plugin_commands() -> None:
+    from rlgen.plugins import plugin_manager
+
+    plugin_manager().hook.register_commands(app=app)
+
+
+def _click_exception_types():
+    """Click's exception classes, and those of the click copy that newer typer releases bundle."""
+    import typer.exceptions
+
+    exits, aborts, usage = [click.exceptions.Exit], [click.exceptions.Abort], [click.ClickException]
+    exits.append(typer.exceptions.Exit)
+    aborts.append(typer.exceptions.Abort)
+    try:
+        from typer._click import exceptions as bundled
+
+        usage.append(bundled.ClickException)
+    except ImportError:
+        pass
+    return tuple(exits), tuple(aborts), tuple(usage)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("RLGEN_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    exit_types, abort_types, usage_types = _click_exception_types()
+    try:
+        if args and args[0] not in {"sample", "score", "train", "merge", "eval", "plugins", "env", "-h", "--help", "--version"}:
+            _plugin_commands()
+        command = typer.main.get_command(app)
+        command.main(args=args, prog_name="rlgen", standalone_mode=False)
+    except exit_types as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except abort_types:
+        sys.stderr.write("rlgen: aborted\n")
+        sys.exit(130)
+    except usage_types as exc:
+        if debug:
+            raise
+        exc.show()
+        sys.exit(exc.exit_code if type(exc).__name__ == "NoArgsIsHelpError" else 2)
+    except RlgenError as exc:
+        if debug:
+            raise
+        sys.stderr.write(f"rlgen: error: {exc}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("rlgen: interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        sys.stderr.write(f"rlgen: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

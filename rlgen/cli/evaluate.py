@@ -1,0 +1,154 @@
+"""`rlgen eval`: a model on a task's held-out split, a JSONL of scored samples, or a run directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from rlgen.cli import options as opt
+from rlgen.errors import RlgenError
+
+HELP = """Evaluate a model on a task (greedy accuracy, pass@k), summarise scored JSONL, or plot a run.
+
+Examples:
+
+    rlgen eval --model runs/demo/final --task arithmetic --json
+
+    rlgen eval --model tiny-arith --task arithmetic -k 8
+
+    rlgen sample --task arithmetic -n 4 | rlgen score -r exact-match | rlgen eval -
+
+    rlgen eval runs/demo --plot curves.png
+"""
+
+
+def evaluate(
+    source: opt.OptStr = typer.Argument(None, help="Scored JSONL file, '-' (stdin), or a run directory."),
+    model: opt.OptStr = opt.Model,
+    task: opt.OptStr = opt.Task,
+    data: opt.OptStr = opt.Data,
+    split: str = typer.Option("test", "--split", help="Task split to evaluate on."),
+    limit: opt.OptInt = typer.Option(None, "--limit", help="Evaluate only the first N problems."),
+    k: int = typer.Option(1, "-k", help="Samples per problem for pass@k (k > 1 samples at --temperature)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Temperature of the pass@k samples."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens"),
+    reward: opt.StrList = opt.Reward,
+    seed: int = typer.Option(0, "--seed"),
+    plot: opt.OptStr = typer.Option(None, "--plot", help="With a run directory: write the metric curves to this PNG."),
+    samples_out: opt.OptStr = typer.Option(None, "--samples-out", help="Write the greedy samples as JSONL."),
+    quiet: bool = opt.Quiet,
+    json_output: bool = opt.Json,
+):
+    from rlgen.cli.report import Reporter
+
+    reporter = Reporter(quiet=quiet, json_output=json_output)
+    if model:
+        result = _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out)
+    elif source and source != "-" and Path(source).is_dir():
+        result = _eval_run(Path(source), plot)
+    elif source:
+        result = _eval_samples(source)
+    else:
+        raise RlgenError("nothing to evaluate: give --model M --task T, a scored JSONL file, '-' or a run directory")
+    if json_output:
+        reporter.emit_json(result)
+    else:
+        _print_table(reporter, result)
+
+
+def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out):
+    import torch
+
+    from rlgen.data.records import write_records
+    from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
+    from rlgen.models.causal_lm import ModelConfig, load_policy
+    from rlgen.plugins import registry
+    from rlgen.rewards.base import RewardSet, RewardSpec
+    from rlgen.training.trainer import DataConfig, load_records
+
+    if not task and not data:
+        raise RlgenError("--model needs --task NAME or --data FILE to evaluate on")
+    records = load_records(DataConfig(task=task, path=data), split, required=("prompt", "answer"))
+    if limit:
+        records = records[:limit]
+    if reward:
+        rewards = RewardSet([RewardSpec.parse(r) for r in reward])
+    else:
+        rewards = correctness_rewards(registry("task").get(task).default_rewards if task and not data else ("exact-match",))
+    policy, tokenizer, path = load_policy(ModelConfig(path=model))
+    from rlgen.rollout.engine import HFEngine
+
+    engine = HFEngine(policy.eval(), tokenizer)
+    result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
+                            generator=torch.Generator().manual_seed(seed))
+    if samples_out:
+        write_records(result["samples"], samples_out)
+    return {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], **result["metrics"]}
+
+
+def _eval_samples(source: str) -> dict:
+    from rlgen.data.records import read_records
+    from rlgen.evaluation.metrics import reward_stats
+
+    records = read_records(source)
+    fields = sorted({key for r in records for key in r if key == "reward" or key.startswith("reward_")})
+    result: dict = {"num_samples": len(records)}
+    for field in fields:
+        values = [r.get(field) for r in records]
+        result[field] = reward_stats([v for v in values if isinstance(v, (int, float))])
+    correctness = [f for f in fields if f in ("reward_exact-match", "reward_numeric-match", "reward_countdown")]
+    if correctness:
+        result["accuracy"] = result[correctness[0]].get("mean")
+    if not fields:
+        raise RlgenError(f"{source}: no reward fields to summarise (run `rlgen score` first)")
+    return result
+
+
+def _eval_run(run: Path, plot: str | None) -> dict:
+    metrics_path = run / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise RlgenError(f"{run} is not a run directory (no metrics.jsonl)")
+    rows = []
+    for lineno, line in enumerate(metrics_path.read_text().splitlines(), start=1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise RlgenError(f"{metrics_path}, line {lineno}: malformed JSON") from None
+    if not rows:
+        raise RlgenError(f"{metrics_path} is empty")
+    if plot:
+        from rlgen.evaluation.plot import plot_run
+
+        plot_run(rows, plot, title=str(run))
+    last = rows[-1]
+    evals = [r["eval/accuracy"] for r in rows if r.get("eval/accuracy") is not None]
+    result = {"run": str(run), "steps": last.get("step"), "final": last}
+    if evals:
+        result["eval_accuracy_first"] = evals[0]
+        result["eval_accuracy_last"] = evals[-1]
+    if plot:
+        result["plot"] = plot
+    return result
+
+
+def _print_table(reporter, result: dict) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value")
+
+    def add(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                add(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            table.add_row(prefix, f"{value:.4f}" if isinstance(value, float) else str(value))
+
+    add("", result)
+    reporter.console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", help=HELP)(evaluate)

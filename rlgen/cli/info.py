@@ -1,0 +1,91 @@
+"""`rlgen plugins` and `rlgen env`: what is registered, and what a bug report needs."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import typer
+
+from rlgen.cli import options as opt
+
+PLUGINS_HELP = """List every registered item by kind with the package that provides it.
+
+Example:
+
+    rlgen plugins --json
+"""
+
+ENV_HELP = """Versions, devices and the active kernel backend: paste this into bug reports.
+
+Example:
+
+    rlgen env --json
+"""
+
+
+def plugins(json_output: bool = opt.Json):
+    from rlgen.cli.report import Reporter
+    from rlgen.plugins import registries
+
+    reporter = Reporter(json_output=json_output)
+    listing = {
+        kind: [{"name": e.name, "provider": e.provider, "description": e.description} for e in registry]
+        for kind, registry in registries().items()
+    }
+    if json_output:
+        reporter.emit_json(listing)
+        return
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold")
+    for column in ("kind", "name", "package", "description"):
+        table.add_column(column)
+    for kind, entries in listing.items():
+        for entry in entries:
+            table.add_row(kind, entry["name"], entry["provider"], entry["description"])
+    from rich.console import Console
+
+    Console(highlight=False).print(table)
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def env(json_output: bool = opt.Json):
+    import torch
+
+    from rlgen import __version__, ops
+    from rlgen.cli.report import Reporter
+
+    info = {
+        "rlgen": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "kernel_backend": ops.backend_name(),
+        "packages": {p: _version(p) for p in ("transformers", "safetensors", "tokenizers", "peft", "pluggy", "typer", "rich", "trl", "diffusers")},
+    }
+    reporter = Reporter(json_output=json_output)
+    if json_output:
+        reporter.emit_json(info)
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            for inner, v in value.items():
+                typer.echo(f"{key}.{inner}: {v if v is not None else 'not installed'}")
+        else:
+            typer.echo(f"{key}: {value}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plugins", help=PLUGINS_HELP)(plugins)
+    app.command("env", help=ENV_HELP)(env)

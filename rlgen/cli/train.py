@@ -1,0 +1,102 @@
+"""`rlgen train ALGO`: build the typed config (preset < TOML < flags < --set) and run the trainer."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from rlgen.cli import options as opt
+from rlgen.errors import RlgenError
+
+HELP = """Train a model with ALGO (sft, grpo, rloo, remax, dapo, dr-grpo, gdpo, ... see `rlgen plugins`).
+
+Config precedence: algorithm preset < --config TOML < flags < --set. The resolved config is written to
+OUT/config.toml; metrics go to OUT/metrics.jsonl, checkpoints to OUT/checkpoints/step-N, the model to OUT/final.
+
+Example:
+
+    rlgen train grpo --model tiny-arith --task arithmetic --reward exact-match --out runs/demo
+
+    rlgen train grpo --config run.toml --set algorithm.loss_type=dr_grpo --set rollout.num_generations=4
+"""
+
+
+def build_config(algorithm, config_file, sets, flags: dict, resume_dir: str | None):
+    from rlgen.config import apply_override, deep_merge, from_dict, read_toml
+
+    if resume_dir:
+        saved = Path(resume_dir) / "config.toml"
+        if not saved.is_file():
+            raise RlgenError(f"cannot resume: {saved} not found (is {resume_dir} a run directory?)")
+        data = read_toml(saved)
+    else:
+        data = deep_merge({}, algorithm.defaults)
+        if config_file:
+            data = deep_merge(data, read_toml(config_file))
+    sections = {f.name for f in dataclasses.fields(algorithm.config_cls)}
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1) if "." in dotted else (dotted, None)
+        if section not in sections:
+            raise RlgenError(f"`rlgen train {algorithm.name}` has no '{section}' settings (flag for {dotted})")
+        if key is None:
+            data[section] = value
+        else:
+            data.setdefault(section, {})[key] = value
+    for assignment in sets or []:
+        apply_override(data, assignment)
+    if resume_dir:
+        data.setdefault("run", {})["out"] = str(resume_dir)
+    return from_dict(algorithm.config_cls, data)
+
+
+def train(
+    algorithm: str = typer.Argument(..., help="Algorithm name (see `rlgen plugins`)."),
+    config: opt.OptStr = typer.Option(None, "--config", "-c", help="TOML config file."),
+    sets: opt.StrList = opt.Sets,
+    model: opt.OptStr = opt.Model,
+    task: opt.OptStr = opt.Task,
+    data: opt.OptStr = opt.Data,
+    reward: opt.StrList = opt.Reward,
+    out: opt.OptStr = typer.Option(None, "--out", "-o", help="Run directory."),
+    steps: opt.OptInt = typer.Option(None, "--steps", help="Number of optimiser steps."),
+    seed: opt.OptInt = opt.Seed,
+    save_every: opt.OptInt = typer.Option(None, "--save-every", help="Checkpoint every N steps (0 = final only)."),
+    resume: opt.OptStr = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    quiet: bool = opt.Quiet,
+    json_output: bool = opt.Json,
+):
+    from rlgen.cli.report import Reporter
+    from rlgen.plugins import registry
+    from rlgen.rewards.base import RewardSpec
+    from rlgen.training.run_dir import RunDir
+
+    algo = registry("algorithm").get(algorithm)
+    flags = {
+        "model.path": model,
+        "data.task": task,
+        "data.path": data,
+        "rewards": [dataclasses.asdict(RewardSpec.parse(r)) for r in reward] if reward else None,
+        "run.out": out,
+        "run.steps": steps,
+        "run.seed": seed,
+        "run.save_every": save_every,
+    }
+    cfg = build_config(algo, config, sets, flags, resume)
+    reporter = Reporter(quiet=quiet, json_output=json_output)
+    run_dir = RunDir(cfg.run.out)
+    if resume and run_dir.latest_checkpoint() is None:
+        reporter.log(f"no checkpoint in {run_dir.root}: starting from step 0")
+    trainer = algo.trainer_cls(cfg, run_dir, reporter, resume=bool(resume))
+    last = trainer.fit()
+    summary = {"algorithm": algorithm, "out": str(run_dir.root), "final_model": str(run_dir.final), "last_step": last}
+    if json_output:
+        reporter.emit_json(summary)
+    else:
+        reporter.log(f"done: model saved to {run_dir.final}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help=HELP, no_args_is_help=True)(train)

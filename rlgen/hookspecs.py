@@ -1,0 +1,63 @@
+"""Hook specifications: every extension point of rlgen, built-ins included.
+
+Each hook receives a `register(name, item, description="")` callable; a plugin calls it once per item.
+"""
+import pluggy
+
+hookspec = pluggy.HookspecMarker("rlgen")
+hookimpl = pluggy.HookimplMarker("rlgen")
+
+
+@hookspec
+def register_algorithms(register):
+    """Training algorithms (`rlgen train NAME`): rlgen.algorithms.base.Algorithm objects."""
+
+
+@hookspec
+def register_rewards(register):
+    """Rewards: rlgen.rewards.base.Reward objects, or factories taking keyword options."""
+
+
+@hookspec
+def register_advantage_estimators(register):
+    """Advantage estimators: pure functions (rewards, group_index, ...) -> advantages."""
+
+
+@hookspec
+def register_policy_losses(register):
+    """Per-token policy losses: pure functions of log-prob ratios and advantages."""
+
+
+@hookspec
+def register_backbones(register):
+    """Model backbones: loaders for a model family (e.g. causal-lm)."""
+
+
+@hookspec
+def register_models(register):
+    """Built-in model names resolving to a local directory."""
+
+
+@hookspec
+def register_samplers(register):
+    """Sampling strategies for `rlgen sample --sampler NAME`."""
+
+
+@hookspec
+def register_mergers(register):
+    """Weight-merge methods for `rlgen merge --method NAME`."""
+
+
+@hookspec
+def register_metrics(register):
+    """Evaluation metrics for `rlgen eval`."""
+
+
+@hookspec
+def register_tasks(register):
+    """Datasets with verifiable answers: rlgen.data.tasks.Task objects."""
+
+
+@hookspec
+def register_commands(app):
+    """Extra CLI subcommands: add them to the typer `app`."""

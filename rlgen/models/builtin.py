@@ -1,0 +1,25 @@
+"""Built-in models shipped inside the package, and the causal-LM backbone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlgen.hookspecs import hookimpl
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin_models"
+
+BUILTIN_MODELS = {
+    "tiny-arith": "Llama-architecture char-level LM (0.7M params), SFT on the arithmetic task (recipes/tiny-arith)",
+}
+
+
+@hookimpl
+def register_models(register):
+    for name, description in BUILTIN_MODELS.items():
+        register(name, BUILTIN_DIR / name, description)
+
+
+@hookimpl
+def register_backbones(register):
+    from rlgen.models import causal_lm
+
+    register("causal-lm", causal_lm, "Hugging Face AutoModelForCausalLM + AutoTokenizer directories")

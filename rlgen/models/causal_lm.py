@@ -1,0 +1,148 @@
+"""Causal-LM backbone: any local Hugging Face directory (or built-in name) in, HF directory out."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlgen.errors import RlgenError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny-arith"
+    dtype: str = "float32"
+    lora_r: int = 0  # 0 = full fine-tuning; > 0 trains a peft LoRA adapter
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    lora_merge_on_save: bool = True  # final/ holds merged weights; false keeps the adapter
+
+    def validate(self):
+        if self.dtype not in DTYPES:
+            raise RlgenError(f"config key 'model.dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.lora_r < 0:
+            raise RlgenError("config key 'model.lora_r' must be >= 0")
+
+
+def quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A built-in name or a local HF model directory; anything else is a clear error."""
+    from rlgen.plugins import registry
+
+    models = registry("model")
+    if name_or_path in models:
+        path = Path(models.get(name_or_path))
+        if not (path / "config.json").is_file():
+            raise RlgenError(f"built-in model '{name_or_path}' is missing its files at {path}")
+        return path
+    path = Path(name_or_path)
+    if not path.exists():
+        known = ", ".join(models.names())
+        raise RlgenError(f"unknown model '{name_or_path}': not a built-in name ({known}) nor an existing directory")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise RlgenError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise RlgenError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, dtype: str = "float32"):
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    adapter = path / "adapter_config.json"
+    try:
+        if adapter.is_file():  # a saved LoRA adapter: load base + adapter
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+    except Exception as exc:
+        raise RlgenError(f"cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
+def load_policy(cfg: ModelConfig):
+    """(model, tokenizer, resolved path); LoRA is attached when cfg.lora_r > 0."""
+    path = resolve_model_path(cfg.path)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path, cfg.dtype)
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        target = cfg.lora_target_modules
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=target[0] if target == ["all-linear"] else target,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    return model, tokenizer, path
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_hf(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> None:
+    """Write an HF directory (safetensors) atomically: a temporary sibling, then rename."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    to_save = model
+    if is_peft(model) and merge_lora:
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    replace_dir(tmp, out_dir)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Swap a finished temporary directory into place (rename is atomic on one filesystem)."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
+
+
+def model_summary(path: Path) -> dict:
+    config = json.loads((path / "config.json").read_text())
+    return {"path": str(path), "architecture": (config.get("architectures") or ["?"])[0]}

@@ -1,0 +1,315 @@
+"""Rollout engines: the one code path that turns prompts into completions, for `rlgen sample`,
+evaluation and every trainer. An engine only needs `generate`; `sync_weights` exists so an engine
+holding its own copy of the weights (vLLM, a server) can be told that the policy changed."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+
+@dataclass
+class Rollouts:
+    prompts: list[str]
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, C] right-padded
+    completion_mask: torch.Tensor  # [B, C]; 1 up to and including the stop token
+    truncated: torch.Tensor  # [B] bool: no stop token within max_new_tokens
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None) -> Rollouts: ...
+
+    def sync_weights(self, model) -> None: ...
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside the top-k and outside the smallest set with cumulative probability >= top_p."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        remove = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token crossing top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(i) for i in eos)
+    return sorted(ids)
+
+
+class HFEngine:
+    """KV-cached sampling loop over a transformers causal LM (left-padded batch, per-row stopping).
+
+    Prompts usually arrive in groups of identical consecutive prompts (GRPO's G completions per
+    prompt, pass@k). Each run of equal consecutive prompts is tokenised once and, when the model's
+    cache can be expanded (`supports_shared_prefix`), prefilled once; its KV cache and last logits
+    are then repeated for every row of the run before the rows are decoded. Sampling is unchanged:
+    one draw over the whole batch per step, so seeded runs stay reproducible. The path taken depends
+    only on the model (and `shared_prefix`), never on the batch, so every call runs the same code.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 256, shared_prefix: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.shared_prefix = shared_prefix
+        self.stop_ids = torch.tensor(stop_token_ids(model, tokenizer))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0].item()
+        self._stop_set = set(self.stop_ids.tolist())
+
+    def sync_weights(self, model) -> None:
+        self.model = model  # same process, same weights: nothing to copy
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded (ids [B, P], mask [B, P]); each run of equal consecutive prompts is tokenised once."""
+        starts, row_group = consecutive_runs(prompts)
+        ids, mask = self._encode_unique([prompts[i] for i in starts])
+        if len(starts) == len(prompts):
+            return ids, mask
+        return ids.index_select(0, row_group), mask.index_select(0, row_group)
+
+    def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        encoded = self.tokenizer(list(prompts)).input_ids
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, tokens in enumerate(encoded):
+            if tokens:
+                ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+                mask[row, width - len(tokens):] = 1
+        return ids, mask
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None) -> Rollouts:
+        parts = [
+            self._generate_batch(prompts[i : i + self.batch_size], params, generator)
+            for i in range(0, len(prompts), self.batch_size)
+        ]
+        return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.pad_id)
+
+    def _generate_batch(self, prompts, params: SamplingParams, generator) -> Rollouts:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        batch = len(prompts)
+        starts, row_group = consecutive_runs(prompts)
+        unique_ids, unique_mask = self._encode_unique([prompts[i] for i in starts])
+        expand = len(starts) != batch
+        prompt_ids = unique_ids.index_select(0, row_group) if expand else unique_ids
+        prompt_mask = unique_mask.index_select(0, row_group) if expand else unique_mask
+        width = prompt_ids.shape[1]
+        steps = params.max_new_tokens
+        # The attention mask for the whole loop, filled once: generated tokens are always attended
+        # (finished rows keep feeding padding, exactly as before); each step passes a prefix view.
+        attention = torch.ones((batch, width + steps), dtype=prompt_mask.dtype)
+        attention[:, :width] = prompt_mask
+        completion_ids = torch.full((batch, steps), self.pad_id, dtype=torch.long)
+        finished = torch.zeros(batch, dtype=torch.bool)
+        produced = 0
+        if steps > 0:
+            cache = new_expandable_cache(model) if self.shared_prefix else None
+            if cache is not None:  # prefill each distinct prompt once, then repeat its cache per row
+                positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)
+                out = model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :]
+                if expand:
+                    expand_cache(past, row_group)
+                    logits = logits.index_select(0, row_group)
+                next_position = positions[:, -1:].index_select(0, row_group) + 1 if expand else positions[:, -1:] + 1
+            else:
+                positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+                out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :]
+                next_position = positions[:, -1:] + 1
+            stop_ids = self.stop_ids
+            for step in range(steps):
+                token = choose_tokens(logits, params, generator)
+                token = token.masked_fill(finished, self.pad_id)
+                completion_ids[:, step] = token
+                produced = step + 1
+                finished |= torch.isin(token, stop_ids)
+                if produced == steps or bool(finished.all()):
+                    break  # no forward pass for logits nobody will sample from
+                out = model(
+                    input_ids=token.unsqueeze(-1),
+                    attention_mask=attention[:, : width + produced],
+                    position_ids=next_position,
+                    past_key_values=past,
+                    use_cache=True,
+                )
+                past = out.past_key_values
+                logits = out.logits[:, -1, :]
+                next_position = next_position + 1
+        if was_training:
+            model.train()
+        completion_ids = completion_ids[:, :produced]
+        completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
+        truncated = ~torch.isin(completion_ids, self.stop_ids).any(dim=1)
+        texts = self.decode(completion_ids, completion_mask)
+        return Rollouts(list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+    def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
+        stop = self._stop_set
+        kept = [
+            [t for t, m in zip(ids, mask) if m and t not in stop]
+            for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist())
+        ]
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in kept]
+
+
+def consecutive_runs(items) -> tuple[list[int], torch.Tensor]:
+    """Runs of equal consecutive items: (index of each run's first item, run index of every item [B]).
+    Items that all differ give one run each (no sharing)."""
+    starts: list[int] = []
+    row_group: list[int] = []
+    previous = object()
+    for i, item in enumerate(items):
+        if not starts or item != previous:
+            starts.append(i)
+            previous = item
+        row_group.append(len(starts) - 1)
+    return starts, torch.tensor(row_group, dtype=torch.long)
+
+
+def prefix_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`consecutive_runs` for left-padded prompt tensors: (first row of each run [U], run of every row [B])."""
+    rows = prompt_ids.shape[0]
+    new_run = torch.ones(rows, dtype=torch.bool)
+    if rows > 1:
+        same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+        new_run[1:] = ~same
+    return new_run.nonzero().flatten(), new_run.long().cumsum(0) - 1
+
+
+def _base_model(model):
+    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
+
+
+def supports_shared_prefix(model) -> bool:
+    """Whether a prompt's KV cache can be computed once and repeated over rows (a capability check on
+    the model class, its config and its cache layout; nothing is run). False -> the plain path."""
+    from transformers.cache_utils import DynamicCache  # noqa: F401 - a transformers with Cache classes
+
+    base = _base_model(model)
+    if base is not model:  # peft: prompt-learning adapters (prefix tuning...) own the cache
+        active = getattr(model, "active_peft_config", None)
+        if active is None or getattr(active, "is_prompt_learning", False):
+            return False
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        return False
+    if getattr(base, "_is_stateful", False):
+        return False
+    supports_dynamic = getattr(base, "_supports_default_dynamic_cache", None)
+    if supports_dynamic is None or not supports_dynamic():
+        return False
+    if base.training and any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules()):
+        return False  # activation-checkpointed layers drop the cache in training mode
+    try:
+        import inspect
+
+        accepted = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if not {"past_key_values", "position_ids", "attention_mask"} <= set(accepted):
+        return False
+    return _expandable_layers(config) is not None
+
+
+def _expandable_layers(config):
+    """The layers of a DynamicCache for this config, when every one is a plain full-attention
+    DynamicLayer (sliding-window, chunked, linear-attention and shared-KV layers are excluded)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    try:
+        layers = DynamicCache(config=config).layers
+    except Exception:  # noqa: BLE001 - a config transformers cannot lay out: not expandable
+        return None
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return layers
+
+
+def new_expandable_cache(model):
+    """An empty DynamicCache laid out for `model` when `supports_shared_prefix(model)`, else None.
+    The cache is passed to the prefill so that its layout is the one that was checked."""
+    if not supports_shared_prefix(model):
+        return None
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(config=_base_model(model).config)
+
+
+def expand_cache(cache, index: torch.Tensor) -> None:
+    """Repeat/select the batch rows of a DynamicCache in place: row i becomes old row index[i].
+    Autograd sums the gradients of repeated rows back into their source row."""
+    for layer in cache.layers:
+        if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+
+
+def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """1 for every token up to and including the first stop token, 0 after it."""
+    is_stop = torch.isin(completion_ids, stop_ids).long()
+    stops_before = is_stop.cumsum(dim=1) - is_stop
+    return (stops_before == 0).long()
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    def cat(tensors, left: bool, value):
+        width = max(t.shape[1] for t in tensors)
+        padded = []
+        for t in tensors:
+            pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+            padded.append(torch.cat([pad, t] if left else [t, pad], dim=1))
+        return torch.cat(padded, dim=0)
+
+    return Rollouts(
+        prompts=[p for part in parts for p in part.prompts],
+        prompt_ids=cat([p.prompt_ids for p in parts], True, pad_id),
+        prompt_mask=cat([p.prompt_mask for p in parts], True, 0),
+        completion_ids=cat([p.completion_ids for p in parts], False, pad_id),
+        completion_mask=cat([p.completion_mask for p in parts], False, 0),
+        truncated=torch.cat([p.truncated for p in parts]),
+        texts=[t for part in parts for t in part.texts],
+    )

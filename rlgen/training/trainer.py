@@ -1,0 +1,213 @@
+"""What every trainer shares: model and optimiser setup, the step loop, metrics, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlgen.data.records import read_records
+from rlgen.errors import RlgenError
+from rlgen.models.causal_lm import is_peft, load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
+from rlgen.training.data import PromptSampler
+from rlgen.training.run_dir import RunDir
+from rlgen.training.state import load_state, restore_rng, rng_state, save_state
+
+
+@dataclass
+class DataConfig:
+    task: str | None = "arithmetic"  # a built-in or plugin task; ignored when `path` is set
+    path: str | None = None  # JSONL or Parquet with `prompt` and `answer` fields
+    split: str = "train"
+    eval_split: str = "test"
+    eval_samples: int = 200  # held-out problems scored greedily every run.eval_every steps
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    lr_scheduler: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+
+    def validate(self):
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            raise RlgenError(f"config key 'optim.lr_scheduler' must be constant, linear or cosine, got {self.lr_scheduler!r}")
+        if self.gradient_accumulation_steps < 1:
+            raise RlgenError("config key 'optim.gradient_accumulation_steps' must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/run"
+    steps: int = 100
+    seed: int = 0
+    save_every: int = 0  # 0 = only the final model
+    keep_checkpoints: int = 0  # 0 = keep all
+    eval_every: int = 0  # 0 = no periodic held-out evaluation
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def validate(self):
+        if self.steps < 1:
+            raise RlgenError("config key 'run.steps' must be >= 1")
+
+
+def load_records(data: DataConfig, split: str, required=("prompt",)) -> list[dict]:
+    if data.path:
+        return read_records(data.path, required=required)
+    if not data.task:
+        raise RlgenError("no data: give --task NAME or --data FILE")
+    from rlgen.plugins import registry
+
+    records = registry("task").get(data.task).split(split)
+    if not records:
+        raise RlgenError(f"task '{data.task}' has an empty '{split}' split")
+    return records
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class Trainer:
+    """Subclasses implement `train_step(step) -> metrics`; this class does the rest."""
+
+    def __init__(self, config, run_dir: RunDir, reporter, resume: bool = False):
+        self.config = config
+        self.run = run_dir
+        self.reporter = reporter
+        self.resume = resume
+        self.step = 0
+
+    # --- setup ---
+    def setup(self) -> None:
+        cfg = self.config
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        self.generator = torch.Generator().manual_seed(cfg.run.seed)
+        checkpoint = self.run.latest_checkpoint() if self.resume else None
+        self.model, self.tokenizer, self.base_path = self._load_model(checkpoint)
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.lr_scheduler, o.warmup_steps, cfg.run.steps))
+        self.prepare()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+    def _load_model(self, checkpoint: Path | None):
+        cfg = self.config.model
+        if checkpoint is None:
+            return load_policy(cfg)
+        base_path = resolve_model_path(cfg.path)
+        tokenizer = load_tokenizer(base_path)
+        if cfg.lora_r > 0:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(load_model(base_path, cfg.dtype), str(checkpoint / "model"), is_trainable=True)
+        else:
+            model = load_model(checkpoint / "model", cfg.dtype)
+        return model, tokenizer, base_path
+
+    def prepare(self) -> None:
+        """Algorithm-specific setup (data, reference model, rollout engine)."""
+
+    # --- checkpoints ---
+    def extra_state(self) -> dict:
+        return {}
+
+    def restore_extra_state(self, state: dict) -> None:
+        pass
+
+    def save_checkpoint(self) -> Path:
+        tmp = self.run.begin_checkpoint(self.step)
+        save_hf(self.model, self.tokenizer, tmp / "model", merge_lora=False)
+        save_state(self.optimizer.state_dict(), tmp, "optimizer")
+        save_state(rng_state(self.generator), tmp, "rng")
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), **self.extra_state()}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        return self.run.commit_checkpoint(tmp, self.step, self.config.run.keep_checkpoints)
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        self.step = state["step"]
+        self.optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(load_state(checkpoint, "rng"), self.generator)
+        self.restore_extra_state(state)
+        self.run.truncate_metrics(self.step)
+        self.reporter.log(f"resumed from {checkpoint} (step {self.step})")
+
+    # --- the loop ---
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.config.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def fit(self) -> dict:
+        if not self.resume:
+            self.run.check_fresh()
+        self.setup()
+        self.run.create(self.config)
+        cfg = self.config.run
+        last: dict = {}
+        with self.reporter.progress(total=cfg.steps, completed=self.step, description=f"training ({self.run.root})") as advance:
+            while self.step < cfg.steps:
+                self.step += 1
+                started = time.perf_counter()
+                metrics = self.train_step()
+                metrics["step_time"] = time.perf_counter() - started
+                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    metrics.update(self.evaluate())
+                last = {"step": self.step, **{k: _plain(v) for k, v in metrics.items()}}
+                self.run.log_metrics(last)
+                advance(last)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        save_hf(self.model, self.tokenizer, self.run.final, merge_lora=self.config.model.lora_merge_on_save)
+        return last
+
+    def evaluate(self) -> dict:
+        return {}
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
+
+
+def unwrap_peft(model):
+    return model.get_base_model() if is_peft(model) else model

@@ -1,0 +1,116 @@
+"""Sampling filters, completion masks and pass@k against hand-worked cases."""
+import math
+
+import pytest
+import torch
+
+from rlgen.evaluation.metrics import pass_at_k
+from rlgen.rollout.engine import SamplingParams, choose_tokens, completion_mask_from_ids, filter_logits
+
+# A hand-made distribution over 4 tokens, deliberately not sorted:
+# token 0: 0.10, token 1: 0.50, token 2: 0.15, token 3: 0.25
+PROBS = torch.tensor([0.10, 0.50, 0.15, 0.25])
+LOGITS = PROBS.log()
+
+
+def survivors(logits):
+    return torch.isfinite(logits).nonzero().flatten().tolist()
+
+
+# --- filter_logits -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("top_k, expected", [
+    (1, [1]),
+    (2, [1, 3]),  # 0.50, 0.25
+    (3, [1, 2, 3]),  # 0.50, 0.25, 0.15
+    (4, [0, 1, 2, 3]),
+    (10, [0, 1, 2, 3]),  # larger than the vocabulary: nothing removed
+    (0, [0, 1, 2, 3]),  # 0 = off
+])
+def test_top_k(top_k, expected):
+    assert survivors(filter_logits(LOGITS, top_k, 1.0)) == expected
+
+
+@pytest.mark.parametrize("top_p, expected", [
+    # sorted: 0.50 (t1), 0.25 (t3), 0.15 (t2), 0.10 (t0); cumulative before each: 0, 0.50, 0.75, 0.90
+    # a token is kept while the mass before it is < top_p (the token crossing top_p is kept)
+    (0.4, [1]),  # 0.50 alone already covers 0.4
+    (0.7, [1, 3]),  # 0.50 < 0.7 -> add 0.25 -> 0.75 >= 0.7
+    (0.8, [1, 2, 3]),  # 0.75 < 0.8 -> add 0.15 -> 0.90
+    (0.95, [0, 1, 2, 3]),  # 0.90 < 0.95 -> all
+    (1.0, [0, 1, 2, 3]),  # off
+])
+def test_top_p(top_p, expected):
+    assert survivors(filter_logits(LOGITS, 0, top_p)) == expected
+
+
+def test_top_k_then_top_p_renormalises():
+    # top-k 3 keeps 0.50, 0.25, 0.15 (mass 0.9), renormalised: 0.5556, 0.2778, 0.1667;
+    # cumulative before: 0, 0.5556, 0.8333 -> with top_p 0.8 the third (0.8333 >= 0.8) goes.
+    # Without top-k, top_p 0.8 would keep three tokens (see test_top_p).
+    assert survivors(filter_logits(LOGITS, 3, 0.8)) == [1, 3]
+
+
+def test_survivors_keep_their_logits_and_rows_are_independent():
+    logits = torch.stack([LOGITS, LOGITS.flip(0)])  # row 1: 0.25, 0.15, 0.50, 0.10
+    out = filter_logits(logits, 2, 1.0)
+    assert survivors(out[0]) == [1, 3]
+    assert survivors(out[1]) == [0, 2]
+    assert out[0, 1] == LOGITS[1] and out[0, 3] == LOGITS[3]
+    assert out[1, 0] == LOGITS[3] and out[1, 2] == LOGITS[1]
+    assert out[0, 0] == float("-inf")
+    out = filter_logits(logits, 0, 0.7)
+    assert survivors(out[0]) == [1, 3]
+    assert survivors(out[1]) == [0, 2]
+    assert out[1, 0] == LOGITS[3] and out[1, 2] == LOGITS[1]
+
+
+def test_filtered_tokens_are_never_sampled():
+    gen = torch.Generator().manual_seed(0)
+    logits = LOGITS.expand(2000, 4)
+    tokens = choose_tokens(logits, SamplingParams(temperature=1.0, top_k=2), gen)
+    assert set(tokens.tolist()) == {1, 3}
+    # greedy (temperature 0) is the argmax
+    assert choose_tokens(logits[:3], SamplingParams(temperature=0.0), None).tolist() == [1, 1, 1]
+
+
+# --- completion_mask_from_ids ------------------------------------------------------------------------
+
+def test_completion_mask_includes_first_stop_token_only():
+    stop = torch.tensor([0, 9])
+    ids = torch.tensor([
+        [5, 6, 0, 0, 0],  # stop at 2 (then padding with the stop id)
+        [5, 0, 7, 0, 8],  # first stop at 1; later tokens and stops masked
+        [5, 6, 7, 8, 9],  # stop (9) at the last position
+        [1, 2, 3, 4, 5],  # no stop: truncated, all tokens count
+        [9, 5, 5, 5, 5],  # stop first
+    ])
+    assert completion_mask_from_ids(ids, stop).tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0],
+    ]
+
+
+# --- pass@k ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, c, k, expected", [
+    (5, 2, 1, 0.4),  # c / n = 2 / 5
+    (5, 2, 2, 0.7),  # 1 - C(3, 2) / C(5, 2) = 1 - 3 / 10
+    (5, 2, 3, 0.9),  # 1 - C(3, 3) / C(5, 3) = 1 - 1 / 10
+    (5, 0, 1, 0.0),
+    (5, 0, 5, 0.0),
+    (5, 4, 2, 1.0),  # n - c = 1 < k = 2: every draw of 2 has a correct one
+    (5, 5, 1, 1.0),
+    (10, 3, 4, 1 - 35 / 210),  # 1 - C(7, 4) / C(10, 4) = 1 - 35 / 210 = 0.83333
+])
+def test_pass_at_k(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_needs_k_samples():
+    with pytest.raises(ValueError, match="pass@6"):
+        pass_at_k(5, 1, 6)
+    assert math.isclose(pass_at_k(1, 1, 1), 1.0)
