@@ -76,8 +76,8 @@ function __rlgen_complete_sampler
 end
 
 function __rlgen_complete_task
-    printf '%s\t%s\n' 'arithmetic' 'three-digit addition \'a+b=\' -> sum'
-    printf '%s\t%s\n' 'countdown' 'reach a target with + - * over three digits'
+    printf '%s\t%s\n' 'arithmetic' 'three-digit addition \'042+917=\' -> \'959\''
+    printf '%s\t%s\n' 'countdown' 'reach a target with + - * over three numbers (1-20)'
     printf '%s\t%s\n' 'sorting' 'sort a string of 4-7 digits'
 end
 

@@ -120,6 +120,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in fields:
             known = ", ".join(fields)
             raise RlgenError(f"unknown config key '{full}' (known in this section: {known})")
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
+            # A partly given section keeps this config's own defaults for the keys it leaves out
+            # (e.g. GRPO's optimiser defaults differ from OptimConfig's).
+            value = deep_merge(_default_section(fields[key]), value)
         kwargs[key] = _convert(value, hints[key], full)
     try:
         obj = cls(**kwargs)
@@ -129,6 +133,16 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if check:
         check()
     return obj
+
+
+def _default_section(field: dataclasses.Field) -> dict:
+    if field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    elif field.default is not dataclasses.MISSING:
+        default = field.default
+    else:
+        return {}
+    return {k: v for k, v in to_dict(default).items() if v is not None} if dataclasses.is_dataclass(default) else {}
 
 
 def to_dict(obj: Any) -> Any:

@@ -44,7 +44,7 @@ class Case:
 def _train(model, *extra) -> list:
     return ["train", "grpo", "--model", model, "--out", "run", "--steps", "1",
             "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2",
-            "--set", "run.eval_every=0", *extra]
+            "--set", "rollout.max_new_tokens=8", "--set", "run.eval_every=0", *extra]
 
 
 def build_cases(files: Path, model: str) -> dict[str, Case]:
@@ -71,6 +71,9 @@ def build_cases(files: Path, model: str) -> dict[str, Case]:
             ["run.steps", "abc"], no_output=["run"]),
         "unknown-config-key": Case(
             _train(model, "--task", "arithmetic", "--set", "run.no_such_key=1"), ["run.no_such_key"], no_output=["run"]),
+        "completion-longer-than-context": Case(
+            _train(model, "--task", "arithmetic", "--set", "rollout.max_new_tokens=500"),
+            ["rollout.max_new_tokens=500", "context"], no_output=["run"]),
         "empty-dataset": Case(_train(model, "--data", f / "empty.jsonl"), ["empty.jsonl", "no records"], no_output=["run"]),
         "score-stdin-malformed-line": Case(
             ["score", "-r", "exact-match", "--out", "scored.jsonl"],

@@ -205,10 +205,10 @@ def test_dumps_toml_preset_config_round_trips():
 def test_preset_defaults_applied():
     cfg = build(name="dapo")
     # the dapo preset: {'loss_type': 'dapo', 'epsilon': 0.2, 'epsilon_high': 0.28, 'dynamic_sampling': True,
-    #                   'overlong_buffer': 2, 'mask_truncated_completions': True}
+    #                   'overlong_buffer': -1 (a quarter of max_new_tokens), 'mask_truncated_completions': True}
     a = cfg.algorithm
     assert (a.loss_type, a.epsilon, a.epsilon_high, a.dynamic_sampling, a.overlong_buffer,
-            a.mask_truncated_completions) == ("dapo", 0.2, 0.28, True, 2, True)
+            a.mask_truncated_completions) == ("dapo", 0.2, 0.28, True, -1, True)
     # the plain grpo algorithm has no preset: epsilon_high stays None
     assert build().algorithm.epsilon_high is None
     assert build(name="dr-grpo").algorithm.scale_rewards == "none"
@@ -221,7 +221,7 @@ def test_user_set_overrides_preset_and_does_not_leak():
     cfg = build(["algorithm.epsilon_high=0.3", "algorithm.dynamic_sampling=false"], name="dapo")
     assert cfg.algorithm.epsilon_high == 0.3
     assert cfg.algorithm.dynamic_sampling is False
-    assert cfg.algorithm.overlong_buffer == 2  # the rest of the preset still applies
+    assert cfg.algorithm.overlong_buffer == -1  # the rest of the preset still applies
     # the registered preset itself is unchanged, so the next build sees the preset again
     assert dapo.defaults == before
     assert build(name="dapo").algorithm.epsilon_high == 0.28
@@ -233,7 +233,7 @@ def test_precedence_preset_file_flags_set(tmp_path):
     flags = {"run.steps": 20, "run.seed": None, "model.path": "tiny"}
     cfg = build(["run.steps=30"], name="dapo", config_file=str(path), flags=flags)
     assert cfg.algorithm.epsilon_high == 0.25  # file over preset
-    assert cfg.algorithm.overlong_buffer == 2  # preset kept where the file is silent
+    assert cfg.algorithm.overlong_buffer == -1  # preset kept where the file is silent
     assert cfg.run.seed == 1  # a None flag is "not given"
     assert cfg.run.steps == 30  # --set over flag over file
     assert cfg.run.out == "runs/file"
@@ -276,3 +276,28 @@ def test_reward_spec_parse(text, name, weight):
     assert spec.name == name
     assert spec.weight == weight
     assert spec.options == {}
+
+
+def test_model_recommended_settings_sit_below_everything_explicit(tmp_path):
+    """A model directory's rlgen_defaults.toml fills in what the user did not set, for its family only."""
+    from rlgen.models.char_tokenizer import build_char_tokenizer
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "rlgen_defaults.toml").write_text(
+        "[grpo.optim]\nlr = 0.5\n[grpo.rollout]\nmax_new_tokens = 7\n[sft.optim]\nlr = 0.25\n"
+    )
+    grpo = registry("algorithm").get("grpo")
+    cfg = build_config(grpo, None, [], {"model.path": str(model_dir)}, None)
+    assert (cfg.optim.lr, cfg.rollout.max_new_tokens) == (0.5, 7)
+    cfg = build_config(grpo, None, ["optim.lr=0.125"], {"model.path": str(model_dir)}, None)
+    assert (cfg.optim.lr, cfg.rollout.max_new_tokens) == (0.125, 7)
+    dapo = registry("algorithm").get("dapo")  # a preset of the grpo family gets them too
+    assert build_config(dapo, None, [], {"model.path": str(model_dir)}, None).optim.lr == 0.5
+    sft = registry("algorithm").get("sft")
+    assert build_config(sft, None, [], {"model.path": str(model_dir)}, None).optim.lr == 0.25
+    # a plain directory without recommendations keeps the algorithm's own defaults (TRL's GRPO lr)
+    (model_dir / "rlgen_defaults.toml").unlink()
+    assert build_config(grpo, None, [], {"model.path": str(model_dir)}, None).optim.lr == 1e-6
+    del build_char_tokenizer

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 RECORDS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 5), (2, 7), (8, 1), (6, 3), (4, 4), (9, 0)]]
-GRPO_SETS = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2", "--set", "run.eval_every=0",
+GRPO_SETS = ["--set", "rollout.max_new_tokens=8", "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2", "--set", "run.eval_every=0",
              "--set", "run.threads=1"]
 METRIC_KEYS = {"reward", "entropy", "clip_ratio/low_mean", "frac_reward_zero_std", "completion_length", "step_time",
                "tokens_per_s"}

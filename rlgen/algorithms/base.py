@@ -12,3 +12,8 @@ class Algorithm:
     trainer_cls: type
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)  # preset values, overridable by the user
+    base: str = ""  # the algorithm a preset specialises (its family), e.g. "grpo" for "dapo"
+
+    @property
+    def family(self) -> str:
+        return self.base or self.name

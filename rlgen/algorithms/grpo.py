@@ -26,7 +26,7 @@ from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, Trainer, 
 class RolloutConfig:
     prompts_per_step: int = 16
     num_generations: int = 8  # completions per prompt (the group)
-    max_new_tokens: int = 8
+    max_new_tokens: int = 256  # TRL's max_completion_length default
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -54,9 +54,10 @@ class GRPOAlgoConfig:
     num_iterations: int = 1  # updates per rollout batch (mu); old log-probs are kept
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal and refill
     max_resample_rounds: int = 4
-    overlong_buffer: int = 0  # DAPO soft overlong punishment: buffer length in tokens (0 = off)
+    overlong_buffer: int = 0  # DAPO soft overlong punishment: buffer in tokens (0 = off, -1 = max_new_tokens / 4)
     overlong_penalty: float = 1.0
     mask_truncated_completions: bool = False  # DAPO: no loss on completions without a stop token
+    shared_prefix: bool = True  # run each group's prompt once and share its KV cache (same result, faster)
 
     def validate(self):
         if self.scale_rewards not in ("group", "batch", "none"):
@@ -67,6 +68,8 @@ class GRPOAlgoConfig:
             raise RlgenError(f"config key 'algorithm.kl_estimator' must be one of {', '.join(KL_ESTIMATORS)}")
         if self.num_iterations < 1:
             raise RlgenError("config key 'algorithm.num_iterations' must be >= 1")
+        if self.overlong_buffer < -1:
+            raise RlgenError("config key 'algorithm.overlong_buffer' must be >= 0 (or -1 for a quarter of max_new_tokens)")
 
 
 def _default_rewards() -> list[RewardSpec]:
@@ -79,8 +82,8 @@ class GRPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4))
-    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/grpo", steps=100, eval_every=10))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))  # TRL's GRPO default
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/grpo", steps=100))
     rewards: list[RewardSpec] = field(default_factory=_default_rewards)
     rewards_on_error: str = "raise"  # raise | skip (skipped samples are counted in the metrics)
 
@@ -88,7 +91,7 @@ class GRPOConfig:
 class GRPOTrainer(Trainer):
     config: GRPOConfig
 
-    def prepare(self) -> None:
+    def prepare_data(self) -> None:
         cfg = self.config
         self.records = load_records(cfg.data, cfg.data.split)
         self.sampler = PromptSampler(self.records, cfg.rollout.prompts_per_step, cfg.run.seed)
@@ -96,14 +99,17 @@ class GRPOTrainer(Trainer):
         self.advantage_fn = registry("advantage-estimator").get(cfg.algorithm.advantage)
         self.loss_fn = registry("policy-loss").get(cfg.algorithm.loss_type)
         self.kl_fn = KL_ESTIMATORS[cfg.algorithm.kl_estimator]
-        self.engine = HFEngine(self.model, self.tokenizer)
-        self.reference = None
-        if cfg.algorithm.beta > 0 and not is_peft(self.model):
-            self.reference = load_model(self.base_path, cfg.model.dtype).eval().requires_grad_(False)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         self.eval_records = None
         if cfg.run.eval_every:
             self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples]
+
+    def prepare(self) -> None:
+        check_context_length(self.model, self.tokenizer, self.records, self.config.rollout.max_new_tokens)
+        self.engine = HFEngine(self.model, self.tokenizer)
+        self.reference = None
+        if self.config.algorithm.beta > 0 and not is_peft(self.model):
+            self.reference = load_model(self.base_path, self.config.model.dtype).eval().requires_grad_(False)
 
     def extra_state(self) -> dict:
         return {"sampler": self.sampler.state()}
@@ -126,10 +132,12 @@ class GRPOTrainer(Trainer):
 
     def _shape_overlong(self, total: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         a = self.config.algorithm
-        if a.overlong_buffer <= 0:
+        max_new = self.config.rollout.max_new_tokens
+        buffer = max(1, max_new // 4) if a.overlong_buffer == -1 else a.overlong_buffer
+        if buffer <= 0:
             return total
-        expected = self.config.rollout.max_new_tokens - a.overlong_buffer
-        penalty = ((expected - lengths.float()) / a.overlong_buffer * a.overlong_penalty).clamp(max=0)
+        expected = max_new - buffer
+        penalty = ((expected - lengths.float()) / buffer * a.overlong_penalty).clamp(max=0)
         return total + penalty
 
     def _collect(self):
@@ -202,7 +210,7 @@ class GRPOTrainer(Trainer):
         cfg = self.config
         a = cfg.algorithm
         rows = advantages.shape[0]
-        shared = getattr(a, "shared_prefix", True)  # one prompt forward per group (see completion_logprobs)
+        shared = a.shared_prefix  # one prompt forward per group (see completion_logprobs)
         chunks, n_micro = _micro_batches(self.model, rollouts, cfg.optim.gradient_accumulation_steps, shared)
         ctx = LossContext(
             epsilon=a.epsilon,
@@ -275,6 +283,20 @@ class GRPOTrainer(Trainer):
         result = evaluate_model(self.engine, self.eval_records, correctness_rewards(task_rewards), self.config.rollout.max_new_tokens)
         self.model.train()
         return {"eval/accuracy": result["metrics"]["accuracy"]}
+
+
+def check_context_length(model, tokenizer, records: list[dict], max_new_tokens: int) -> None:
+    """Prompt plus completion must fit the model's declared context (learned positions would crash)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not limit:
+        return
+    longest = max(len(tokenizer(r["prompt"]).input_ids) for r in records[:2000])
+    if longest + max_new_tokens > limit:
+        raise RlgenError(
+            f"prompts of up to {longest} tokens plus rollout.max_new_tokens={max_new_tokens} exceed the model's "
+            f"context of {limit} positions (lower rollout.max_new_tokens)"
+        )
 
 
 def _accumulate(sums: dict, key: str, value: float) -> None:

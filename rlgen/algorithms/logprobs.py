@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from rlgen import ops
-from rlgen.rollout.engine import expand_cache, new_expandable_cache, prefix_runs
+from rlgen.rollout.engine import expand_cache, new_expandable_cache, prefix_runs, repeat_rows
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
@@ -49,7 +49,7 @@ def _shared_prefix_logprobs(model, cache, starts, row_run, prompt_ids, prompt_ma
     out = model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, logits_to_keep=1)
     # The prompt's last position predicts the first completion token of every row of its run.
-    first_logp, first_entropy = ops.token_logprobs(out.logits[:, -1, :].index_select(0, row_run), completion_ids[:, 0],
+    first_logp, first_entropy = ops.token_logprobs(repeat_rows(out.logits[:, -1, :], row_run), completion_ids[:, 0],
                                                    temperature)
     width = completion_ids.shape[1]
     if width == 1:

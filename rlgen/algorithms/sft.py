@@ -20,7 +20,7 @@ class SFTOptions:
     batch_size: int = 32
     completion_only_loss: bool = True  # False: the prompt tokens are trained on too
     completion_field: str = "answer"  # used when a record has no `completion`
-    max_new_tokens: int = 8  # for the periodic held-out evaluation
+    max_new_tokens: int = 256  # for the periodic held-out evaluation
 
     def validate(self):
         if self.batch_size < 1:
@@ -32,14 +32,14 @@ class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTOptions = field(default_factory=SFTOptions)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5))  # TRL's SFT default
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/sft", steps=200))
 
 
 class SFTTrainer(Trainer):
     config: SFTConfig
 
-    def prepare(self) -> None:
+    def prepare_data(self) -> None:
         cfg = self.config
         self.records = load_records(cfg.data, cfg.data.split)
         for record in self.records:
@@ -47,8 +47,10 @@ class SFTTrainer(Trainer):
                 where = f"line {record['_line']}" if "_line" in record else "a record"
                 raise RlgenError(f"{cfg.data.path or cfg.data.task}, {where}: missing field 'completion' or '{cfg.sft.completion_field}'")
         self.sampler = PromptSampler(self.records, cfg.sft.batch_size, cfg.run.seed)
-        self.engine = HFEngine(self.model, self.tokenizer)
         self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
+
+    def prepare(self) -> None:
+        self.engine = HFEngine(self.model, self.tokenizer)
 
     def extra_state(self) -> dict:
         return {"sampler": self.sampler.state()}

@@ -1,4 +1,9 @@
-"""`rlgen train ALGO`: build the typed config (preset < TOML < flags < --set) and run the trainer."""
+"""`rlgen train ALGO`: build the typed config and run the trainer.
+
+Precedence, lowest first: the config class defaults, the model's recommended settings
+(`rlgen_defaults.toml` in its directory, e.g. the built-in models'), the algorithm preset, --config TOML,
+flags, --set.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +16,7 @@ from rlgen.errors import RlgenError
 
 HELP = """Train a model with ALGO (sft, grpo, rloo, remax, dapo, dr-grpo, gdpo, ... see `rlgen plugins`).
 
-Config precedence: algorithm preset < --config TOML < flags < --set. The resolved config is written to
+Config precedence: the model's recommended settings < algorithm preset < --config TOML < flags < --set. The resolved config is written to
 OUT/config.toml; metrics go to OUT/metrics.jsonl, checkpoints to OUT/checkpoints/step-N, the model to OUT/final.
 
 Example:
@@ -20,6 +25,23 @@ Example:
 
     rlgen train grpo --config run.toml --set algorithm.loss_type=dr_grpo --set rollout.num_generations=4
 """
+
+
+def model_recommended(algorithm, data: dict) -> dict:
+    """Settings a model directory recommends for an algorithm family ([grpo], [sft] ... tables of its
+    rlgen_defaults.toml): how a built-in model carries its own learning rate and lengths."""
+    from rlgen.config import read_toml
+    from rlgen.models.causal_lm import ModelConfig, resolve_model_path
+
+    model_path = data.get("model", {}).get("path", ModelConfig.path) if isinstance(data.get("model"), dict) else ModelConfig.path
+    try:
+        path = resolve_model_path(str(model_path))
+    except RlgenError:
+        return {}  # reported with a proper message when the model is loaded
+    recommended = path / "rlgen_defaults.toml"
+    if not recommended.is_file():
+        return {}
+    return read_toml(recommended).get(algorithm.family, {})
 
 
 def build_config(algorithm, config_file, sets, flags: dict, resume_dir: str | None):
@@ -34,6 +56,7 @@ def build_config(algorithm, config_file, sets, flags: dict, resume_dir: str | No
         data = deep_merge({}, algorithm.defaults)
         if config_file:
             data = deep_merge(data, read_toml(config_file))
+    user = {}
     sections = {f.name for f in dataclasses.fields(algorithm.config_cls)}
     for dotted, value in flags.items():
         if value is None:
@@ -42,14 +65,24 @@ def build_config(algorithm, config_file, sets, flags: dict, resume_dir: str | No
         if section not in sections:
             raise RlgenError(f"`rlgen train {algorithm.name}` has no '{section}' settings (flag for {dotted})")
         if key is None:
-            data[section] = value
+            user[section] = value
         else:
-            data.setdefault(section, {})[key] = value
+            user.setdefault(section, {})[key] = value
     for assignment in sets or []:
-        apply_override(data, assignment)
+        apply_override(user, assignment)
+    data = deep_merge(data, user)
+    if not resume_dir:
+        data = deep_merge(model_recommended(algorithm, data), data)
     if resume_dir:
         data.setdefault("run", {})["out"] = str(resume_dir)
-    return from_dict(algorithm.config_cls, data)
+    config = from_dict(algorithm.config_cls, data)
+    # Local paths are stored absolute, so a resumed run or a saved adapter finds them from anywhere.
+    for section, key in (("model", "path"), ("data", "path")):
+        part = getattr(config, section, None)
+        value = getattr(part, key, None) if part is not None else None
+        if value and Path(value).exists():
+            setattr(part, key, str(Path(value).resolve()))
+    return config
 
 
 def train(

@@ -39,10 +39,6 @@ def _disjoint_splits(problems: list[tuple], make: Callable[[tuple], dict], n_tes
     return {"train": train, "test": test}
 
 
-def arithmetic_problems(max_operand: int = 999) -> list[tuple[int, int]]:
-    return [(a, b) for a in range(max_operand + 1) for b in range(0, max_operand + 1, 1)]
-
-
 def _arithmetic() -> dict[str, list[dict]]:
     # Three-digit addition: hard enough that a tiny model is imperfect after short SFT.
     rng = random.Random(1234)
@@ -56,7 +52,8 @@ def _arithmetic() -> dict[str, list[dict]]:
 
     def make(p):
         a, b = p
-        return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+        # Operands are zero-padded so that digits of equal place value line up for a char-level model.
+        return {"prompt": f"{a:03d}+{b:03d}=", "answer": str(a + b)}
 
     return _disjoint_splits(problems, make, n_test=500, n_train=40_000, seed=1)
 
@@ -78,16 +75,20 @@ def _sorting() -> dict[str, list[dict]]:
     return _disjoint_splits(problems, make, n_test=500, n_train=20_000, seed=2)
 
 
+def _apply(op: str, x: int, y: int) -> int:
+    return x + y if op == "+" else x - y if op == "-" else x * y
+
+
 def _countdown() -> dict[str, list[dict]]:
     # Reach the target with + - * over the given numbers (each used at most once).
     rng = random.Random(777)
     problems = []
     seen = set()
     while len(problems) < 10_500:
-        nums = [rng.randint(1, 9) for _ in range(3)]
+        nums = [rng.randint(1, 20) for _ in range(3)]
         a, b, c = nums
         op1, op2 = rng.choice("+-*"), rng.choice("+-*")
-        target = eval(f"{a}{op1}{b}{op2}{c}")  # noqa: S307 - our own digits and operators
+        target = _apply(op1, a, _apply(op2, b, c)) if op2 == "*" and op1 != "*" else _apply(op2, _apply(op1, a, b), c)
         key = (tuple(nums), target)
         if target < 0 or key in seen:
             continue
@@ -107,9 +108,9 @@ def _countdown() -> dict[str, list[dict]]:
 
 
 TASKS = (
-    Task("arithmetic", "three-digit addition 'a+b=' -> sum", _arithmetic, ("exact-match",)),
+    Task("arithmetic", "three-digit addition '042+917=' -> '959'", _arithmetic, ("exact-match",)),
     Task("sorting", "sort a string of 4-7 digits", _sorting, ("exact-match",)),
-    Task("countdown", "reach a target with + - * over three digits", _countdown, ("countdown",)),
+    Task("countdown", "reach a target with + - * over three numbers (1-20)", _countdown, ("countdown",)),
 )
 
 

@@ -101,7 +101,7 @@ class HFEngine:
         ids, mask = self._encode_unique([prompts[i] for i in starts])
         if len(starts) == len(prompts):
             return ids, mask
-        return ids.index_select(0, row_group), mask.index_select(0, row_group)
+        return repeat_rows(ids, row_group), repeat_rows(mask, row_group)
 
     def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         encoded = self.tokenizer(list(prompts)).input_ids
@@ -130,8 +130,8 @@ class HFEngine:
         starts, row_group = consecutive_runs(prompts)
         unique_ids, unique_mask = self._encode_unique([prompts[i] for i in starts])
         expand = len(starts) != batch
-        prompt_ids = unique_ids.index_select(0, row_group) if expand else unique_ids
-        prompt_mask = unique_mask.index_select(0, row_group) if expand else unique_mask
+        prompt_ids = repeat_rows(unique_ids, row_group)
+        prompt_mask = repeat_rows(unique_mask, row_group)
         width = prompt_ids.shape[1]
         steps = params.max_new_tokens
         # The attention mask for the whole loop, filled once: generated tokens are always attended
@@ -151,8 +151,8 @@ class HFEngine:
                 logits = out.logits[:, -1, :]
                 if expand:
                     expand_cache(past, row_group)
-                    logits = logits.index_select(0, row_group)
-                next_position = positions[:, -1:].index_select(0, row_group) + 1 if expand else positions[:, -1:] + 1
+                    logits = repeat_rows(logits, row_group)
+                next_position = repeat_rows(positions[:, -1:], row_group) + 1
             else:
                 positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
                 out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
@@ -181,7 +181,7 @@ class HFEngine:
                 next_position = next_position + 1
         if was_training:
             model.train()
-        completion_ids = completion_ids[:, :produced]
+        completion_ids = completion_ids[:, :produced].contiguous()
         completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
         truncated = ~torch.isin(completion_ids, self.stop_ids).any(dim=1)
         texts = self.decode(completion_ids, completion_mask)
@@ -227,8 +227,6 @@ def _base_model(model):
 def supports_shared_prefix(model) -> bool:
     """Whether a prompt's KV cache can be computed once and repeated over rows (a capability check on
     the model class, its config and its cache layout; nothing is run). False -> the plain path."""
-    from transformers.cache_utils import DynamicCache  # noqa: F401 - a transformers with Cache classes
-
     base = _base_model(model)
     if base is not model:  # peft: prompt-learning adapters (prefix tuning...) own the cache
         active = getattr(model, "active_peft_config", None)
@@ -279,13 +277,26 @@ def new_expandable_cache(model):
     return DynamicCache(config=_base_model(model).config)
 
 
-def expand_cache(cache, index: torch.Tensor) -> None:
-    """Repeat/select the batch rows of a DynamicCache in place: row i becomes old row index[i].
+def repeat_rows(tensor: torch.Tensor, row_run: torch.Tensor) -> torch.Tensor:
+    """`tensor[row_run]` along dim 0, for the sorted run index of `prefix_runs`/`consecutive_runs`.
+    When all runs have the same length (GRPO's groups) this is a broadcast, whose backward is a plain
+    sum over each group, instead of a gather, whose backward is a slower scatter-add. Same values."""
+    runs, rows = tensor.shape[0], row_run.shape[0]
+    if runs == rows:
+        return tensor
+    if rows % runs == 0 and int(row_run[rows // runs - 1]) == 0 and bool((torch.bincount(row_run) == rows // runs).all()):
+        size = rows // runs
+        return tensor.unsqueeze(1).expand(runs, size, *tensor.shape[1:]).reshape(rows, *tensor.shape[1:])
+    return tensor.index_select(0, row_run)
+
+
+def expand_cache(cache, row_run: torch.Tensor) -> None:
+    """Repeat the batch rows of a DynamicCache in place: row i becomes old row row_run[i].
     Autograd sums the gradients of repeated rows back into their source row."""
     for layer in cache.layers:
         if layer.is_initialized and layer.keys is not None and layer.keys.numel():
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+            layer.keys = repeat_rows(layer.keys, row_run)
+            layer.values = repeat_rows(layer.values, row_run)
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:

@@ -106,12 +106,13 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
+        self.prepare_data()  # bad data or rewards fail here, before the (slow) model load
         checkpoint = self.run.latest_checkpoint() if self.resume else None
         self.model, self.tokenizer, self.base_path = self._load_model(checkpoint)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.lr_scheduler, o.warmup_steps, cfg.run.steps))
         self.prepare()
         if checkpoint is not None:
@@ -131,8 +132,11 @@ class Trainer:
             model = load_model(checkpoint / "model", cfg.dtype)
         return model, tokenizer, base_path
 
+    def prepare_data(self) -> None:
+        """Algorithm-specific setup that needs no model: data, rewards, registry look-ups."""
+
     def prepare(self) -> None:
-        """Algorithm-specific setup (data, reference model, rollout engine)."""
+        """Algorithm-specific setup that needs the model: rollout engine, reference model."""
 
     # --- checkpoints ---
     def extra_state(self) -> dict:
@@ -180,6 +184,8 @@ class Trainer:
         self.run.create(self.config)
         cfg = self.config.run
         last: dict = {}
+        if cfg.eval_every and self.step == 0:  # the starting point of the held-out curve
+            self.run.log_metrics({"step": 0, **{k: _plain(v) for k, v in self.evaluate().items()}})
         with self.reporter.progress(total=cfg.steps, completed=self.step, description=f"training ({self.run.root})") as advance:
             while self.step < cfg.steps:
                 self.step += 1
