@@ -4,7 +4,6 @@ Data flows one way: prompts -> rollout engine -> rewards -> advantage estimator 
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -13,7 +12,6 @@ import torch
 from rlgen.algorithms.logprobs import completion_logprobs
 from rlgen.algorithms.losses import KL_ESTIMATORS, LossContext, policy_loss
 from rlgen.errors import RlgenError
-from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
 from rlgen.models.causal_lm import ModelConfig, is_peft, load_model
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec
@@ -276,13 +274,9 @@ class GRPOTrainer(Trainer):
         metrics["rewards/skipped"] = int((~valid).sum())
         return metrics
 
-    def evaluate(self) -> dict:
-        task_rewards = ("exact-match",)
-        if self.config.data.task and not self.config.data.path:
-            task_rewards = registry("task").get(self.config.data.task).default_rewards
-        result = evaluate_model(self.engine, self.eval_records, correctness_rewards(task_rewards), self.config.rollout.max_new_tokens)
-        self.model.train()
-        return {"eval/accuracy": result["metrics"]["accuracy"]}
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.config.rollout.max_new_tokens
 
 
 def check_context_length(model, tokenizer, records: list[dict], max_new_tokens: int) -> None:

@@ -7,9 +7,7 @@ import torch
 
 from rlgen.algorithms.logprobs import completion_logprobs
 from rlgen.errors import RlgenError
-from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
 from rlgen.models.causal_lm import ModelConfig
-from rlgen.plugins import registry
 from rlgen.rollout.engine import HFEngine, completion_mask_from_ids
 from rlgen.training.data import PromptSampler
 from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, Trainer, load_records
@@ -93,10 +91,6 @@ class SFTTrainer(Trainer):
         grad_norm = self.optimizer_step()
         return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": int(total_tokens)}
 
-    def evaluate(self) -> dict:
-        task_rewards = ("exact-match",)
-        if self.config.data.task and not self.config.data.path:
-            task_rewards = registry("task").get(self.config.data.task).default_rewards
-        result = evaluate_model(self.engine, self.eval_records, correctness_rewards(task_rewards), self.config.sft.max_new_tokens)
-        self.model.train()
-        return {"eval/accuracy": result["metrics"]["accuracy"]}
+    @property
+    def eval_max_new_tokens(self) -> int:
+        return self.config.sft.max_new_tokens

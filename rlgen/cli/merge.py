@@ -35,11 +35,7 @@ def merge(
     else:
         values = [1.0 / len(models)] * len(models)
     result = merge_models(models, values, fn, out)
-    reporter = Reporter(quiet=quiet, json_output=json_output)
-    if json_output:
-        reporter.emit_json(result)
-    else:
-        reporter.log(f"merged {len(models)} models ({result['tensors']} tensors) into {out}")
+    Reporter(quiet=quiet, json_output=json_output).result(result, f"merged {len(models)} models ({result['tensors']} tensors) into {out}")
 
 
 def register(app: typer.Typer) -> None:

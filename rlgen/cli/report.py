@@ -22,6 +22,13 @@ class Reporter:
         if not self.quiet:
             self.console.print(message, markup=False)
 
+    def result(self, payload: dict, message: str) -> None:
+        """A command's outcome: JSON on stdout with --json, else one line on stderr."""
+        if self.json_output:
+            self.emit_json(payload)
+        else:
+            self.log(message)
+
     def emit_json(self, payload) -> None:
         sys.stdout.write(json.dumps(payload, indent=None, default=str) + "\n")
         sys.stdout.flush()

@@ -41,7 +41,7 @@ def sample(
     sampler: str = typer.Option("plain", "--sampler", help="Sampling strategy (see `rlgen plugins`)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Maximum completion length in tokens."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 0 = greedy."),
-    top_p: float = typer.Option(1.0, "--top-p"),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this probability."),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     out: str = typer.Option("-", "--out", "-o", help="Output JSONL file ('-' = stdout)."),

@@ -125,10 +125,7 @@ def train(
     trainer = algo.trainer_cls(cfg, run_dir, reporter, resume=bool(resume))
     last = trainer.fit()
     summary = {"algorithm": algorithm, "out": str(run_dir.root), "final_model": str(run_dir.final), "last_step": last}
-    if json_output:
-        reporter.emit_json(summary)
-    else:
-        reporter.log(f"done: model saved to {run_dir.final}")
+    reporter.result(summary, f"done: model saved to {run_dir.final}")
 
 
 def register(app: typer.Typer) -> None:

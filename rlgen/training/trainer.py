@@ -5,7 +5,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,7 +13,6 @@ import torch
 from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import is_peft, load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
-from rlgen.training.data import PromptSampler
 from rlgen.training.run_dir import RunDir
 from rlgen.training.state import load_state, restore_rng, rng_state, save_state
 
@@ -203,8 +202,21 @@ class Trainer:
         save_hf(self.model, self.tokenizer, self.run.final, merge_lora=self.config.model.lora_merge_on_save)
         return last
 
+    eval_records: list[dict] | None = None
+    eval_max_new_tokens: int = 16
+
     def evaluate(self) -> dict:
-        return {}
+        """Greedy accuracy on the held-out records, judged by the task's correctness reward."""
+        if not self.eval_records:
+            return {}
+        from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
+        from rlgen.plugins import registry
+
+        data = self.config.data
+        task_rewards = registry("task").get(data.task).default_rewards if data.task and not data.path else ("exact-match",)
+        result = evaluate_model(self.engine, self.eval_records, correctness_rewards(task_rewards), self.eval_max_new_tokens)
+        self.model.train()
+        return {"eval/accuracy": result["metrics"]["accuracy"]}
 
 
 def _plain(value):
