@@ -224,9 +224,7 @@ class GRPOTrainer(Trainer):
         temperature = cfg.rollout.temperature
         old_logps = ref_logps = None
         if a.num_iterations > 1:
-            with torch.no_grad():
-                old_logps = torch.cat([completion_logprobs(self.model, *[t[i] for t in inputs], temperature, shared)[0]
-                                       for i in chunks])
+            old_logps = _frozen_logprobs(self.model, inputs, chunks, temperature, shared)
         if a.beta > 0:
             ref_logps = self._reference_logprobs(inputs, chunks, temperature, shared)
         sums: dict[str, float] = {}
@@ -249,13 +247,10 @@ class GRPOTrainer(Trainer):
         return {k: (v / a.num_iterations if k != "grad_norm" else v) for k, v in sums.items()}
 
     def _reference_logprobs(self, inputs, chunks, temperature, shared: bool = True) -> torch.Tensor:
-        with torch.no_grad():
-            if self.reference is not None:
-                return torch.cat([completion_logprobs(self.reference, *[t[i] for t in inputs], temperature, shared)[0]
-                                  for i in chunks])
-            with self.model.disable_adapter():  # LoRA: the reference is the base without the adapter
-                return torch.cat([completion_logprobs(self.model, *[t[i] for t in inputs], temperature, shared)[0]
-                                  for i in chunks])
+        if self.reference is not None:
+            return _frozen_logprobs(self.reference, inputs, chunks, temperature, shared)
+        with self.model.disable_adapter():  # LoRA: the reference is the base without the adapter
+            return _frozen_logprobs(self.model, inputs, chunks, temperature, shared)
 
     def _reward_metrics(self, components, total, valid, rollouts, zero_std, rounds) -> dict:
         metrics = {"reward": float(total[valid].mean()) if bool(valid.any()) else float("nan")}
@@ -297,6 +292,12 @@ def _accumulate(sums: dict, key: str, value: float) -> None:
     sums[key] = sums.get(key, 0.0) + value
 
 
+@torch.no_grad()
+def _frozen_logprobs(model, inputs, chunks, temperature, shared) -> torch.Tensor:
+    """Log-probs without gradient (old policy, reference), micro-batch by micro-batch."""
+    return torch.cat([completion_logprobs(model, *[t[i] for t in inputs], temperature, shared)[0] for i in chunks])
+
+
 def _merge(batches, pad_id):
     from rlgen.rollout.engine import concat_rollouts
 
@@ -311,18 +312,8 @@ def _merge(batches, pad_id):
 
 
 def _select_groups(keep, g, records, rollouts, samples, components, valid, total):
-    from rlgen.rollout.engine import Rollouts
-
     rows = torch.tensor([k * g + j for k in keep for j in range(g)], dtype=torch.long)
-    picked = Rollouts(
-        prompts=[rollouts.prompts[i] for i in rows.tolist()],
-        prompt_ids=rollouts.prompt_ids[rows],
-        prompt_mask=rollouts.prompt_mask[rows],
-        completion_ids=rollouts.completion_ids[rows],
-        completion_mask=rollouts.completion_mask[rows],
-        truncated=rollouts.truncated[rows],
-        texts=[rollouts.texts[i] for i in rows.tolist()],
-    )
+    picked = rollouts.select(rows)
     return ([records[k] for k in keep], picked, [samples[i] for i in rows.tolist()], components[rows], valid[rows], total[rows])
 
 

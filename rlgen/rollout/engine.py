@@ -31,6 +31,19 @@ class Rollouts:
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    def select(self, rows: torch.Tensor) -> "Rollouts":
+        """The rollouts at the given row indices, in that order."""
+        picked = rows.tolist()
+        return Rollouts(
+            prompts=[self.prompts[i] for i in picked],
+            prompt_ids=self.prompt_ids[rows],
+            prompt_mask=self.prompt_mask[rows],
+            completion_ids=self.completion_ids[rows],
+            completion_mask=self.completion_mask[rows],
+            truncated=self.truncated[rows],
+            texts=[self.texts[i] for i in picked],
+        )
+
 
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None) -> Rollouts: ...
