@@ -301,3 +301,12 @@ def test_model_recommended_settings_sit_below_everything_explicit(tmp_path):
     (model_dir / "rlgen_defaults.toml").unlink()
     assert build_config(grpo, None, [], {"model.path": str(model_dir)}, None).optim.lr == 1e-6
     del build_char_tokenizer
+
+
+def test_bad_model_recommendations_name_the_file(tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "rlgen_defaults.toml").write_text("[grpo.optim]\nlrr = 1\n")
+    with pytest.raises(RlgenError, match=r"rlgen_defaults.toml \[grpo\]: unknown config key 'optim.lrr'"):
+        build_config(registry("algorithm").get("grpo"), None, [], {"model.path": str(model_dir)}, None)

@@ -30,7 +30,7 @@ Example:
 def model_recommended(algorithm, data: dict) -> dict:
     """Settings a model directory recommends for an algorithm family ([grpo], [sft] ... tables of its
     rlgen_defaults.toml): how a built-in model carries its own learning rate and lengths."""
-    from rlgen.config import read_toml
+    from rlgen.config import from_dict, read_toml
     from rlgen.models.causal_lm import ModelConfig, resolve_model_path
 
     model_path = data.get("model", {}).get("path", ModelConfig.path) if isinstance(data.get("model"), dict) else ModelConfig.path
@@ -41,7 +41,12 @@ def model_recommended(algorithm, data: dict) -> dict:
     recommended = path / "rlgen_defaults.toml"
     if not recommended.is_file():
         return {}
-    return read_toml(recommended).get(algorithm.family, {})
+    settings = read_toml(recommended).get(algorithm.family, {})
+    try:
+        from_dict(algorithm.config_cls, settings)
+    except RlgenError as exc:
+        raise RlgenError(f"{recommended} [{algorithm.family}]: {exc}") from None
+    return settings
 
 
 def build_config(algorithm, config_file, sets, flags: dict, resume_dir: str | None):
@@ -71,10 +76,10 @@ def build_config(algorithm, config_file, sets, flags: dict, resume_dir: str | No
     for assignment in sets or []:
         apply_override(user, assignment)
     data = deep_merge(data, user)
-    if not resume_dir:
-        data = deep_merge(model_recommended(algorithm, data), data)
     if resume_dir:
         data.setdefault("run", {})["out"] = str(resume_dir)
+    else:  # a resumed run's config.toml already holds what the model recommended
+        data = deep_merge(model_recommended(algorithm, data), data)
     config = from_dict(algorithm.config_cls, data)
     # Local paths are stored absolute, so a resumed run or a saved adapter finds them from anywhere.
     for section, key in (("model", "path"), ("data", "path")):

@@ -112,8 +112,6 @@ class HFEngine:
         """Left-padded (ids [B, P], mask [B, P]); each run of equal consecutive prompts is tokenised once."""
         starts, row_group = consecutive_runs(prompts)
         ids, mask = self._encode_unique([prompts[i] for i in starts])
-        if len(starts) == len(prompts):
-            return ids, mask
         return repeat_rows(ids, row_group), repeat_rows(mask, row_group)
 
     def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
