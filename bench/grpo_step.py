@@ -102,7 +102,7 @@ def summarize(steps: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------- rlgen
 
-def build_rlgen_trainer(args, model_path, out_dir):
+def build_rlgen_trainer(args, model_path, out_dir, kernels_mode: str = "auto"):
     from rlgen.algorithms.grpo import GRPOConfig, GRPOTrainer
     from rlgen.cli.report import Reporter
     from rlgen.config import from_dict
@@ -128,6 +128,7 @@ def build_rlgen_trainer(args, model_path, out_dir):
                 "eval_every": 0,
                 "save_every": 0,
                 "threads": 0,  # leave torch's thread count as this script set it
+                "kernels": kernels_mode,
             },
             "rewards": [{"name": "exact-match"}],
         },
@@ -172,16 +173,20 @@ def record_lengths(trainer) -> None:
 class RlgenSide:
     """An rlgen GRPOTrainer set up in a temporary run directory, stepped one train_step at a time."""
 
-    def __init__(self, args, model_path):
+    def __init__(self, args, model_path, kernels_mode: str = "auto"):
         self.args = args
+        self.kernels_mode = kernels_mode
         self.n = args.prompts_per_step * args.num_generations
         self.tmp = tempfile.TemporaryDirectory(prefix="rlgen-bench-")
-        self.trainer = build_rlgen_trainer(args, model_path, os.path.join(self.tmp.name, "run"))
+        self.trainer = build_rlgen_trainer(args, model_path, os.path.join(self.tmp.name, "run"), kernels_mode)
         record_lengths(self.trainer)
         self.steps: list[dict] = []  # timed steps only
         self.done = 0
 
     def step(self, k: int | None = None) -> None:
+        from rlgen import kernels
+
+        kernels.use(self.kernels_mode)  # two rlgen sides may alternate in one process (--kernels compare)
         result = rlgen_one_step(self.trainer, self.n)
         if self.done >= self.args.warmup:
             self.steps.append(result)
@@ -196,10 +201,20 @@ class RlgenSide:
 
 
 def run_rlgen(args, model_path, profile: bool = False) -> dict:
-    side = RlgenSide(args, model_path)
+    side = RlgenSide(args, model_path, args.kernels)
     for _ in range(args.warmup + args.steps):
         side.step()
     return side.close(profile)
+
+
+def run_rlgen_kernel_pair(args, model_path) -> dict:
+    """rlgen with its kernels and with the eager reference log-probs, stepped alternately (who goes
+    first alternates too) so that both see the same background load."""
+    native, eager = RlgenSide(args, model_path, "auto"), RlgenSide(args, model_path, "reference")
+    for k in range(args.warmup + args.steps):
+        for side in ((native, eager) if k % 2 == 0 else (eager, native)):
+            side.step()
+    return {"rlgen": native.close(), "rlgen-reference": eager.close()}
 
 
 def profile_rlgen_step(trainer, n: int, top: int) -> str:
@@ -377,6 +392,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for both (0 = torch's default)")
     p.add_argument("--only", choices=("both", "rlgen", "trl"), default="both")
+    p.add_argument("--kernels", choices=("auto", "reference", "compare"), default="auto",
+                   help="rlgen's log-prob kernels: auto (native), reference (eager torch), or compare: time rlgen "
+                        "with its kernels against rlgen with the reference path, interleaved (no TRL side)")
     p.add_argument("--schedule", choices=("interleave", "blocks"), default="interleave",
                    help="interleave: alternate rlgen and TRL step by step, so both see the same machine load "
                         "(default); blocks: all steps of one side, then the other")
@@ -406,15 +424,18 @@ def print_table(result: dict) -> None:
           f"{m['torch_threads']} torch threads")
     print(f"{c['steps']} timed steps after {c['warmup']} warm-up, x{c['repeats']} repeats ({c['schedule']}); medians. "
           f"load average before/after: {m['loadavg_before']} / {m['loadavg_after']}")
-    header = f"{'':8} {'step s':>8} {'compl/s':>9} {'tok/s':>9} {'tok/step':>9} {'len':>5} {'rollout s':>10} {'update s':>9}"
+    header = f"{'':15} {'step s':>8} {'compl/s':>9} {'tok/s':>9} {'tok/step':>9} {'len':>5} {'rollout s':>10} {'update s':>9}"
     print(header)
     print("-" * len(header))
     for name, s in result["results"].items():
-        print(f"{name:8} {fmt(s['step_s'], '.3f'):>8} {fmt(s['completions_per_s']):>9} {fmt(s['tokens_per_s']):>9} "
+        print(f"{name:15} {fmt(s['step_s'], '.3f'):>8} {fmt(s['completions_per_s']):>9} {fmt(s['tokens_per_s']):>9} "
               f"{fmt(s['tokens_per_step'], '.0f'):>9} {fmt(s['mean_completion_length'], '.2f'):>5} "
               f"{fmt(s['rollout_s'], '.3f'):>10} {fmt(s['update_s'], '.3f'):>9}")
     ratio = result.get("ratio")
-    if ratio:
+    if ratio and ratio.get("versus") == "rlgen-reference":
+        print(f"kernels / reference: step time x{ratio['step_s']:.2f} faster, update x{ratio['update_s']:.2f} faster, "
+              f"completions/s x{ratio['completions_per_s']:.2f}  (> 1: the kernels are faster)")
+    elif ratio:
         print(f"rlgen/TRL throughput ratio: completions/s x{ratio['completions_per_s']:.2f}, "
               f"tokens/s x{ratio['tokens_per_s']:.2f}  (> 1: rlgen faster)")
     for name, per in result.get("per_repeat", {}).items():
@@ -430,6 +451,8 @@ def main(argv=None) -> dict:
     model_path = resolve_model(args.model)
     records = load_task_records(args.task, "train")
     sides = ["rlgen", "trl"] if args.only == "both" else [args.only]
+    if args.kernels == "compare":
+        sides = ["rlgen", "rlgen-reference"]
     have_trl = trl_available()
     if "trl" in sides and not have_trl:
         if args.only == "trl":
@@ -453,7 +476,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
         last = r == args.repeats - 1  # the optional profile is taken once, after the last repeat's timed steps
         outs = {}
-        if args.schedule == "interleave" and len(sides) == 2:
+        if args.kernels == "compare":
+            print(f"[repeat {r + 1}/{args.repeats}] rlgen with kernels and with reference log-probs interleaved: "
+                  f"{args.warmup} warm-up + {args.steps} timed steps each ...", file=sys.stderr)
+            outs = run_rlgen_kernel_pair(args, model_path)
+        elif args.schedule == "interleave" and len(sides) == 2:
             print(f"[repeat {r + 1}/{args.repeats}] rlgen and trl interleaved: {args.warmup} warm-up + {args.steps} "
                   "timed steps each ...", file=sys.stderr)
             rl = RlgenSide(args, model_path)
@@ -472,18 +499,24 @@ def main(argv=None) -> dict:
             print(f"warning: torch threads changed to {torch.get_num_threads()} during the run", file=sys.stderr)
         for side in sides:
             out = outs[side]
-            if side == "rlgen" and out["profile"]:
+            if side == "rlgen" and out.get("profile"):
                 extra["rlgen_profile"] = out["profile"]
-            if side == "trl":
+            if side == "trl" and "generation" in out:
                 extra["trl_generation"] = out["generation"]
             all_steps[side].extend(out["steps"])
             per_repeat[side].append(median([s["completions"] / s["seconds"] for s in out["steps"]]))
     wall = time.perf_counter() - wall
     results = {side: summarize(steps) for side, steps in all_steps.items()}
     ratio = None
-    if "rlgen" in results and "trl" in results:
+    if "rlgen-reference" in results:  # kernels vs the eager reference, same trainer otherwise
+        ratio = {k: results["rlgen"][k] / results["rlgen-reference"][k] for k in ("completions_per_s", "tokens_per_s")}
+        ratio["step_s"] = results["rlgen-reference"]["step_s"] / results["rlgen"]["step_s"]
+        ratio["update_s"] = results["rlgen-reference"]["update_s"] / results["rlgen"]["update_s"]
+        ratio["versus"] = "rlgen-reference"
+    elif "rlgen" in results and "trl" in results:
         ratio = {k: results["rlgen"][k] / results["trl"][k] for k in ("completions_per_s", "tokens_per_s")}
         ratio["step_s"] = results["trl"]["step_s"] / results["rlgen"]["step_s"]
+        ratio["versus"] = "trl"
     import transformers
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
@@ -511,6 +544,7 @@ def main(argv=None) -> dict:
             "warmup": args.warmup,
             "repeats": args.repeats,
             "schedule": args.schedule if len(sides) == 2 else "single",
+            "kernels": args.kernels,
             "lr": args.lr,
             "temperature": 1.0,
             "beta": 0.0,

@@ -57,12 +57,30 @@ def _version(module: str) -> str | None:
         return None
 
 
+def _kernel_info() -> dict:
+    """Which log-prob kernels run on each device, and why a native one is missing."""
+    import torch
+
+    from rlgen import kernels
+
+    info = {"mode": kernels.mode(), "cpu": kernels.describe("cpu")}
+    if kernels.native_import_error("_native"):
+        info["cpu_native_missing"] = kernels.native_import_error("_native")
+    if torch.cuda.is_available():
+        info["cuda"] = kernels.describe("cuda")
+    else:
+        built = kernels.native_import_error("_native_cuda") is None
+        info["cuda"] = "no GPU (native-cuda built)" if built else "no GPU (native-cuda not built)"
+    return info
+
+
 def env(json_output: bool = opt.Json):
     import torch
 
-    from rlgen import __version__, ops
+    from rlgen import __version__, kernels
     from rlgen.cli.report import Reporter
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     info = {
         "rlgen": __version__,
         "python": sys.version.split()[0],
@@ -71,7 +89,8 @@ def env(json_output: bool = opt.Json):
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_threads": torch.get_num_threads(),
-        "kernel_backend": ops.backend_name(),
+        "kernel_backend": kernels.backend_name(device),
+        "kernels": _kernel_info(),
         "packages": {p: _version(p) for p in ("transformers", "safetensors", "tokenizers", "peft", "pluggy", "typer", "rich", "trl", "diffusers")},
     }
     reporter = Reporter(json_output=json_output)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from rlgen import kernels
 from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import is_peft, load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
@@ -54,10 +55,13 @@ class RunConfig:
     keep_checkpoints: int = 0  # 0 = keep all
     eval_every: int = 0  # 0 = no periodic held-out evaluation
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    kernels: str = "auto"  # log-prob kernels: auto (native where built) | native | torch | reference (eager, for debugging)
 
     def validate(self):
         if self.steps < 1:
             raise RlgenError("config key 'run.steps' must be >= 1")
+        if self.kernels not in kernels.MODES:
+            raise RlgenError(f"config key 'run.kernels' must be one of {', '.join(kernels.MODES)}, got {self.kernels!r}")
 
 
 def load_records(data: DataConfig, split: str, required=("prompt",)) -> list[dict]:
@@ -102,6 +106,10 @@ class Trainer:
         cfg = self.config
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
+        try:
+            kernels.use(cfg.run.kernels)
+        except RuntimeError as exc:
+            raise RlgenError(f"run.kernels = '{cfg.run.kernels}': {exc}") from None
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
