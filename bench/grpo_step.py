@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,6 +75,19 @@ def resolve_model(name: str):
             "hint: pass --model DIR with a Hugging Face causal-LM directory, e.g. one made by\n"
             "      python recipes/tiny-arith/init_model.py /tmp/benchmodel"
         )
+
+
+def pad_vocabulary(model_path, vocab: int, out_dir: str):
+    """A copy of the model whose embedding and lm_head have `vocab` rows (the extra ids are never produced
+    by the tokenizer, and decode to nothing): the log-prob cost of a real tokenizer's vocabulary on the
+    same small network. New rows are drawn like fresh weights (std = initializer_range)."""
+    from rlgen.models.causal_lm import load_model, load_tokenizer
+
+    model = load_model(model_path, "float32")
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(model_path).save_pretrained(out_dir)
+    return out_dir
 
 
 def exact_match_trl(prompts, completions, answer, **_):
@@ -392,6 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for both (0 = torch's default)")
     p.add_argument("--only", choices=("both", "rlgen", "trl"), default="both")
+    p.add_argument("--pad-vocab", type=int, default=0, metavar="V",
+                   help="grow the model's vocabulary to V rows first (e.g. 32000 or 151936), as with a real tokenizer")
     p.add_argument("--kernels", choices=("auto", "reference", "compare"), default="auto",
                    help="rlgen's log-prob kernels: auto (native), reference (eager torch), or compare: time rlgen "
                         "with its kernels against rlgen with the reference path, interleaved (no TRL side)")
@@ -449,6 +465,9 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     model_path = resolve_model(args.model)
+    if args.pad_vocab:
+        padded = tempfile.TemporaryDirectory(prefix="rlgen-bench-vocab-")
+        model_path = Path(pad_vocabulary(model_path, args.pad_vocab, padded.name))
     records = load_task_records(args.task, "train")
     sides = ["rlgen", "trl"] if args.only == "both" else [args.only]
     if args.kernels == "compare":
@@ -532,7 +551,7 @@ def main(argv=None) -> dict:
         versions["trl"] = trl.__version__
     result = {
         "config": {
-            "model": str(args.model),
+            "model": str(args.model) + (f" (vocabulary padded to {args.pad_vocab})" if args.pad_vocab else ""),
             "model_path": str(model_path),
             "model_params": n_params,
             "task": args.task,

@@ -10,61 +10,20 @@
 #include <stdexcept>
 #include <string>
 
+#include "array_args.h"
 #include "dispatch.h"
 
 namespace nb = nanobind;
 using Array = nb::ndarray<nb::device::cpu>;
+using Targets = nb::ndarray<int64_t, nb::ndim<1>, nb::device::cpu>;
 
 namespace rlgen {
 namespace {
 
-DType dtype_of(const Array& a, const char* name) {
-  const nb::dlpack::dtype dt = a.dtype();
-  if (dt == nb::dtype<float>()) return DType::f32;
-  if (dt == nb::dtype<double>()) return DType::f64;
-  if (dt.code == uint8_t(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return DType::bf16;
-  throw std::invalid_argument(std::string(name) + ": expected float32, bfloat16 or float64");
-}
-
-Rows rows_of(const Array& a, const char* name) {
-  Rows r;
-  r.data = a.data();
-  r.dtype = dtype_of(a, name);
-  if (a.ndim() == 2) {
-    r.n_outer = 1;
-    r.n_inner = int64_t(a.shape(0));
-    r.stride_outer = 0;
-    r.stride_inner = a.stride(0);
-  } else if (a.ndim() == 3) {
-    r.n_outer = int64_t(a.shape(0));
-    r.n_inner = int64_t(a.shape(1));
-    r.stride_outer = a.stride(0);
-    r.stride_inner = a.stride(1);
-  } else {
-    throw std::invalid_argument(std::string(name) + ": expected a 2-D or 3-D array");
-  }
-  r.len = int64_t(a.shape(a.ndim() - 1));
-  if (r.len > 1 && a.stride(a.ndim() - 1) != 1)
-    throw std::invalid_argument(std::string(name) + ": the last dimension must be contiguous");
-  return r;
-}
-
-DType acc_of(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
 const void* per_row(const Array& a, DType acc, int64_t rows, const char* name) {
-  if (a.ndim() != 1 || int64_t(a.shape(0)) != rows || (rows > 1 && a.stride(0) != 1))
-    throw std::invalid_argument(std::string(name) + ": expected a contiguous 1-D array with one value per row");
-  if (dtype_of(a, name) != acc) throw std::invalid_argument(std::string(name) + ": wrong dtype");
+  check_per_row(a, acc, rows, name);
   return a.data();
 }
-
-const int64_t* targets_of(const nb::ndarray<int64_t, nb::ndim<1>, nb::device::cpu>& t, int64_t rows) {
-  if (int64_t(t.shape(0)) != rows || (rows > 1 && t.stride(0) != 1))
-    throw std::invalid_argument("targets: expected a contiguous int64 array with one value per row");
-  return t.data();
-}
-
-using Targets = nb::ndarray<int64_t, nb::ndim<1>, nb::device::cpu>;
 
 int64_t forward(Array x, Targets targets, int64_t ignore_index, double inv_t, Array logprob, Array entropy, Array logz,
                 int threads) {
@@ -72,7 +31,8 @@ int64_t forward(Array x, Targets targets, int64_t ignore_index, double inv_t, Ar
   a.x = rows_of(x, "logits");
   const int64_t rows = a.x.rows();
   const DType acc = acc_of(a.x.dtype);
-  a.targets = targets_of(targets, rows);
+  check_targets(targets, rows);
+  a.targets = targets.data();
   a.ignore_index = ignore_index;
   a.inv_temperature = inv_t;
   a.logprob = const_cast<void*>(per_row(logprob, acc, rows, "logprob"));
@@ -88,14 +48,15 @@ int64_t stats(Array x, Targets targets, int64_t ignore_index, int64_t vocab, int
   StatsArgs a;
   a.x = rows_of(x, "logits");
   const int64_t rows = a.x.rows();
-  a.targets = targets_of(targets, rows);
+  check_targets(targets, rows);
+  a.targets = targets.data();
   a.ignore_index = ignore_index;
   a.vocab = vocab;
   a.col_offset = col_offset;
   a.inv_temperature = inv_t;
   if (state.ndim() != 2 || state.shape(0) != 4 || int64_t(state.shape(1)) != rows ||
       (rows > 1 && state.stride(1) != 1) || dtype_of(state, "state") != acc_of(a.x.dtype))
-    throw std::invalid_argument("state: expected a [4, rows] array of the accumulation dtype");
+    throw bad_arg("state", "expected a [4, rows] array of the accumulation dtype");
   a.state = state.data();
   a.state_stride = state.stride(0);
   a.threads = threads;
@@ -110,9 +71,10 @@ void grad(Array x, Array out, Targets targets, int64_t ignore_index, int64_t col
   a.out = rows_of(out, "out");
   const int64_t rows = a.x.rows();
   if (a.out.dtype != a.x.dtype || a.out.rows() != rows || a.out.len != a.x.len || a.out.n_inner != a.x.n_inner)
-    throw std::invalid_argument("out: expected the shape and dtype of the logits");
+    throw bad_arg("out", "expected the shape and dtype of the logits");
   const DType acc = acc_of(a.x.dtype);
-  a.targets = targets_of(targets, rows);
+  check_targets(targets, rows);
+  a.targets = targets.data();
   a.ignore_index = ignore_index;
   a.col_offset = col_offset;
   a.inv_temperature = inv_t;

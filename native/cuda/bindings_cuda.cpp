@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "array_args.h"
 #include "cuda_kernels.h"
 
 namespace nb = nanobind;
@@ -21,60 +22,20 @@ using Targets = nb::ndarray<int64_t, nb::ndim<1>, nb::device::cuda>;
 namespace rlgen {
 namespace {
 
-std::invalid_argument bad(const char* name, const std::string& what) {
-  return std::invalid_argument(std::string(name) + ": " + what);
-}
-
 // The kernels run on the logits' GPU: every other array must be there too.
 template <typename A> void check_device(const A& a, int device, const char* name) {
   if (a.device_id() != device)
-    throw bad(name, "on GPU " + std::to_string(a.device_id()) + ", the logits on GPU " + std::to_string(device));
-}
-
-DType dtype_of(const Array& a, const char* name) {
-  const nb::dlpack::dtype dt = a.dtype();
-  if (dt == nb::dtype<float>()) return DType::f32;
-  if (dt == nb::dtype<double>()) return DType::f64;
-  if (dt.code == uint8_t(nb::dlpack::dtype_code::Bfloat) && dt.bits == 16 && dt.lanes == 1) return DType::bf16;
-  throw bad(name, "expected float32, bfloat16 or float64");
-}
-
-DType acc_of(DType d) { return d == DType::f64 ? DType::f64 : DType::f32; }
-
-Rows rows_of(const Array& a, const char* name) {
-  Rows r;
-  r.data = a.data();
-  r.dtype = dtype_of(a, name);
-  if (a.ndim() == 2) {
-    r.n_outer = 1;
-    r.n_inner = int64_t(a.shape(0));
-    r.stride_outer = 0;
-    r.stride_inner = a.stride(0);
-  } else if (a.ndim() == 3) {
-    r.n_outer = int64_t(a.shape(0));
-    r.n_inner = int64_t(a.shape(1));
-    r.stride_outer = a.stride(0);
-    r.stride_inner = a.stride(1);
-  } else {
-    throw bad(name, "expected a 2-D or 3-D array");
-  }
-  r.len = int64_t(a.shape(a.ndim() - 1));
-  if (r.len > 1 && a.stride(a.ndim() - 1) != 1) throw bad(name, "the last dimension must be contiguous");
-  return r;
+    throw bad_arg(name, "on GPU " + std::to_string(a.device_id()) + ", the logits on GPU " + std::to_string(device));
 }
 
 const void* per_row(const Array& a, DType acc, int64_t rows, int device, const char* name) {
-  if (a.ndim() != 1 || int64_t(a.shape(0)) != rows || (rows > 1 && a.stride(0) != 1))
-    throw bad(name, "expected a contiguous 1-D array with one value per row");
-  if (dtype_of(a, name) != acc)
-    throw bad(name, "expected the accumulation dtype (float64 for float64 logits, else float32)");
+  check_per_row(a, acc, rows, name);
   check_device(a, device, name);
   return a.data();
 }
 
 const int64_t* targets_of(const Targets& t, int64_t rows, int device) {
-  if (int64_t(t.shape(0)) != rows || (rows > 1 && t.stride(0) != 1))
-    throw bad("targets", "expected a contiguous int64 array with one value per row");
+  check_targets(t, rows);
   check_device(t, device, "targets");
   return t.data();
 }
@@ -93,7 +54,7 @@ void stats(Array x, Targets targets, int64_t ignore_index, int64_t col_offset, d
   a.inv_temperature = inv_t;
   if (state.ndim() != 2 || state.shape(0) != 4 || int64_t(state.shape(1)) != rows ||
       (rows > 1 && state.stride(1) != 1) || dtype_of(state, "state") != acc_of(a.x.dtype))
-    throw bad("state", "expected a [4, rows] array of the accumulation dtype");
+    throw bad_arg("state", "expected a [4, rows] array of the accumulation dtype");
   check_device(state, device, "state");
   a.state = state.data();
   a.state_stride = state.stride(0);
@@ -111,7 +72,7 @@ void grad(Array x, Array out, Targets targets, int64_t ignore_index, int64_t col
   const int device = x.device_id();
   const int64_t rows = a.x.rows();
   if (a.out.dtype != a.x.dtype || a.out.rows() != rows || a.out.len != a.x.len || a.out.n_inner != a.x.n_inner)
-    throw bad("out", "expected the shape and dtype of the logits");
+    throw bad_arg("out", "expected the shape and dtype of the logits");
   check_device(out, device, "out");
   const DType acc = acc_of(a.x.dtype);
   a.targets = targets_of(targets, rows, device);
