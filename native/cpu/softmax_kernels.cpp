@@ -55,8 +55,13 @@ void stats_row(const T* x, int64_t len, int64_t target_col, float inv_t, float& 
     const float m2 = m * kLog2e;
     const VF vm = VF::set1(m2), vc = VF::set1(c), vfloor = VF::set1(kExp2Floor);
     VF vs0 = VF::set1(0.0f), vt0 = VF::set1(0.0f), vs1 = VF::set1(0.0f), vt1 = VF::set1(0.0f);
+    // While this block is summed from L1, the next one is requested from memory, so the memory
+    // stream never idles (the hardware prefetcher alone stops at the sweep's pauses).
+    const char* next = reinterpret_cast<const char*>(p + n);
     j = 0;
     for (; j + 2 * W <= n; j += 2 * W) {  // two independent accumulators hide the add latency
+      for (int64_t byte = 0; byte < int64_t(2 * W * sizeof(T)); byte += 64)
+        __builtin_prefetch(next + j * int64_t(sizeof(T)) + byte);
       VF d0 = VF::max(vfloor, VF::fmsub(VF::load(p + j), vc, vm));
       VF d1 = VF::max(vfloor, VF::fmsub(VF::load(p + j + W), vc, vm));
       VF e0 = VF::exp2_nonpos(d0), e1 = VF::exp2_nonpos(d1);
