@@ -167,7 +167,7 @@ void grad_row_f64(const double* x, double* out, int64_t len, int64_t target_col,
 template <typename Fn>
 void for_rows(int64_t rows, int threads, Fn&& fn) {
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows > 1)
+#pragma omp parallel for schedule(guided) num_threads(threads) if (threads > 1 && rows > 1)
 #endif
   for (int64_t r = 0; r < rows; ++r) fn(r);
 }
@@ -177,7 +177,7 @@ template <typename Fn>
 int64_t count_rows(int64_t rows, int threads, Fn&& fn) {
   int64_t bad = 0;
 #if defined(_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : bad) if (threads > 1 && rows > 1)
+#pragma omp parallel for schedule(guided) num_threads(threads) reduction(+ : bad) if (threads > 1 && rows > 1)
 #endif
   for (int64_t r = 0; r < rows; ++r) bad += fn(r) ? 1 : 0;
   return bad;
