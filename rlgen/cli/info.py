@@ -64,8 +64,9 @@ def _kernel_info() -> dict:
     from rlgen import kernels
 
     info = {"mode": kernels.mode(), "cpu": kernels.describe("cpu")}
-    if kernels.native_import_error("_native"):
-        info["cpu_native_missing"] = kernels.native_import_error("_native")
+    missing = kernels.native_import_error("_native")
+    if missing:
+        info["cpu_native_missing"] = missing
     if torch.cuda.is_available():
         info["cuda"] = kernels.describe("cuda")
     else:

@@ -18,7 +18,7 @@ Modes (`use(mode)`, or the RLGEN_KERNELS environment variable at start-up):
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 
 import torch
 
@@ -31,8 +31,8 @@ DEFAULT_TOKEN_CHUNK = 1024
 DEFAULT_VOCAB_CHUNK = 4096
 
 _mode = os.environ.get("RLGEN_KERNELS", "auto")
-if _mode not in MODES:
-    warnings.warn(f"RLGEN_KERNELS={_mode!r} is not one of {', '.join(MODES)}; using 'auto'", stacklevel=1)
+if _mode not in MODES:  # not fatal: one line on stderr, then the default
+    sys.stderr.write(f"rlgen: warning: RLGEN_KERNELS={_mode!r} is not one of {', '.join(MODES)}; using 'auto'\n")
     _mode = "auto"
 _loaded: dict[str, object] = {}
 

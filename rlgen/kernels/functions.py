@@ -82,10 +82,8 @@ class LinearTokenLogprobs(torch.autograd.Function):
         inv_t = 1.0 / temperature
         buffer = _chunk_buffer(rows, vocab, token_chunk, vocab_chunk, h)
         if vocab <= vocab_chunk or rows == 0:  # whole rows per chunk: finish them in the same pass
-            parts = [ops.forward(_chunk_logits(h[r0:r1], w, b, buffer), targets[r0:r1], ignore_index, inv_t)
-                     for r0 in range(0, rows, token_chunk) for r1 in [min(r0 + token_chunk, rows)]]
-            if rows == 0:
-                parts = [ops.forward(h.new_empty(0, vocab), targets, ignore_index, inv_t)]
+            parts = [ops.forward(_chunk_logits(h[r0:r0 + token_chunk], w, b, buffer), targets[r0:r0 + token_chunk],
+                                 ignore_index, inv_t) for r0 in (range(0, rows, token_chunk) if rows else [0])]
             logprobs, entropy, logz = parts[0] if len(parts) == 1 else (torch.cat(p) for p in zip(*parts))
             # One chunk holds all the logits: keep it for backward instead of recomputing it (same peak).
             ctx.kept_logits = buffer.view(rows, vocab) if rows <= token_chunk else None

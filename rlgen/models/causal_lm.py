@@ -114,6 +114,11 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft wrapper (adapters stay injected), or the model itself."""
+    return model.get_base_model() if is_peft(model) and hasattr(model, "get_base_model") else model
+
+
 def save_hf(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> None:
     """Write an HF directory (safetensors) atomically: a temporary sibling, then rename."""
     out_dir = Path(out_dir)

@@ -6,11 +6,9 @@ import weakref
 
 import torch
 
+from rlgen.models.causal_lm import unwrap_peft
+
 _checked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
 
 
 def split_head(model):
@@ -20,7 +18,7 @@ def split_head(model):
     forward would break the identity). The structure is checked by name, then confirmed once per model
     by running both on a few tokens, which catches models whose forward does more than project.
     """
-    base = _base_model(model)
+    base = unwrap_peft(model)
     if base in _checked:
         return _checked[base]
     split = _candidate(base)

@@ -8,6 +8,8 @@ from typing import Protocol
 
 import torch
 
+from rlgen.models.causal_lm import unwrap_peft
+
 
 @dataclass
 class SamplingParams:
@@ -231,14 +233,10 @@ def prefix_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[to
     return new_run.nonzero().flatten(), new_run.long().cumsum(0) - 1
 
 
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "get_base_model") else model
-
-
 def supports_shared_prefix(model) -> bool:
     """Whether a prompt's KV cache can be computed once and repeated over rows (a capability check on
     the model class, its config and its cache layout; nothing is run). False -> the plain path."""
-    base = _base_model(model)
+    base = unwrap_peft(model)
     if base is not model:  # peft: prompt-learning adapters (prefix tuning...) own the cache
         active = getattr(model, "active_peft_config", None)
         if active is None or getattr(active, "is_prompt_learning", False):
@@ -285,7 +283,7 @@ def new_expandable_cache(model):
         return None
     from transformers.cache_utils import DynamicCache
 
-    return DynamicCache(config=_base_model(model).config)
+    return DynamicCache(config=unwrap_peft(model).config)
 
 
 def repeat_rows(tensor: torch.Tensor, row_run: torch.Tensor) -> torch.Tensor:

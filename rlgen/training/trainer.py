@@ -13,7 +13,7 @@ import torch
 from rlgen import kernels
 from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
-from rlgen.models.causal_lm import is_peft, load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
+from rlgen.models.causal_lm import load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
 from rlgen.training.run_dir import RunDir
 from rlgen.training.state import load_state, restore_rng, rng_state, save_state
 
@@ -233,7 +233,3 @@ def _plain(value):
     if isinstance(value, float):
         return round(value, 6) if math.isfinite(value) else None
     return value
-
-
-def unwrap_peft(model):
-    return model.get_base_model() if is_peft(model) else model
