@@ -22,73 +22,21 @@ them the same way). The ratio column is rlgen / TRL (> 1: rlgen is faster).
 """
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
-import warnings
-from pathlib import Path
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("WANDB_DISABLED", "true")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Shared with the DPO benchmark (it also sets the offline / tokenizer environment before torch loads).
+import bench_common as common  # noqa: E402
+from bench_common import fmt, median  # noqa: E402
 
 import torch  # noqa: E402
 
 
 # --------------------------------------------------------------------------- helpers
-
-def loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not on every platform
-        return None
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def load_task_records(task: str, split: str) -> list[dict]:
-    from rlgen.plugins import registry
-
-    return registry("task").get(task).split(split)
-
-
-def resolve_model(name: str):
-    from rlgen.errors import RlgenError
-    from rlgen.models.causal_lm import resolve_model_path
-
-    try:
-        return resolve_model_path(name)
-    except RlgenError as exc:
-        sys.exit(
-            f"error: {exc}\n"
-            "hint: pass --model DIR with a Hugging Face causal-LM directory, e.g. one made by\n"
-            "      python recipes/tiny-arith/init_model.py /tmp/benchmodel"
-        )
-
-
-def pad_vocabulary(model_path, vocab: int, out_dir: str):
-    """A copy of the model whose embedding and lm_head have `vocab` rows (the extra ids are never produced
-    by the tokenizer, and decode to nothing): the log-prob cost of a real tokenizer's vocabulary on the
-    same small network. New rows are drawn like fresh weights (std = initializer_range)."""
-    from rlgen.models.causal_lm import load_model, load_tokenizer
-
-    model = load_model(model_path, "float32")
-    model.resize_token_embeddings(vocab, mean_resizing=False)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    load_tokenizer(model_path).save_pretrained(out_dir)
-    return out_dir
-
 
 def exact_match_trl(prompts, completions, answer, **_):
     """TRL-style reward: 1.0 when the stripped completion equals the stripped answer.
@@ -118,36 +66,21 @@ def summarize(steps: list[dict]) -> dict:
 
 def build_rlgen_trainer(args, model_path, out_dir, kernels_mode: str = "auto"):
     from rlgen.algorithms.grpo import GRPOConfig, GRPOTrainer
-    from rlgen.cli.report import Reporter
-    from rlgen.config import from_dict
-    from rlgen.training.run_dir import RunDir
 
-    cfg = from_dict(
-        GRPOConfig,
-        {
-            "model": {"path": str(model_path), "dtype": "float32"},
-            "data": {"task": args.task, "split": "train"},
-            "rollout": {
-                "prompts_per_step": args.prompts_per_step,
-                "num_generations": args.num_generations,
-                "max_new_tokens": args.max_new_tokens,
-                "temperature": 1.0,
-            },
-            "algorithm": {"beta": 0.0, "num_iterations": 1},
-            "optim": {"lr": args.lr, "gradient_accumulation_steps": 1},
-            "run": {
-                "out": str(out_dir),
-                "steps": args.warmup + args.steps + 1,
-                "seed": args.seed,
-                "eval_every": 0,
-                "save_every": 0,
-                "threads": 0,  # leave torch's thread count as this script set it
-                "kernels": kernels_mode,
-            },
-            "rewards": [{"name": "exact-match"}],
+    sections = {
+        "data": {"task": args.task, "split": "train"},
+        "rollout": {
+            "prompts_per_step": args.prompts_per_step,
+            "num_generations": args.num_generations,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": 1.0,
         },
-    )
-    trainer = GRPOTrainer(cfg, RunDir(out_dir), Reporter(quiet=True))
+        "algorithm": {"beta": 0.0, "num_iterations": 1},
+        "optim": {"lr": args.lr, "gradient_accumulation_steps": 1},
+        "rewards": [{"name": "exact-match"}],
+    }
+    trainer = common.build_rlgen(GRPOConfig, GRPOTrainer, model_path, out_dir, sections,
+                          steps=args.warmup + args.steps + 1, seed=args.seed, kernels=kernels_mode)
     trainer.setup()
     return trainer
 
@@ -184,41 +117,28 @@ def record_lengths(trainer) -> None:
     trainer.bench_lengths = []
 
 
-class RlgenSide:
+class RlgenSide(common.SteppedSide):
     """An rlgen GRPOTrainer set up in a temporary run directory, stepped one train_step at a time."""
 
     def __init__(self, args, model_path, kernels_mode: str = "auto"):
-        self.args = args
+        super().__init__(args, "rlgen-bench-")
         self.kernels_mode = kernels_mode
         self.n = args.prompts_per_step * args.num_generations
-        self.tmp = tempfile.TemporaryDirectory(prefix="rlgen-bench-")
         self.trainer = build_rlgen_trainer(args, model_path, os.path.join(self.tmp.name, "run"), kernels_mode)
         record_lengths(self.trainer)
-        self.steps: list[dict] = []  # timed steps only
-        self.done = 0
+
+    def one_step(self) -> dict:
+        return rlgen_one_step(self.trainer, self.n)
 
     def step(self, k: int | None = None) -> None:
         from rlgen import kernels
 
         kernels.use(self.kernels_mode)  # two rlgen sides may alternate in one process (--kernels compare)
-        result = rlgen_one_step(self.trainer, self.n)
-        if self.done >= self.args.warmup:
-            self.steps.append(result)
-        self.done += 1
-
-    def close(self, profile: bool = False) -> dict:
-        profile = profile_rlgen_step(self.trainer, self.n, self.args.profile) if profile and self.args.profile else None
-        del self.trainer
-        self.tmp.cleanup()
-        gc.collect()
-        return {"steps": self.steps, "profile": profile}
+        super().step(k)
 
 
 def run_rlgen(args, model_path, profile: bool = False) -> dict:
-    side = RlgenSide(args, model_path, args.kernels)
-    for _ in range(args.warmup + args.steps):
-        side.step()
-    return side.close(profile)
+    return common.run_side(RlgenSide(args, model_path, args.kernels), profile)
 
 
 def run_rlgen_kernel_pair(args, model_path) -> dict:
@@ -231,44 +151,13 @@ def run_rlgen_kernel_pair(args, model_path) -> dict:
     return {"rlgen": native.close(), "rlgen-reference": eager.close()}
 
 
-def profile_rlgen_step(trainer, n: int, top: int) -> str:
-    """cProfile one extra rlgen step; returns the top-`top` table by internal time and by cumulative time."""
-    import cProfile
-    import io
-    import pstats
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    rlgen_one_step(trainer, n)
-    profiler.disable()
-    text = io.StringIO()
-    stats = pstats.Stats(profiler, stream=text)
-    stats.strip_dirs().sort_stats("tottime").print_stats(top)
-    stats.sort_stats("cumulative").print_stats(top)
-    return text.getvalue()
-
-
 # --------------------------------------------------------------------------- TRL
 
-def trl_available() -> bool:
-    try:
-        import trl  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-    return True
-
-
 def run_trl(args, model_path, records: list[dict], other_step=None) -> dict:
-    """Train TRL for warmup + steps optimiser steps, timing each from on_step_begin to on_step_end.
-
-    `other_step(k)`, when given, is called between TRL's steps (outside TRL's timed window): before
-    TRL's step k for odd k and after it for even k, so that the two sides alternate who goes first."""
+    """Train TRL for warmup + steps optimiser steps, timing each from on_step_begin to on_step_end;
+    `other_step` interleaves the rlgen side (see bench_common.trl_step_timer)."""
     import datasets
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
-
-    from rlgen.models.causal_lm import load_model, load_tokenizer
 
     datasets.disable_progress_bars()
     P, G, T = args.prompts_per_step, args.num_generations, args.max_new_tokens
@@ -292,26 +181,7 @@ def run_trl(args, model_path, records: list[dict], other_step=None) -> dict:
             self.rollout_times.append(time.perf_counter() - started)
             return out
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.begin = None
-            self.durations: list[float] = []
-
-        def on_step_begin(self, args_, state, control, **kw):
-            k = len(self.durations)
-            if other_step is not None and k % 2 == 1:
-                other_step(k)
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args_, state, control, **kw):
-            self.durations.append(time.perf_counter() - self.begin)
-            k = len(self.durations) - 1
-            if other_step is not None and k % 2 == 0:
-                other_step(k)
-
     dataset = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in records])
-    tokenizer = load_tokenizer(model_path)
-    model = load_model(model_path, "float32")  # the same fp32 weights rlgen loads
     total_steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory(prefix="trl-bench-") as tmp:
         config = GRPOConfig(
@@ -324,33 +194,11 @@ def run_trl(args, model_path, records: list[dict], other_step=None) -> dict:
             beta=0.0,  # (default 0.0) no KL, no reference model
             max_completion_length=T,  # default 512
             temperature=1.0,  # (default 1.0)
-            learning_rate=args.lr,  # default 1e-6
-            lr_scheduler_type="constant",  # default linear decay; rlgen's default is constant
-            max_steps=total_steps,
-            seed=args.seed,
-            # --- fp32 on CPU, like rlgen ---
-            use_cpu=True,
-            bf16=False,  # TRL defaults bf16=True
-            fp16=False,
-            gradient_checkpointing=False,  # TRL defaults it to True (recomputes activations: slower)
-            # --- no side work during the timed loop ---
-            logging_steps=10**9,  # default 10
-            report_to="none",
-            save_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,  # (default 0) no worker processes
-            dataloader_pin_memory=False,  # nothing to pin on CPU
+            **common.trl_common_config(args, total_steps),
         )
-        timer = StepTimer()
-        trainer = TimedGRPOTrainer(
-            model=model,
-            reward_funcs=exact_match,
-            args=config,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            callbacks=[timer],
-        )
-        trainer.remove_callback(PrinterCallback)  # it prints the end-of-training summary to stdout
+        timer = common.trl_step_timer(other_step)
+        trainer = common.new_trl_trainer(TimedGRPOTrainer, model_path, config, reward_funcs=exact_match,
+                                  train_dataset=dataset, callbacks=[timer])
         trainer.rollout_times = []
         gen = trainer.generation_config
         generation = {
@@ -363,15 +211,14 @@ def run_trl(args, model_path, records: list[dict], other_step=None) -> dict:
             "pad_token_id": gen.pad_token_id,
             "generation_batch_size": config.generation_batch_size,
             "steps_per_generation": config.steps_per_generation,
-            "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
-            "optim": str(config.optim),
+            **common.trl_settings(trainer, config),
         }
         assert gen.max_new_tokens == T and gen.do_sample and gen.temperature == 1.0, generation
         assert config.generation_batch_size == n and config.steps_per_generation == 1, generation
         trainer.train()
         durations = timer.durations
         rollouts = trainer.rollout_times
-        del trainer, model
+        del trainer
     gc.collect()
     if len(durations) != total_steps or len(token_log) != total_steps:
         raise RuntimeError(f"TRL ran {len(durations)} steps and {len(token_log)} reward calls, expected {total_steps}")
@@ -393,43 +240,28 @@ def run_trl(args, model_path, records: list[dict], other_step=None) -> dict:
 # --------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-arith", help="built-in model name or HF model directory (default: tiny-arith)")
-    p.add_argument("--task", default="arithmetic", help="rlgen task whose train split gives the prompts (default: arithmetic)")
+    p = common.new_parser(__doc__)
+    common.add_model_args(p, "prompts")
     p.add_argument("--prompts-per-step", "-P", type=int, default=16, help="prompts per step (default: 16)")
     p.add_argument("--num-generations", "-G", type=int, default=8, help="completions per prompt (default: 8)")
     p.add_argument("--max-new-tokens", "-T", type=int, default=8, help="max completion tokens (default: 8)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per side and repeat (default: 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    p.add_argument("--repeats", type=int, default=2, help="whole measurements, alternating order (default: 2)")
-    p.add_argument("--lr", type=float, default=1e-6, help="learning rate for both (default: 1e-6)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for both (0 = torch's default)")
-    p.add_argument("--only", choices=("both", "rlgen", "trl"), default="both")
-    p.add_argument("--pad-vocab", type=int, default=0, metavar="V",
-                   help="grow the model's vocabulary to V rows first (e.g. 32000 or 151936), as with a real tokenizer")
+    common.add_step_args(p, "timed steps per side and repeat (default: 10)",
+                  "whole measurements, alternating order (default: 2)", "learning rate for both (default: 1e-6)")
+    common.add_seed_threads_only(p)
+    common.add_pad_vocab_arg(p)
     p.add_argument("--kernels", choices=("auto", "reference", "compare"), default="auto",
                    help="rlgen's log-prob kernels: auto (native), reference (eager torch), or compare: time rlgen "
                         "with its kernels against rlgen with the reference path, interleaved (no TRL side)")
-    p.add_argument("--schedule", choices=("interleave", "blocks"), default="interleave",
-                   help="interleave: alternate rlgen and TRL step by step, so both see the same machine load "
+    common.add_schedule_arg(p, "interleave: alternate rlgen and TRL step by step, so both see the same machine load "
                         "(default); blocks: all steps of one side, then the other")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after timing, cProfile one rlgen step and print the top N functions to stderr")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    common.add_profile_json_args(p, "after timing, cProfile one rlgen step and print the top N functions to stderr")
     args = p.parse_args(argv)
-    for name in ("prompts_per_step", "num_generations", "max_new_tokens", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    common.require_positive(p, args, ("prompts_per_step", "num_generations", "max_new_tokens", "steps", "repeats"))
     if args.num_generations < 2:
         p.error("--num-generations must be >= 2")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     return args
-
-
-def fmt(value, spec=".1f"):
-    return "-" if value is None else format(value, spec)
 
 
 def print_table(result: dict) -> None:
@@ -438,11 +270,9 @@ def print_table(result: dict) -> None:
     print(f"GRPO step: P={c['prompts_per_step']} prompts x G={c['num_generations']} completions, "
           f"T<={c['max_new_tokens']} new tokens, model {c['model']} ({c['model_params']:,} params), fp32 CPU, "
           f"{m['torch_threads']} torch threads")
-    print(f"{c['steps']} timed steps after {c['warmup']} warm-up, x{c['repeats']} repeats ({c['schedule']}); medians. "
-          f"load average before/after: {m['loadavg_before']} / {m['loadavg_after']}")
-    header = f"{'':15} {'step s':>8} {'compl/s':>9} {'tok/s':>9} {'tok/step':>9} {'len':>5} {'rollout s':>10} {'update s':>9}"
-    print(header)
-    print("-" * len(header))
+    print(common.timing_line(result) + common.load_text(result))
+    common.print_header(f"{'':15} {'step s':>8} {'compl/s':>9} {'tok/s':>9} {'tok/step':>9} {'len':>5} "
+                        f"{'rollout s':>10} {'update s':>9}")
     for name, s in result["results"].items():
         print(f"{name:15} {fmt(s['step_s'], '.3f'):>8} {fmt(s['completions_per_s']):>9} {fmt(s['tokens_per_s']):>9} "
               f"{fmt(s['tokens_per_step'], '.0f'):>9} {fmt(s['mean_completion_length'], '.2f'):>5} "
@@ -460,62 +290,37 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    model_path = resolve_model(args.model)
-    if args.pad_vocab:
-        padded = tempfile.TemporaryDirectory(prefix="rlgen-bench-vocab-")
-        model_path = Path(pad_vocabulary(model_path, args.pad_vocab, padded.name))
-    records = load_task_records(args.task, "train")
+    threads, model_path, padded = common.prepare_run(args, "rlgen-bench-vocab-")
+    records = common.load_task_records(args.task, "train")
     sides = ["rlgen", "trl"] if args.only == "both" else [args.only]
     if args.kernels == "compare":
         sides = ["rlgen", "rlgen-reference"]
-    have_trl = trl_available()
-    if "trl" in sides and not have_trl:
-        if args.only == "trl":
-            sys.exit("error: trl is not importable")
-        print("note: trl is not importable; timing rlgen only", file=sys.stderr)
-        sides = ["rlgen"]
+    sides, have_trl = common.check_trl(args, sides)
 
-    from rlgen.models.causal_lm import load_model
-
-    n_params = sum(p.numel() for p in load_model(model_path, "float32").parameters())
-    load_before = loadavg()
-    if load_before and os.cpu_count() and load_before[0] + threads > os.cpu_count() + 0.5:
-        hint = "; multi-threaded steps suffer most, try --threads 1" if threads > 1 else ""
-        print(f"note: load average {load_before[0]} with {threads} torch thread(s) on {os.cpu_count()} CPUs: the machine "
-              f"is busy, so timings will be noisy{hint}", file=sys.stderr)
+    n_params = common.count_params(model_path)
+    load_before = common.note_load(threads)
     all_steps: dict[str, list] = {s: [] for s in sides}
     per_repeat: dict[str, list] = {s: [] for s in sides}
     extra: dict[str, dict] = {}
     wall = time.perf_counter()
     for r in range(args.repeats):
         torch.set_num_threads(threads)
-        last = r == args.repeats - 1  # the optional profile is taken once, after the last repeat's timed steps
-        outs = {}
+        head = f"[repeat {r + 1}/{args.repeats}] "
+        counts = f"{args.warmup} warm-up + {args.steps} timed steps"
         if args.kernels == "compare":
-            print(f"[repeat {r + 1}/{args.repeats}] rlgen with kernels and with reference log-probs interleaved: "
-                  f"{args.warmup} warm-up + {args.steps} timed steps each ...", file=sys.stderr)
+            print(f"{head}rlgen with kernels and with reference log-probs interleaved: {counts} each ...",
+                  file=sys.stderr)
             outs = run_rlgen_kernel_pair(args, model_path)
-        elif args.schedule == "interleave" and len(sides) == 2:
-            print(f"[repeat {r + 1}/{args.repeats}] rlgen and trl interleaved: {args.warmup} warm-up + {args.steps} "
-                  "timed steps each ...", file=sys.stderr)
-            rl = RlgenSide(args, model_path)
-            outs["trl"] = run_trl(args, model_path, records, other_step=rl.step)
-            if rl.done != args.warmup + args.steps:
-                raise RuntimeError(f"interleaving ran {rl.done} rlgen steps, expected {args.warmup + args.steps}")
-            outs["rlgen"] = rl.close(profile=last)
         else:
-            order = sides if r % 2 == 0 else list(reversed(sides))
-            for side in order:
-                print(f"[repeat {r + 1}/{args.repeats}] {side}: {args.warmup} warm-up + {args.steps} timed steps ...",
-                      file=sys.stderr)
-                torch.set_num_threads(threads)
-                outs[side] = run_rlgen(args, model_path, last) if side == "rlgen" else run_trl(args, model_path, records)
-        if torch.get_num_threads() != threads:
-            print(f"warning: torch threads changed to {torch.get_num_threads()} during the run", file=sys.stderr)
+            outs = common.run_sides(
+                args, sides, r, threads,
+                announce=lambda side: f"{head}{side}: {counts} ..." if side else
+                f"{head}rlgen and trl interleaved: {counts} each ...",
+                new_rlgen=lambda: RlgenSide(args, model_path, args.kernels),
+                run_trl=lambda other_step=None: run_trl(args, model_path, records, other_step=other_step),
+                run_rlgen=lambda last: run_rlgen(args, model_path, last),
+            )
+        common.check_threads(threads)
         for side in sides:
             out = outs[side]
             if side == "rlgen" and out.get("profile"):
@@ -536,65 +341,31 @@ def main(argv=None) -> dict:
         ratio = {k: results["rlgen"][k] / results["trl"][k] for k in ("completions_per_s", "tokens_per_s")}
         ratio["step_s"] = results["trl"]["step_s"] / results["rlgen"]["step_s"]
         ratio["versus"] = "trl"
-    import transformers
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import rlgen
-
-        versions["rlgen"] = getattr(rlgen, "__version__", "?")
-    except Exception:  # noqa: BLE001
-        pass
-    if have_trl:
-        import trl
-
-        versions["trl"] = trl.__version__
-    result = {
-        "config": {
-            "model": str(args.model) + (f" (vocabulary padded to {args.pad_vocab})" if args.pad_vocab else ""),
-            "model_path": str(model_path),
-            "model_params": n_params,
-            "task": args.task,
+    result = common.make_result(
+        args,
+        {
+            **common.model_config(args, model_path, n_params),
             "prompts_per_step": args.prompts_per_step,
             "num_generations": args.num_generations,
             "completions_per_step": args.prompts_per_step * args.num_generations,
             "max_new_tokens": args.max_new_tokens,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "repeats": args.repeats,
-            "schedule": args.schedule if len(sides) == 2 else "single",
+            **common.timing_config(args, sides),
             "kernels": args.kernels,
             "lr": args.lr,
             "temperature": 1.0,
             "beta": 0.0,
             "num_iterations": 1,
-            "dtype": "float32",
-            "seed": args.seed,
         },
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": threads,
-            "loadavg_before": load_before,
-            "loadavg_after": loadavg(),
-            "wall_s": round(wall, 1),
-        },
-        "versions": versions,
-        "results": results,
-        "ratio": ratio,
-        "per_repeat": per_repeat,
-        "steps": all_steps,
-    }
+        threads, load_before, wall, have_trl,
+        results=results, ratio=ratio, per_repeat=per_repeat, steps=all_steps,
+    )
     if "trl_generation" in extra:
         result["trl_generation"] = extra["trl_generation"]
     print_table(result)
     if "rlgen_profile" in extra:
         print(extra["rlgen_profile"], file=sys.stderr)
         result["rlgen_profile"] = extra["rlgen_profile"]
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1, default=str)
-        print(f"wrote {args.json}", file=sys.stderr)
+    common.write_json(args.json, result)
     return result
 
 

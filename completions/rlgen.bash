@@ -51,7 +51,10 @@ _rlgen_sample() {
             _rlgen_files
             return ;;
         --sampler)
-            _rlgen_words "plain"
+            _rlgen_words "best-of-n plain smc"
+            return ;;
+        --sampler-opt)
+            _rlgen_files
             return ;;
         --split)
             _rlgen_words "test train"
@@ -59,11 +62,11 @@ _rlgen_sample() {
         -t|--task)
             _rlgen_words "arithmetic countdown sorting"
             return ;;
-        --limit|--max-new-tokens|-n|--num-samples|--seed|--temperature|--top-k|--top-p)
+        --limit|--max-new-tokens|-n|--num-samples|--sampler-reward|--seed|--temperature|--top-k|--top-p)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--debug --help --limit --max-new-tokens --model --num-samples --out --prompts --quiet --sampler --seed --split --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
+        _rlgen_words "--debug --help --limit --max-new-tokens --model --num-samples --out --prompts --quiet --sampler --sampler-opt --sampler-reward --seed --split --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
         return
     fi
 }
@@ -79,12 +82,34 @@ _rlgen_score() {
         -r|--reward)
             _rlgen_words "countdown exact-match format length numeric-match"
             return ;;
+        --combine|--shape)
+            return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--debug --help --on-error --out --quiet --reward -h -o -q -r"
+        _rlgen_words "--combine --debug --help --on-error --out --quiet --reward --shape -h -o -q -r"
         return
     fi
-    _rlgen_npos "--on-error --out --reward -o -r"
+    _rlgen_npos "--combine --on-error --out --reward --shape -o -r"
+    case $npos in
+        0)
+            _rlgen_files
+            ;;
+    esac
+}
+
+_rlgen_pairs() {
+    case $prev in
+        -o|--out)
+            _rlgen_files
+            return ;;
+        --field|--group-by|--margin|--mode)
+            return ;;
+    esac
+    if [[ $cur == -* ]]; then
+        _rlgen_words "--debug --field --group-by --help --json --margin --mode --out --quiet -h -o -q"
+        return
+    fi
+    _rlgen_npos "--field --group-by --margin --mode --out -o"
     case $npos in
         0)
             _rlgen_files
@@ -126,7 +151,7 @@ _rlgen_train() {
     _rlgen_npos "--config --data --model --out --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
     case $npos in
         0)
-            _rlgen_words "cispo dapo dr-grpo gdpo grpo gspo reinforce-pp remax rloo sft"
+            _rlgen_words "cispo dapo dpo dr-grpo gdpo grpo gspo kto online-dpo orpo reinforce-pp remax rloo rm rpo sft simpo"
             ;;
     esac
 }
@@ -170,6 +195,15 @@ _rlgen_eval() {
         -r|--reward)
             _rlgen_words "countdown exact-match format length numeric-match"
             return ;;
+        --rm)
+            _rlgen_dirs
+            return ;;
+        --sampler)
+            _rlgen_words "best-of-n plain smc"
+            return ;;
+        --sampler-opt)
+            _rlgen_files
+            return ;;
         --samples-out)
             _rlgen_files
             return ;;
@@ -179,14 +213,14 @@ _rlgen_eval() {
         -t|--task)
             _rlgen_words "arithmetic countdown sorting"
             return ;;
-        -k|--limit|--max-new-tokens|--seed|--temperature)
+        -k|--limit|--max-new-tokens|--sampler-reward|--seed|--temperature)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--data --debug --help --json --limit --max-new-tokens --model --plot --quiet --reward --samples-out --seed --split --task --temperature -h -k -m -q -r -t"
+        _rlgen_words "--data --debug --help --json --limit --max-new-tokens --model --plot --quiet --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -h -k -m -q -r -t"
         return
     fi
-    _rlgen_npos "--data --limit --max-new-tokens --model --plot --reward --samples-out --seed --split --task --temperature -k -m -r -t"
+    _rlgen_npos "--data --limit --max-new-tokens --model --plot --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -k -m -r -t"
     case $npos in
         0)
             _rlgen_files
@@ -242,12 +276,13 @@ _rlgen() {
             if [[ $cur == -* ]]; then
                 _rlgen_words "--debug --help --version -h"
             else
-                _rlgen_words "env eval merge plugins sample score train"
+                _rlgen_words "env eval merge pairs plugins sample score train"
             fi
             ;;
         env) _rlgen_env ;;
         eval) _rlgen_eval ;;
         merge) _rlgen_merge ;;
+        pairs) _rlgen_pairs ;;
         plugins) _rlgen_plugins ;;
         sample) _rlgen_sample ;;
         score) _rlgen_score ;;

@@ -45,14 +45,21 @@ end
 function __rlgen_complete_algorithm
     printf '%s\t%s\n' 'cispo' 'CISPO: clipped importance-sampling weights (grpo preset)'
     printf '%s\t%s\n' 'dapo' 'DAPO: clip-higher, dynamic sampling, overlong shaping, token mean (grpo preset)'
+    printf '%s\t%s\n' 'dpo' 'direct preference optimisation on prompt/chosen/rejected pairs (loss_type: sigmoid, ipo, hinge, robust ...)'
     printf '%s\t%s\n' 'dr-grpo' 'Dr. GRPO: no std scaling, constant normaliser (grpo preset)'
     printf '%s\t%s\n' 'gdpo' 'GDPO: per-reward group normalisation, then weighted sum (grpo preset)'
     printf '%s\t%s\n' 'grpo' 'group relative policy optimisation (advantage and loss from the registries)'
     printf '%s\t%s\n' 'gspo' 'GSPO: sequence-level importance ratio (grpo preset)'
+    printf '%s\t%s\n' 'kto' 'KTO: unpaired desirable / undesirable answers (prompt, completion, label)'
+    printf '%s\t%s\n' 'online-dpo' 'online DPO: sample, score, pair best vs worst, DPO update, repeat (DNO-style with ref_update_every)'
+    printf '%s\t%s\n' 'orpo' 'ORPO: NLL plus odds-ratio preference term, reference-free (dpo preset)'
     printf '%s\t%s\n' 'reinforce-pp' 'REINFORCE++ with batch-normalised advantages (grpo preset)'
     printf '%s\t%s\n' 'remax' 'ReMax: greedy-rollout baseline (grpo preset)'
     printf '%s\t%s\n' 'rloo' 'REINFORCE leave-one-out (grpo preset)'
+    printf '%s\t%s\n' 'rm' 'reward model: Bradley-Terry on preference pairs (use it as --reward rm:PATH)'
+    printf '%s\t%s\n' 'rpo' 'RPO: DPO plus the NLL of the chosen answers (dpo preset, rpo_alpha = 1)'
     printf '%s\t%s\n' 'sft' 'supervised fine-tuning on prompt -> completion'
+    printf '%s\t%s\n' 'simpo' 'SimPO: length-normalised, reference-free, target margin gamma (dpo preset)'
 end
 
 function __rlgen_complete_merger
@@ -72,7 +79,9 @@ function __rlgen_complete_reward
 end
 
 function __rlgen_complete_sampler
+    printf '%s\t%s\n' 'best-of-n' 'best of n samples per prompt under the --sampler-reward guide (option n=8)'
     printf '%s\t%s\n' 'plain' 'Ancestral sampling (temperature / top-p / top-k; temperature 0 = greedy).'
+    printf '%s\t%s\n' 'smc' 'reward-guided sequential Monte Carlo over blocks of tokens (particles=8, block_size=4, ess_threshold=0.5, lam=1.0)'
 end
 
 function __rlgen_complete_task
@@ -87,12 +96,13 @@ complete -c rlgen -n 'not __rlgen_subcommand' -l debug -d 'Show tracebacks on er
 complete -c rlgen -n 'not __rlgen_subcommand' -s h -l help -d 'Show this message and exit.'
 complete -c rlgen -n 'not __rlgen_subcommand' -l version -d 'Print the version and exit.'
 complete -c rlgen -n 'not __rlgen_subcommand' -a env -d 'Versions, devices and the active kernel backend: paste this into bug reports'
-complete -c rlgen -n 'not __rlgen_subcommand' -a eval -d 'Evaluate a model on a task (greedy accuracy, pass@k), summarise scored JSONL, or plot a run'
+complete -c rlgen -n 'not __rlgen_subcommand' -a eval -d 'Evaluate a model on a task (greedy or --sampler accuracy, pass@k), summarise scored JSONL, or plot a run'
 complete -c rlgen -n 'not __rlgen_subcommand' -a merge -d 'Merge two or more Hugging Face model directories (same architecture) into one'
+complete -c rlgen -n 'not __rlgen_subcommand' -a pairs -d 'Turn scored samples (from `rlgen score`) into preference pairs: prompt, chosen, rejected'
 complete -c rlgen -n 'not __rlgen_subcommand' -a plugins -d 'List every registered item by kind with the package that provides it'
 complete -c rlgen -n 'not __rlgen_subcommand' -a sample -d 'Generate completions for a task\'s prompts or a prompts file; JSONL on stdout (or --out FILE)'
 complete -c rlgen -n 'not __rlgen_subcommand' -a score -d 'Score JSONL samples (fields `prompt`, `completion`, plus e.g. `answer`) with rewards'
-complete -c rlgen -n 'not __rlgen_subcommand' -a train -d 'Train a model with ALGO (sft, grpo, rloo, remax, dapo, dr-grpo, gdpo, ... see `rlgen plugins`)'
+complete -c rlgen -n 'not __rlgen_subcommand' -a train -d 'Train a model with ALGO (sft, grpo, rloo, dapo, ..., dpo, simpo, rpo, orpo, kto, online-dpo, rm; see `rlgen plugins`)'
 
 # rlgen env
 complete -c rlgen -n '__rlgen_using env' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
@@ -100,7 +110,7 @@ complete -c rlgen -n '__rlgen_using env' -s h -l help -d 'Show this message and 
 complete -c rlgen -n '__rlgen_using env' -l json -d 'Print a machine-readable JSON summary on stdout.'
 
 # rlgen eval
-complete -c rlgen -n '__rlgen_using eval' -l data -r -F -d 'JSONL or Parquet file with `prompt` and `answer` fields.'
+complete -c rlgen -n '__rlgen_using eval' -l data -r -F -d 'JSONL or Parquet file: `prompt` and `answer` (grpo, sft, eval) or `prompt`, `chosen`, `rejected` (dpo, simpo, rpo, orpo, kto, rm).'
 complete -c rlgen -n '__rlgen_using eval' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
 complete -c rlgen -n '__rlgen_using eval' -s h -l help -d 'Show this message and exit.'
 complete -c rlgen -n '__rlgen_using eval' -l json -d 'Print a machine-readable JSON summary on stdout.'
@@ -111,12 +121,16 @@ complete -c rlgen -n '__rlgen_using eval' -s m -l model -x -a '(__rlgen_complete
 complete -c rlgen -n '__rlgen_using eval' -l plot -r -F -d 'With a run directory: write the metric curves to this PNG.'
 complete -c rlgen -n '__rlgen_using eval' -s q -l quiet -d 'No logs or progress bars on stderr.'
 complete -c rlgen -n '__rlgen_using eval' -s r -l reward -x -a '(__rlgen_complete_reward)' -d 'Reward NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
-complete -c rlgen -n '__rlgen_using eval' -l samples-out -r -F -d 'Write the greedy samples as JSONL.'
+complete -c rlgen -n '__rlgen_using eval' -l rm -x -a '(__fish_complete_directories)' -d 'A reward model directory: with --data PAIRS, its pairwise accuracy (chosen must score higher; a tie counts as wrong), overall and per `subset`.'
+complete -c rlgen -n '__rlgen_using eval' -l sampler -x -a '(__rlgen_complete_sampler)' -d 'With --model: evaluate one completion per problem from this sampler (plain, best-of-n, smc) at --temperature instead of greedy.'
+complete -c rlgen -n '__rlgen_using eval' -l sampler-opt -r -F -d 'Sampler option KEY=VALUE (TOML value); repeatable.'
+complete -c rlgen -n '__rlgen_using eval' -l sampler-reward -x -d 'Guide reward of --sampler: NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
+complete -c rlgen -n '__rlgen_using eval' -l samples-out -r -F -d 'Write the evaluated samples (greedy or --sampler\'s) as JSONL.'
 complete -c rlgen -n '__rlgen_using eval' -l seed -x -d 'Random seed of the pass@k samples.'
 complete -c rlgen -n '__rlgen_using eval' -l split -x -a 'test train' -d 'Task split to evaluate on.'
 complete -c rlgen -n '__rlgen_using eval' -s t -l task -x -a '(__rlgen_complete_task)' -d 'Built-in or plugin task (see `rlgen plugins`).'
-complete -c rlgen -n '__rlgen_using eval' -l temperature -x -d 'Temperature of the pass@k samples.'
-complete -c rlgen -n '__rlgen_using eval; and test (__rlgen_npos --data --limit --max-new-tokens --model --plot --reward --samples-out --seed --split --task --temperature -k -m -r -t) = 0' -F -d 'Scored JSONL file, \'-\' (stdin), or a run directory.'
+complete -c rlgen -n '__rlgen_using eval' -l temperature -x -d 'Temperature of the pass@k samples and of --sampler.'
+complete -c rlgen -n '__rlgen_using eval; and test (__rlgen_npos --data --limit --max-new-tokens --model --plot --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -k -m -r -t) = 0' -F -d 'Scored JSONL file, \'-\' (stdin), or a run directory.'
 
 # rlgen merge
 complete -c rlgen -n '__rlgen_using merge' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
@@ -127,6 +141,18 @@ complete -c rlgen -n '__rlgen_using merge' -s o -l out -x -a '(__fish_complete_d
 complete -c rlgen -n '__rlgen_using merge' -s q -l quiet -d 'No logs or progress bars on stderr.'
 complete -c rlgen -n '__rlgen_using merge' -l weights -x -d 'Comma-separated weights (default: equal).'
 complete -c rlgen -n '__rlgen_using merge' -f -a '(__rlgen_complete_model; __fish_complete_directories)' -d 'Model directories or built-in names.'
+
+# rlgen pairs
+complete -c rlgen -n '__rlgen_using pairs' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
+complete -c rlgen -n '__rlgen_using pairs' -l field -x -d 'The score field to rank by.'
+complete -c rlgen -n '__rlgen_using pairs' -l group-by -x -d 'The field that defines a group.'
+complete -c rlgen -n '__rlgen_using pairs' -s h -l help -d 'Show this message and exit.'
+complete -c rlgen -n '__rlgen_using pairs' -l json -d 'Print a machine-readable JSON summary on stdout.'
+complete -c rlgen -n '__rlgen_using pairs' -l margin -x -d 'Keep pairs whose score gap is above this.'
+complete -c rlgen -n '__rlgen_using pairs' -l mode -x -d 'best-worst | all.'
+complete -c rlgen -n '__rlgen_using pairs' -s o -l out -r -F -d 'Output JSONL (\'-\' = stdout).'
+complete -c rlgen -n '__rlgen_using pairs' -s q -l quiet -d 'No logs or progress bars on stderr.'
+complete -c rlgen -n '__rlgen_using pairs; and test (__rlgen_npos --field --group-by --margin --mode --out -o) = 0' -F -d 'Scored JSONL/Parquet file, or \'-\' for stdin.'
 
 # rlgen plugins
 complete -c rlgen -n '__rlgen_using plugins' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
@@ -143,7 +169,9 @@ complete -c rlgen -n '__rlgen_using sample' -s n -l num-samples -x -d 'Completio
 complete -c rlgen -n '__rlgen_using sample' -s o -l out -r -F -d 'Output JSONL file (\'-\' = stdout).'
 complete -c rlgen -n '__rlgen_using sample' -s p -l prompts -r -F -d 'JSONL/Parquet file with a `prompt` field (\'-\' = stdin).'
 complete -c rlgen -n '__rlgen_using sample' -s q -l quiet -d 'No logs or progress bars on stderr.'
-complete -c rlgen -n '__rlgen_using sample' -l sampler -x -a '(__rlgen_complete_sampler)' -d 'Sampling strategy (see `rlgen plugins`).'
+complete -c rlgen -n '__rlgen_using sample' -l sampler -x -a '(__rlgen_complete_sampler)' -d 'Sampling strategy: plain, best-of-n, smc (see `rlgen plugins`).'
+complete -c rlgen -n '__rlgen_using sample' -l sampler-opt -r -F -d 'Sampler option KEY=VALUE (TOML value), e.g. n=8; repeatable.'
+complete -c rlgen -n '__rlgen_using sample' -l sampler-reward -x -d 'Guide reward of best-of-n / smc: NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
 complete -c rlgen -n '__rlgen_using sample' -l seed -x -d 'Random seed.'
 complete -c rlgen -n '__rlgen_using sample' -l split -x -a 'test train' -d 'Task split: train or test.'
 complete -c rlgen -n '__rlgen_using sample' -s t -l task -x -a '(__rlgen_complete_task)' -d 'Built-in or plugin task (see `rlgen plugins`).'
@@ -152,17 +180,19 @@ complete -c rlgen -n '__rlgen_using sample' -l top-k -x -d '0 = off.'
 complete -c rlgen -n '__rlgen_using sample' -l top-p -x -d 'Nucleus sampling: keep the smallest token set with this probability.'
 
 # rlgen score
+complete -c rlgen -n '__rlgen_using score' -l combine -x -d 'How the weighted rewards become one value: NAME[:key=value,...], e.g. weighted-sum, min, mean, mean-minus-std:k=1.0.'
 complete -c rlgen -n '__rlgen_using score' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
 complete -c rlgen -n '__rlgen_using score' -s h -l help -d 'Show this message and exit.'
 complete -c rlgen -n '__rlgen_using score' -l on-error -x -a 'raise skip' -d 'raise | skip: what a failing reward does.'
 complete -c rlgen -n '__rlgen_using score' -s o -l out -r -F -d 'Output JSONL (\'-\' = stdout).'
 complete -c rlgen -n '__rlgen_using score' -s q -l quiet -d 'No logs or progress bars on stderr.'
 complete -c rlgen -n '__rlgen_using score' -s r -l reward -x -a '(__rlgen_complete_reward)' -d 'Reward NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
-complete -c rlgen -n '__rlgen_using score; and test (__rlgen_npos --on-error --out --reward -o -r) = 0' -F -d 'JSONL/Parquet file, or \'-\' for stdin.'
+complete -c rlgen -n '__rlgen_using score' -l shape -x -d 'Transform of the combined reward: NAME[:key=value,...], e.g. par:ref_field=answer, clip:low=0,high=1, ref-normalize (stats from the whole input unless mean=, std= are given). Default: none.'
+complete -c rlgen -n '__rlgen_using score; and test (__rlgen_npos --combine --on-error --out --reward --shape -o -r) = 0' -F -d 'JSONL/Parquet file, or \'-\' for stdin.'
 
 # rlgen train
 complete -c rlgen -n '__rlgen_using train' -s c -l config -r -F -d 'TOML config file.'
-complete -c rlgen -n '__rlgen_using train' -l data -r -F -d 'JSONL or Parquet file with `prompt` and `answer` fields.'
+complete -c rlgen -n '__rlgen_using train' -l data -r -F -d 'JSONL or Parquet file: `prompt` and `answer` (grpo, sft, eval) or `prompt`, `chosen`, `rejected` (dpo, simpo, rpo, orpo, kto, rm).'
 complete -c rlgen -n '__rlgen_using train' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
 complete -c rlgen -n '__rlgen_using train' -s h -l help -d 'Show this message and exit.'
 complete -c rlgen -n '__rlgen_using train' -l json -d 'Print a machine-readable JSON summary on stdout.'

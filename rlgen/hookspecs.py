@@ -29,6 +29,24 @@ def register_policy_losses(register):
 
 
 @hookspec
+def register_preference_losses(register):
+    """Pairwise preference losses (`algorithm.loss_type` of dpo, simpo, rpo, orpo, online-dpo): pure
+    functions of sequence log-probs -> per-pair losses (rlgen.algorithms.preference_losses)."""
+
+
+@hookspec
+def register_reward_combiners(register):
+    """Ways to combine several reward columns into one (weighted sum, min, ensemble mean - k*std ...):
+    pure functions (components [N, R], weights [R], **options) -> [N]."""
+
+
+@hookspec
+def register_reward_shapings(register):
+    """Transforms of the combined reward (PAR, reference-frozen normalisation ...): pure functions
+    (values [N], reference [N] or None, **options) -> [N]."""
+
+
+@hookspec
 def register_backbones(register):
     """Model backbones: loaders for a model family (e.g. causal-lm)."""
 

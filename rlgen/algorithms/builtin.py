@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 from rlgen.algorithms.base import Algorithm
+from rlgen.algorithms.dpo import DPOConfig, PreferenceTrainer
 from rlgen.algorithms.grpo import GRPOConfig, GRPOTrainer
+from rlgen.algorithms.kto import KTOConfig, KTOTrainer
+from rlgen.algorithms.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+from rlgen.algorithms.reward_modeling import RewardModelConfig, RewardModelTrainer
 from rlgen.algorithms.sft import SFTConfig, SFTTrainer
 from rlgen.hookspecs import hookimpl
 
@@ -26,6 +30,16 @@ ALGORITHMS = (
               {"algorithm": {"loss_type": "gspo", "epsilon": 3e-4, "epsilon_high": 4e-4}}, base="grpo"),
     Algorithm("cispo", GRPOConfig, GRPOTrainer, "CISPO: clipped importance-sampling weights (grpo preset)",
               {"algorithm": {"loss_type": "cispo", "epsilon_high": 5.0}}, base="grpo"),
+    Algorithm("dpo", DPOConfig, PreferenceTrainer, "direct preference optimisation on prompt/chosen/rejected pairs (loss_type: sigmoid, ipo, hinge, robust ...)"),
+    Algorithm("simpo", DPOConfig, PreferenceTrainer, "SimPO: length-normalised, reference-free, target margin gamma (dpo preset)",
+              {"algorithm": {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 1.0}}, base="dpo"),
+    Algorithm("rpo", DPOConfig, PreferenceTrainer, "RPO: DPO plus the NLL of the chosen answers (dpo preset, rpo_alpha = 1)",
+              {"algorithm": {"loss_type": "sigmoid", "rpo_alpha": 1.0}}, base="dpo"),
+    Algorithm("orpo", DPOConfig, PreferenceTrainer, "ORPO: NLL plus odds-ratio preference term, reference-free (dpo preset)",
+              {"algorithm": {"loss_type": "orpo", "beta": 0.1, "rpo_alpha": 1.0}}, base="dpo"),
+    Algorithm("kto", KTOConfig, KTOTrainer, "KTO: unpaired desirable / undesirable answers (prompt, completion, label)"),
+    Algorithm("online-dpo", OnlineDPOConfig, OnlineDPOTrainer, "online DPO: sample, score, pair best vs worst, DPO update, repeat (DNO-style with ref_update_every)"),
+    Algorithm("rm", RewardModelConfig, RewardModelTrainer, "reward model: Bradley-Terry on preference pairs (use it as --reward rm:PATH)"),
 )
 
 

@@ -16,6 +16,7 @@ from rlgen.models.causal_lm import ModelConfig, is_peft, load_model
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.engine import HFEngine, SamplingParams
+from rlgen.rollout.groups import rollout_groups
 from rlgen.training.data import PromptSampler
 from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, Trainer, load_records
 
@@ -84,6 +85,12 @@ class GRPOConfig:
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/grpo", steps=100))
     rewards: list[RewardSpec] = field(default_factory=_default_rewards)
     rewards_on_error: str = "raise"  # raise | skip (skipped samples are counted in the metrics)
+    # How the reward columns become one value (a reward-combiner spec: weighted-sum | min | mean |
+    # mean-minus-std:k=1.0 | plugin) and how that value is shaped before the advantages ("" = none;
+    # par:ref_field=answer | center | clip:low=..,high=.. | ref-normalize[:mean=..,std=..] | plugin).
+    # The gdpo advantage normalises the reward columns itself and ignores both.
+    reward_combine: str = "weighted-sum"
+    reward_shaping: str = ""
 
 
 class GRPOTrainer(Trainer):
@@ -93,7 +100,7 @@ class GRPOTrainer(Trainer):
         cfg = self.config
         self.records = load_records(cfg.data, cfg.data.split)
         self.sampler = PromptSampler(self.records, cfg.rollout.prompts_per_step, cfg.run.seed)
-        self.rewards = RewardSet(cfg.rewards, cfg.rewards_on_error)
+        self.rewards = RewardSet(cfg.rewards, cfg.rewards_on_error, combine=cfg.reward_combine, shaping=cfg.reward_shaping)
         self.advantage_fn = registry("advantage-estimator").get(cfg.algorithm.advantage)
         self.loss_fn = registry("policy-loss").get(cfg.algorithm.loss_type)
         self.kl_fn = KL_ESTIMATORS[cfg.algorithm.kl_estimator]
@@ -110,23 +117,17 @@ class GRPOTrainer(Trainer):
             self.reference = load_model(self.base_path, self.config.model.dtype).eval().requires_grad_(False)
 
     def extra_state(self) -> dict:
-        return {"sampler": self.sampler.state()}
+        # the reward shaping's frozen statistics (ref-normalize: the first batch's), so a resumed run keeps them
+        return {"sampler": self.sampler.state(), "reward_shaping": self.rewards.state()}
 
     def restore_extra_state(self, state: dict) -> None:
         self.sampler.restore(state["sampler"])
+        self.rewards.restore(state.get("reward_shaping", {}))
 
     # --- rollouts and rewards ---
     def _rollout_groups(self, records: list[dict]):
-        g = self.config.rollout.num_generations
-        expanded = [r for r in records for _ in range(g)]
-        rollouts = self.engine.generate([r["prompt"] for r in expanded], self.params, self.generator)
-        lengths = rollouts.completion_mask.sum(1)
-        samples = [
-            {**r, "completion": text, "completion_tokens": int(n)}
-            for r, text, n in zip(expanded, rollouts.texts, lengths)
-        ]
-        components, valid = self.rewards.compute(samples)
-        return rollouts, samples, components, valid
+        return rollout_groups(self.engine, self.rewards, records, self.config.rollout.num_generations, self.params,
+                              self.generator)
 
     def _shape_overlong(self, total: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         a = self.config.algorithm
@@ -147,8 +148,8 @@ class GRPOTrainer(Trainer):
         zero_std_fraction = None
         rounds = 1
         while True:
-            records, rollouts, samples, components, valid = _merge(batches, self.engine.pad_id)
-            total = self._shape_overlong(self.rewards.total(components), rollouts.completion_mask.sum(1))
+            records, rollouts, samples, components, valid, shaped = _merge(batches, self.engine.pad_id)
+            total = self._shape_overlong(shaped, rollouts.completion_mask.sum(1))
             spread = total.view(-1, g).std(dim=1) > 0 if g > 1 else torch.ones(len(records), dtype=torch.bool)
             if zero_std_fraction is None:
                 zero_std_fraction = float((~spread).float().mean())
@@ -177,7 +178,7 @@ class GRPOTrainer(Trainer):
         if getattr(self.advantage_fn, "needs_greedy_baseline", False):
             greedy = self.engine.generate([r["prompt"] for r in records], SamplingParams(cfg.rollout.max_new_tokens, 0.0))
             samples = [{**r, "completion": t} for r, t in zip(records, greedy.texts)]
-            kwargs["baseline"] = self.rewards.total(self.rewards.compute(samples)[0])
+            kwargs["baseline"] = self.rewards.score(samples)[2]  # combined and shaped like the rollouts
         return self.advantage_fn(total.view(-1, g), **kwargs).reshape(-1)
 
     # --- the update ---
@@ -308,7 +309,8 @@ def _merge(batches, pad_id):
     samples = [s for b in batches for s in b[2]]
     components = torch.cat([b[3] for b in batches])
     valid = torch.cat([b[4] for b in batches])
-    return records, rollouts, samples, components, valid
+    total = torch.cat([b[5] for b in batches])
+    return records, rollouts, samples, components, valid, total
 
 
 def _select_groups(keep, g, records, rollouts, samples, components, valid, total):

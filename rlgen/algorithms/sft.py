@@ -8,7 +8,7 @@ import torch
 from rlgen.algorithms.logprobs import completion_logprobs
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig
-from rlgen.rollout.engine import HFEngine, completion_mask_from_ids
+from rlgen.rollout.engine import HFEngine
 from rlgen.training.data import PromptSampler
 from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, Trainer, load_records
 
@@ -58,15 +58,9 @@ class SFTTrainer(Trainer):
 
     def encode(self, batch: list[dict]):
         cfg = self.config.sft
-        eos = self.tokenizer.eos_token_id
         completions = [str(r.get("completion", r.get(cfg.completion_field))) for r in batch]
         prompt_ids, prompt_mask = self.engine.encode_prompts([r["prompt"] for r in batch])
-        encoded = [self.tokenizer(c, add_special_tokens=False).input_ids + [eos] for c in completions]
-        width = max(len(e) for e in encoded)
-        completion_ids = torch.full((len(batch), width), self.engine.pad_id, dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            completion_ids[row, : len(ids)] = torch.tensor(ids)
-        completion_mask = completion_mask_from_ids(completion_ids, self.engine.stop_ids)
+        completion_ids, completion_mask = self.engine.encode_completions(completions)
         return prompt_ids, prompt_mask, completion_ids, completion_mask
 
     def train_step(self) -> dict:

@@ -36,9 +36,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from rlgen.cli import evaluate, info, merge, sample, score, train  # noqa: F401 - they add themselves
+    from rlgen.cli import evaluate, info, merge, pairs, sample, score, train  # noqa: F401 - they add themselves
 
-    for module in (sample, score, train, merge, evaluate, info):
+    for module in (sample, score, pairs, train, merge, evaluate, info):
         module.register(app)
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     exit_types, abort_types, usage_types = _click_exception_types()
     try:
-        if args and args[0] not in {"sample", "score", "train", "merge", "eval", "plugins", "env", "-h", "--help", "--version"}:
+        if args and args[0] not in {"sample", "score", "pairs", "train", "merge", "eval", "plugins", "env", "-h", "--help", "--version"}:
             _plugin_commands()
         command = typer.main.get_command(app)
         command.main(args=args, prog_name="rlgen", standalone_mode=False)

@@ -9,7 +9,7 @@ import typer
 from rlgen.cli import options as opt
 from rlgen.errors import RlgenError
 
-HELP = """Evaluate a model on a task (greedy accuracy, pass@k), summarise scored JSONL, or plot a run.
+HELP = """Evaluate a model on a task (greedy or --sampler accuracy, pass@k), summarise scored JSONL, or plot a run.
 
 Examples:
 
@@ -17,9 +17,13 @@ Examples:
 
     rlgen eval --model tiny-arith --task arithmetic -k 8
 
+    rlgen eval --model tiny-arith --task arithmetic --sampler best-of-n --sampler-opt n=8 --sampler-reward exact-match
+
     rlgen sample --task arithmetic -n 4 | rlgen score -r exact-match | rlgen eval -
 
     rlgen eval runs/demo --plot curves.png
+
+    rlgen eval --rm runs/rm/final --data pairs.jsonl --json   # reward-model pairwise accuracy (RewardBench convention)
 """
 
 
@@ -31,20 +35,34 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="Task split to evaluate on."),
     limit: opt.OptInt = typer.Option(None, "--limit", help="Evaluate only the first N problems."),
     k: int = typer.Option(1, "-k", help="Samples per problem for pass@k (k > 1 samples at --temperature)."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Temperature of the pass@k samples."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Temperature of the pass@k samples and of --sampler."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Maximum completion length in tokens."),
     reward: opt.StrList = opt.Reward,
     seed: int = typer.Option(0, "--seed", help="Random seed of the pass@k samples."),
     plot: opt.OptStr = typer.Option(None, "--plot", help="With a run directory: write the metric curves to this PNG."),
-    samples_out: opt.OptStr = typer.Option(None, "--samples-out", help="Write the greedy samples as JSONL."),
+    samples_out: opt.OptStr = typer.Option(None, "--samples-out", help="Write the evaluated samples (greedy or --sampler's) as JSONL."),
+    sampler: opt.OptStr = typer.Option(
+        None, "--sampler", help="With --model: evaluate one completion per problem from this sampler (plain, best-of-n, smc) "
+        "at --temperature instead of greedy."),
+    sampler_opt: opt.StrList = typer.Option(None, "--sampler-opt", help="Sampler option KEY=VALUE (TOML value); repeatable."),
+    sampler_reward: opt.StrList = typer.Option(
+        None, "--sampler-reward", help="Guide reward of --sampler: NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable."),
+    rm: opt.OptStr = typer.Option(
+        None, "--rm", help="A reward model directory: with --data PAIRS, its pairwise accuracy (chosen must score higher; "
+        "a tie counts as wrong), overall and per `subset`."),
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
     from rlgen.cli.report import Reporter
 
     reporter = Reporter(quiet=quiet, json_output=json_output)
-    if model:
-        result = _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out)
+    if rm:
+        if model:
+            raise RlgenError("give either --rm (pairwise accuracy of a reward model) or --model, not both")
+        result = _eval_reward_model(rm, data, limit)
+    elif model:
+        result = _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
+                             sampler, sampler_opt, sampler_reward)
     elif source and source != "-" and Path(source).is_dir():
         result = _eval_run(Path(source), plot)
     elif source:
@@ -57,7 +75,8 @@ def evaluate(
         _print_table(reporter, result)
 
 
-def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out):
+def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
+                sampler=None, sampler_opt=None, sampler_reward=None):
     import torch
 
     from rlgen.data.records import write_records
@@ -69,6 +88,7 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
 
     if not task and not data:
         raise RlgenError("--model needs --task NAME or --data FILE to evaluate on")
+    sampler_options, guide = _sampler_setup(sampler, sampler_opt, sampler_reward)
     records = load_records(DataConfig(task=task, path=data), split, required=("prompt", "answer"))
     if limit:
         records = records[:limit]
@@ -81,10 +101,42 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
 
     engine = HFEngine(policy.eval(), tokenizer)
     result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
-                            generator=torch.Generator().manual_seed(seed))
+                            generator=torch.Generator().manual_seed(seed), sampler=sampler, sampler_rewards=guide,
+                            sampler_options=sampler_options)
     if samples_out:
         write_records(result["samples"], samples_out)
-    return {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], **result["metrics"]}
+    return {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], "sampler": "greedy",
+            **result["metrics"]}
+
+
+def _sampler_setup(sampler, sampler_opt, sampler_reward):
+    """(--sampler-opt options, --sampler-reward guide), checked before any model is loaded."""
+    if sampler is None:
+        if sampler_opt or sampler_reward:
+            raise RlgenError("--sampler-opt and --sampler-reward need --sampler NAME")
+        return {}, None
+    from rlgen.cli.sample import sampler_guide
+    from rlgen.plugins import registry
+    from rlgen.rollout.samplers import check_sampler, parse_sampler_options
+
+    options = parse_sampler_options(sampler_opt)
+    check_sampler(sampler, registry("sampler").get(sampler), options, has_guide=bool(sampler_reward))
+    return options, sampler_guide(sampler_reward)
+
+
+def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:
+    from rlgen.algorithms.reward_modeling import pair_accuracy
+    from rlgen.data.preferences import read_pairs
+    from rlgen.models.causal_lm import resolve_model_path
+    from rlgen.models.reward_model import load_reward_model
+
+    if not data:
+        raise RlgenError("--rm needs --data PAIRS (JSONL/Parquet with prompt, chosen, rejected)")
+    pairs = read_pairs(data)
+    if limit:
+        pairs = pairs[:limit]
+    model, tokenizer = load_reward_model(resolve_model_path(path))
+    return {"reward_model": path, "data": data, **pair_accuracy(model, tokenizer, pairs)}
 
 
 def _eval_samples(source: str) -> dict:

@@ -13,6 +13,11 @@ Each output line is the input record plus `completion` and `sample_index`.
 Example:
 
     rlgen sample --model tiny-arith --task arithmetic --split test -n 4 --limit 10 | rlgen score -r exact-match | rlgen eval -
+
+    rlgen sample --task arithmetic --limit 10 --sampler best-of-n --sampler-opt n=8 --sampler-reward exact-match
+
+Reward-guided samplers (`best-of-n`, `smc`) score candidates with the --sampler-reward guide, which sees
+each record's fields (`answer` ...); -n still counts output samples per prompt.
 """
 
 
@@ -38,7 +43,10 @@ def sample(
     split: str = typer.Option("test", "--split", help="Task split: train or test."),
     limit: opt.OptInt = typer.Option(None, "--limit", help="Use only the first N prompts."),
     n: int = typer.Option(1, "-n", "--num-samples", help="Completions per prompt."),
-    sampler: str = typer.Option("plain", "--sampler", help="Sampling strategy (see `rlgen plugins`)."),
+    sampler: str = typer.Option("plain", "--sampler", help="Sampling strategy: plain, best-of-n, smc (see `rlgen plugins`)."),
+    sampler_opt: opt.StrList = typer.Option(None, "--sampler-opt", help="Sampler option KEY=VALUE (TOML value), e.g. n=8; repeatable."),
+    sampler_reward: opt.StrList = typer.Option(
+        None, "--sampler-reward", help="Guide reward of best-of-n / smc: NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Maximum completion length in tokens."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature; 0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this probability."),
@@ -54,29 +62,44 @@ def sample(
     from rlgen.models.causal_lm import ModelConfig, load_policy
     from rlgen.plugins import registry
     from rlgen.rollout.engine import HFEngine, SamplingParams
+    from rlgen.rollout.samplers import call_sampler, check_sampler, parse_sampler_options
 
     if n < 1:
         raise RlgenError("-n must be >= 1")
     reporter = Reporter(quiet=quiet)
-    records = prompt_records(task, prompts, split, limit)
     strategy = registry("sampler").get(sampler)
+    options = parse_sampler_options(sampler_opt)
+    check_sampler(sampler, strategy, options, has_guide=bool(sampler_reward))
+    guide = sampler_guide(sampler_reward)
+    records = prompt_records(task, prompts, split, limit)
     policy, tokenizer, _ = load_policy(ModelConfig(path=model or "tiny-arith"))
     policy.eval()
     engine = HFEngine(policy, tokenizer)
     params = SamplingParams(max_new_tokens, temperature, top_p, top_k)
     generator = torch.Generator().manual_seed(seed)
     results = []
+    stats: dict = {}
     chunk = max(1, 256 // n)
     with reporter.progress(total=len(records), description="sampling") as advance:
         for start in range(0, len(records), chunk):
             part = records[start : start + chunk]
             expanded = [r for r in part for _ in range(n)]
-            rollouts = strategy(engine, [r["prompt"] for r in expanded], params, generator)
+            rollouts = call_sampler(strategy, engine, [r["prompt"] for r in expanded], params, generator,
+                                    rewards=guide, records=expanded, stats=stats, options=options)
             for i, (record, text) in enumerate(zip(expanded, rollouts.texts)):
                 results.append({**record, "completion": text, "sample_index": i % n})
             for _ in part:
                 advance()
+    if stats:
+        reporter.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
     write_records(results, out)
+
+
+def sampler_guide(specs: list[str] | None):
+    """The RewardSet of `--sampler-reward` specs (None when none is given)."""
+    from rlgen.rewards.base import RewardSet, RewardSpec
+
+    return RewardSet([RewardSpec.parse(spec) for spec in specs]) if specs else None
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,4 @@
-"""`rlgen score`: add one field per reward (and the weighted total) to JSONL records."""
+"""`rlgen score`: add one field per reward (and the combined, shaped total) to JSONL records."""
 from __future__ import annotations
 
 import typer
@@ -8,11 +8,13 @@ from rlgen.errors import RlgenError
 
 HELP = """Score JSONL samples (fields `prompt`, `completion`, plus e.g. `answer`) with rewards.
 
-Adds `reward_NAME` per reward and `reward` (the weighted sum). Input: FILE or '-' (stdin, the default).
+Adds `reward_NAME` per reward (raw values) and `reward`: the rewards combined (--combine; default the weighted sum), then shaped (--shape; default none). Input: FILE or '-' (stdin, the default). See `rlgen plugins` for the reward-combiner and reward-shaping names.
 
-Example:
+Examples:
 
     rlgen sample --task arithmetic -n 4 | rlgen score -r exact-match -r length:-0.01 > scored.jsonl
+
+    rlgen score samples.jsonl -r exact-match -r length:-0.01 --combine min --shape par:ref_field=answer
 """
 
 
@@ -20,6 +22,16 @@ def score(
     source: str = typer.Argument("-", help="JSONL/Parquet file, or '-' for stdin."),
     reward: opt.StrList = opt.Reward,
     on_error: str = typer.Option("raise", "--on-error", help="raise | skip: what a failing reward does."),
+    combine: str = typer.Option(
+        "weighted-sum", "--combine", metavar="SPEC",
+        help="How the weighted rewards become one value: NAME[:key=value,...], e.g. weighted-sum, min, mean, "
+        "mean-minus-std:k=1.0.",
+    ),
+    shape: str = typer.Option(
+        "", "--shape", metavar="SPEC",
+        help="Transform of the combined reward: NAME[:key=value,...], e.g. par:ref_field=answer, clip:low=0,high=1, "
+        "ref-normalize (stats from the whole input unless mean=, std= are given). Default: none.",
+    ),
     out: str = typer.Option("-", "--out", "-o", help="Output JSONL ('-' = stdout)."),
     quiet: bool = opt.Quiet,
 ):
@@ -28,10 +40,9 @@ def score(
 
     if not reward:
         raise RlgenError("no reward given (use --reward NAME)")
-    rewards = RewardSet([RewardSpec.parse(r) for r in reward], on_error)
+    rewards = RewardSet([RewardSpec.parse(r) for r in reward], on_error, combine=combine, shaping=shape)
     records = read_records(source, required=("prompt", "completion"))
-    components, valid = rewards.compute(records)
-    totals = rewards.total(components)
+    components, valid, totals = rewards.score(records)
     out_records = []
     for i, record in enumerate(records):
         scored = dict(record)

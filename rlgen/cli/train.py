@@ -14,7 +14,7 @@ import typer
 from rlgen.cli import options as opt
 from rlgen.errors import RlgenError
 
-HELP = """Train a model with ALGO (sft, grpo, rloo, remax, dapo, dr-grpo, gdpo, ... see `rlgen plugins`).
+HELP = """Train a model with ALGO (sft, grpo, rloo, dapo, ..., dpo, simpo, rpo, orpo, kto, online-dpo, rm; see `rlgen plugins`).
 
 Config precedence: the model's recommended settings < algorithm preset < --config TOML < flags < --set. The resolved config is written to
 OUT/config.toml; metrics go to OUT/metrics.jsonl, checkpoints to OUT/checkpoints/step-N, the model to OUT/final.
@@ -24,6 +24,8 @@ Example:
     rlgen train grpo --model tiny-arith --task arithmetic --reward exact-match --out runs/demo
 
     rlgen train grpo --config run.toml --set algorithm.loss_type=dr_grpo --set rollout.num_generations=4
+
+    rlgen train dpo --model tiny-arith --data pairs.jsonl --task arithmetic --set algorithm.beta=0.1 --out runs/dpo
 """
 
 

@@ -44,17 +44,39 @@ def correctness_rewards(task_rewards) -> RewardSet:
 
 
 def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_tokens: int, k: int = 1,
-                   temperature: float = 1.0, generator: torch.Generator | None = None) -> dict:
-    """Greedy accuracy on `records` (mean of the correctness reward), and pass@k from k samples per
-    problem when k > 1. Returns the metrics and the greedy samples."""
+                   temperature: float = 1.0, generator: torch.Generator | None = None, sampler: str | None = None,
+                   sampler_rewards: RewardSet | None = None, sampler_options: dict | None = None) -> dict:
+    """Accuracy on `records` (mean of the first, correctness, reward) of one completion per problem, and
+    pass@k from k plain samples per problem at `temperature` when k > 1. Returns the metrics and the
+    evaluated samples.
+
+    The evaluated completion is greedy unless `sampler` names a registered sampler (`plain`, `best-of-n`,
+    `smc` ...): then it is that sampler's output at `temperature`, guided by `sampler_rewards` (which sees
+    the records' fields) with `sampler_options`; the metrics then say which sampler was used."""
     prompts = [r["prompt"] for r in records]
-    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
-    samples = [{**r, "completion": text} for r, text in zip(records, greedy.texts)]
+    metrics: dict = {}
+    if sampler is None:
+        evaluated = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+    else:
+        from rlgen.plugins import registry
+        from rlgen.rollout.samplers import call_sampler
+
+        stats: dict = {}
+        evaluated = call_sampler(registry("sampler").get(sampler), engine, prompts,
+                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), generator,
+                                 rewards=sampler_rewards, records=records, stats=stats, options=sampler_options)
+        metrics.update(sampler=sampler, sampler_options=dict(sampler_options or {}), temperature=temperature)
+        if sampler_rewards is not None:
+            metrics["sampler_reward"] = [spec.name if spec.weight == 1 else f"{spec.name}:{spec.weight:g}"
+                                          for spec in sampler_rewards.specs]
+        if stats:
+            metrics["sampler_stats"] = stats
+    samples = [{**r, "completion": text} for r, text in zip(records, evaluated.texts)]
     components, _ = rewards.compute(samples)
     first = components[:, 0].tolist()
     for sample, value in zip(samples, first):
         sample["correct"] = value
-    result = {"accuracy": mean_accuracy(first), "num_problems": len(records)}
+    result = {"accuracy": mean_accuracy(first), "num_problems": len(records), **metrics}
     if k > 1:
         expanded = [p for p in prompts for _ in range(k)]
         sampled = engine.generate(expanded, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), generator)

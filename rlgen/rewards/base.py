@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from rlgen.errors import RewardError, RlgenError
+from rlgen.rewards.combine import Combiner, Shaping
 
 
 @dataclass
@@ -50,6 +51,10 @@ def resolve_reward(name: str) -> Callable:
     rewards = registry("reward")
     if name in rewards:
         return rewards.get(name)
+    if name.startswith("rm:"):  # a trained reward model directory
+        from rlgen.models.reward_model import reward_model_reward
+
+        return reward_model_reward(name[3:])
     if ":" in name:
         fn = load_dotted(name)
         if not callable(fn):
@@ -67,9 +72,12 @@ def call_reward(fn: Callable, samples: list[dict], options: dict) -> list:
 
 
 class RewardSet:
-    """The configured rewards with weights: computes one column per reward and the weighted total."""
+    """The configured rewards with weights: computes one column per reward, combines the columns into one
+    value per sample (`combine`, a reward-combiner spec; default the weighted sum) and optionally shapes that
+    value (`shaping`, a reward-shaping spec such as "par:ref_field=answer"; "" = none). See
+    rlgen.rewards.combine for both."""
 
-    def __init__(self, specs: list[RewardSpec], on_error: str = "raise"):
+    def __init__(self, specs: list[RewardSpec], on_error: str = "raise", combine: str = "weighted-sum", shaping: str = ""):
         if not specs:
             raise RlgenError("no reward given (use --reward NAME)")
         if on_error not in ("raise", "skip"):
@@ -80,6 +88,8 @@ class RewardSet:
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise RlgenError(f"reward listed twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+        self.combiner = Combiner(combine or "weighted-sum")
+        self.shaping = Shaping(shaping) if shaping and shaping.strip() else None
 
     @property
     def names(self) -> list[str]:
@@ -141,5 +151,47 @@ class RewardSet:
         raise RewardError(f"reward '{spec.name}' {what} on sample {index} (prompt {prompt!r}, completion {str(sample.get('completion', ''))[:60]!r})")
 
     def total(self, components: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over rewards; a reward that does not apply (NaN) contributes nothing."""
-        return torch.nansum(components * self.weights, dim=1)
+        """The combined reward per sample, before shaping (default: the weighted sum, where a reward that does
+        not apply (NaN) contributes nothing)."""
+        return self.combiner(components, self.weights)
+
+    def score(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(components [N, R], valid [N], final score [N]): the combined reward with the shaping applied.
+
+        A shaping that needs a reference scores a copy of each sample whose completion is the sample's
+        `ref_field`, combined the same way; a sample whose reference fails to score (on_error=skip) is
+        invalid."""
+        components, valid = self.compute(samples)
+        combined = self.total(components)
+        if self.shaping is None:
+            return components, valid, combined
+        reference = None
+        if self.shaping.needs_reference:
+            ref_components, ref_valid = self.compute(self._reference_samples(samples))
+            reference = self.total(ref_components)
+            valid = valid & ref_valid
+        return components, valid, self.shaping(combined, reference, valid)
+
+    def _reference_samples(self, samples: list[dict]) -> list[dict]:
+        field_name = self.shaping.ref_field
+        out = []
+        for i, sample in enumerate(samples):
+            value = sample.get(field_name)
+            if value is None:
+                raise RlgenError(
+                    f"reward-shaping '{self.shaping.name}' needs the reference completion in field '{field_name}', "
+                    f"but sample {i} has none (set ref_field=FIELD)"
+                )
+            # the reference's own text; token counts of the policy's completion do not carry over
+            copy = {k: v for k, v in sample.items() if k != "completion_tokens"}
+            copy["completion"] = value if isinstance(value, str) else str(value)
+            out.append(copy)
+        return out
+
+    def state(self) -> dict:
+        """JSON-safe state to keep across a resumed run (the shaping's frozen statistics)."""
+        return self.shaping.state() if self.shaping is not None else {}
+
+    def restore(self, state: dict) -> None:
+        if self.shaping is not None and state:
+            self.shaping.restore(state)

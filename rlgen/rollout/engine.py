@@ -116,16 +116,23 @@ class HFEngine:
         ids, mask = self._encode_unique([prompts[i] for i in starts])
         return repeat_rows(ids, row_group), repeat_rows(mask, row_group)
 
+    def tokenize_completions(self, completions: list[str]) -> list[list[int]]:
+        """Token ids of given completion texts, each ending with the stop token, as if the model had
+        generated them (for log-probs of fixed answers: SFT, preferences)."""
+        eos = int(self.stop_ids[0]) if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id
+        return [ids + [eos] for ids in self.tokenizer(list(completions), add_special_tokens=False).input_ids]
+
+    def pad_completions(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded (ids [B, C], mask [B, C]) with the mask ending at the first stop token."""
+        ids, _ = pad_tokens(token_lists, self.pad_id, left=False)
+        return ids, completion_mask_from_ids(ids, self.stop_ids)
+
+    def encode_completions(self, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pad_completions(tokenize_completions(completions))`."""
+        return self.pad_completions(self.tokenize_completions(completions))
+
     def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.tokenizer(list(prompts)).input_ids
-        width = max(len(ids) for ids in encoded)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, tokens in enumerate(encoded):
-            if tokens:
-                ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-                mask[row, width - len(tokens):] = 1
-        return ids, mask
+        return pad_tokens(self.tokenizer(list(prompts)).input_ids, self.pad_id, left=True)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None) -> Rollouts:
@@ -207,6 +214,19 @@ class HFEngine:
             for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist())
         ]
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in kept]
+
+
+def pad_tokens(token_lists: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, W], mask [B, W]) of token lists padded to the longest, on the left (prompts) or right."""
+    width = max((len(t) for t in token_lists), default=0)
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), width), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        if tokens:
+            span = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, span] = 1
+    return ids, mask
 
 
 def consecutive_runs(items) -> tuple[list[int], torch.Tensor]:

@@ -77,6 +77,16 @@ def load_records(data: DataConfig, split: str, required=("prompt",)) -> list[dic
     return records
 
 
+def make_adamw(params: list, o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for these tensors (CPU and CUDA floats: one kernel
+    per step instead of a dozen multi-tensor passes), else the multi-tensor (foreach) implementation."""
+    kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not cover
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
 def lr_lambda(kind: str, warmup: int, total: int):
     def factor(step: int) -> float:
         if warmup and step < warmup:
@@ -119,7 +129,7 @@ class Trainer:
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay, foreach=True)
+        self.optimizer = make_adamw(params, o)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.lr_scheduler, o.warmup_steps, cfg.run.steps))
         self.prepare()
         if checkpoint is not None:
@@ -152,11 +162,21 @@ class Trainer:
     def restore_extra_state(self, state: dict) -> None:
         pass
 
+    def extra_tensors(self) -> dict:
+        """Tensors to keep in checkpoints (e.g. cached reference log-probs), saved as safetensors."""
+        return {}
+
+    def restore_extra_tensors(self, tensors: dict) -> None:
+        pass
+
     def save_checkpoint(self) -> Path:
         tmp = self.run.begin_checkpoint(self.step)
         save_hf(self.model, self.tokenizer, tmp / "model", merge_lora=False)
         save_state(self.optimizer.state_dict(), tmp, "optimizer")
         save_state(rng_state(self.generator), tmp, "rng")
+        tensors = self.extra_tensors()
+        if tensors:
+            save_state(tensors, tmp, "extra")
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(), **self.extra_state()}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         return self.run.commit_checkpoint(tmp, self.step, self.config.run.keep_checkpoints)
@@ -168,6 +188,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(load_state(checkpoint, "rng"), self.generator)
         self.restore_extra_state(state)
+        if (checkpoint / "extra.json").is_file():
+            self.restore_extra_tensors(load_state(checkpoint, "extra"))
         self.run.truncate_metrics(self.step)
         self.reporter.log(f"resumed from {checkpoint} (step {self.step})")
 
@@ -213,16 +235,20 @@ class Trainer:
     eval_records: list[dict] | None = None
     eval_max_new_tokens: int = 16
 
+    def eval_task_rewards(self) -> tuple[str, ...]:
+        """The correctness rewards of the held-out evaluation: the task's own, or exact-match for a file."""
+        from rlgen.plugins import registry
+
+        data = self.config.data
+        return registry("task").get(data.task).default_rewards if data.task and not data.path else ("exact-match",)
+
     def evaluate(self) -> dict:
         """Greedy accuracy on the held-out records, judged by the task's correctness reward."""
         if not self.eval_records:
             return {}
         from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
-        from rlgen.plugins import registry
 
-        data = self.config.data
-        task_rewards = registry("task").get(data.task).default_rewards if data.task and not data.path else ("exact-match",)
-        result = evaluate_model(self.engine, self.eval_records, correctness_rewards(task_rewards), self.eval_max_new_tokens)
+        result = evaluate_model(self.engine, self.eval_records, correctness_rewards(self.eval_task_rewards()), self.eval_max_new_tokens)
         self.model.train()
         return {"eval/accuracy": result["metrics"]["accuracy"]}
 

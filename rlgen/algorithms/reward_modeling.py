@@ -1,0 +1,132 @@
+"""`rlgen train rm`: a scalar reward model trained on preference pairs with the Bradley-Terry loss
+(optional per-pair margin, ties as soft labels), TRL RewardTrainer's conventions. The result loads with
+`--reward rm:PATH` anywhere a reward is taken."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlgen.algorithms.dpo import interleave
+from rlgen.algorithms.preference_losses import bradley_terry
+from rlgen.data.preferences import read_pairs
+from rlgen.errors import RlgenError
+from rlgen.models.causal_lm import ModelConfig, resolve_model_path
+from rlgen.models.reward_model import HEADS, load_reward_model, reward_scores
+from rlgen.training.data import PromptSampler
+from rlgen.training.trainer import OptimConfig, RunConfig, Trainer
+
+
+@dataclass
+class RewardDataConfig:
+    path: str | None = None  # pairs: JSONL or Parquet with prompt, chosen, rejected (optional margin, tie)
+    eval_path: str | None = None  # held-out pairs: pairwise accuracy every run.eval_every steps
+    task: str | None = None  # unused by rm; accepted so that --task does not fail
+
+
+@dataclass
+class RewardAlgoConfig:
+    batch_size: int = 32  # pairs per optimiser step
+    head: str = "auto"  # auto | sequence-classification | value-head
+    use_margin: bool = False  # subtract each pair's `margin` field inside the sigmoid (Llama 2's margin loss)
+    center_rewards_coefficient: float = 0.0  # TRL: penalise (r_c + r_r)^2 to keep rewards centred near 0
+
+    def validate(self):
+        if self.batch_size < 1:
+            raise RlgenError("config key 'algorithm.batch_size' must be >= 1")
+        if self.head not in HEADS:
+            raise RlgenError(f"config key 'algorithm.head' must be one of {', '.join(HEADS)}, got {self.head!r}")
+
+
+@dataclass
+class RewardModelConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    algorithm: RewardAlgoConfig = field(default_factory=RewardAlgoConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/rm", steps=100))
+
+
+def pair_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 64) -> dict:
+    """Pairwise accuracy in RewardBench's convention (chosen must score strictly higher; a tie is
+    wrong), overall and per `subset` when the pairs have one."""
+    was_training = model.training
+    model.eval()
+    hits: list[bool] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            part = pairs[start : start + batch_size]
+            prompts, completions = interleave(part)
+            scores = reward_scores(model, tokenizer, prompts, completions)
+            hits.extend((scores[0::2] > scores[1::2]).tolist())
+    model.train(was_training)
+    result: dict = {"accuracy": sum(hits) / len(hits), "num_pairs": len(hits)}
+    subsets: dict[str, list[bool]] = {}
+    for pair, hit in zip(pairs, hits):
+        if "subset" in pair:
+            subsets.setdefault(str(pair["subset"]), []).append(hit)
+    if subsets:
+        result["subsets"] = {name: {"accuracy": sum(h) / len(h), "num_pairs": len(h)} for name, h in sorted(subsets.items())}
+    return result
+
+
+class RewardModelTrainer(Trainer):
+    config: RewardModelConfig
+
+    def prepare_data(self) -> None:
+        cfg = self.config
+        if not cfg.data.path:
+            raise RlgenError("no preference data: give --data PAIRS.jsonl (fields prompt, chosen, rejected)")
+        self.pairs = read_pairs(cfg.data.path)
+        if cfg.algorithm.use_margin and any("margin" not in p for p in self.pairs):
+            missing = next(p for p in self.pairs if "margin" not in p)
+            raise RlgenError(f"{cfg.data.path}, line {missing.get('_line', '?')}: algorithm.use_margin needs a 'margin' "
+                             "(or chosen_score and rejected_score) on every pair")
+        if cfg.model.lora_r > 0:
+            raise RlgenError("config key 'model.lora_r': LoRA is not supported for reward models yet (use 0)")
+        self.sampler = PromptSampler(self.pairs, cfg.algorithm.batch_size, cfg.run.seed)
+        self.eval_pairs = read_pairs(cfg.data.eval_path) if cfg.data.eval_path else None
+
+    def _load_model(self, checkpoint: Path | None):
+        cfg = self.config
+        base_path = resolve_model_path(cfg.model.path)
+        model, tokenizer = load_reward_model(checkpoint / "model" if checkpoint else base_path, cfg.model.dtype,
+                                             cfg.algorithm.head)
+        return model, tokenizer, base_path
+
+    def extra_state(self) -> dict:
+        return {"sampler": self.sampler.state()}
+
+    def restore_extra_state(self, state: dict) -> None:
+        self.sampler.restore(state["sampler"])
+
+    def train_step(self) -> dict:
+        cfg = self.config
+        pairs = self.sampler.next_batch()
+        n = len(pairs)
+        sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
+        for idx in torch.arange(n).chunk(min(cfg.optim.gradient_accumulation_steps, n)):
+            part = [pairs[i] for i in idx.tolist()]
+            prompts, completions = interleave(part)
+            scores = reward_scores(self.model, self.tokenizer, prompts, completions)
+            chosen, rejected = scores[0::2], scores[1::2]
+            margin = torch.tensor([float(p["margin"]) for p in part]) if cfg.algorithm.use_margin else None
+            tie = torch.tensor([bool(p.get("tie", False)) for p in part])
+            losses = bradley_terry(chosen, rejected, margin, tie if bool(tie.any()) else None)
+            if cfg.algorithm.center_rewards_coefficient:
+                losses = losses + cfg.algorithm.center_rewards_coefficient * (chosen + rejected) ** 2
+            loss = losses.sum() / n
+            loss.backward()
+            sums["loss"] += float(loss.detach())
+            sums["accuracy"] += float((chosen > rejected).float().sum()) / n
+            sums["margin"] += float((chosen - rejected).detach().sum()) / n
+            sums["rewards/chosen"] += float(chosen.detach().sum()) / n
+            sums["rewards/rejected"] += float(rejected.detach().sum()) / n
+        sums["grad_norm"] = self.optimizer_step()
+        return sums
+
+    def evaluate(self) -> dict:
+        if not self.eval_pairs:
+            return {}
+        return {"eval/pair_accuracy": pair_accuracy(self.model, self.tokenizer, self.eval_pairs)["accuracy"]}

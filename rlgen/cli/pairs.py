@@ -1,0 +1,48 @@
+"""`rlgen pairs`: scored samples in, preference pairs out (JSONL), for `rlgen train dpo` and friends."""
+from __future__ import annotations
+
+import typer
+
+from rlgen.cli import options as opt
+
+HELP = """Turn scored samples (from `rlgen score`) into preference pairs: prompt, chosen, rejected.
+
+Samples are grouped by prompt. `--mode best-worst` (default) makes one pair per group, its best against
+its worst completion; `--mode all` makes every pair whose score gap is above `--margin`. Groups without
+a spread give no pair. Each pair carries `chosen_score`, `rejected_score`, `margin` and the prompt
+record's other fields (e.g. `answer`).
+
+Example (on-policy preference data):
+
+    rlgen sample --model tiny-arith --task arithmetic --split train -n 8 --limit 500 | rlgen score -r exact-match | rlgen pairs > pairs.jsonl
+"""
+
+
+def pairs(
+    source: str = typer.Argument("-", help="Scored JSONL/Parquet file, or '-' for stdin."),
+    mode: str = typer.Option("best-worst", "--mode", help="best-worst | all."),
+    field: str = typer.Option("reward", "--field", help="The score field to rank by."),
+    margin: float = typer.Option(0.0, "--margin", help="Keep pairs whose score gap is above this."),
+    group_by: str = typer.Option("prompt", "--group-by", help="The field that defines a group."),
+    out: str = typer.Option("-", "--out", "-o", help="Output JSONL ('-' = stdout)."),
+    quiet: bool = opt.Quiet,
+    json_output: bool = opt.Json,
+):
+    from rlgen.cli.report import Reporter
+    from rlgen.data.preferences import make_pairs
+    from rlgen.data.records import read_records, write_records
+
+    reporter = Reporter(quiet=quiet, json_output=False)
+    records = read_records(source)
+    made = make_pairs(records, mode=mode, field=field, margin=margin, group_by=group_by)
+    groups = len({str(r.get(group_by)) for r in records})
+    write_records(made, out)
+    summary = {"samples": len(records), "groups": groups, "pairs": len(made)}
+    if json_output and out != "-":
+        reporter.emit_json(summary)
+    else:
+        reporter.log(f"{len(made)} pairs from {len(records)} samples in {groups} groups")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("pairs", help=HELP)(pairs)
