@@ -80,6 +80,13 @@ def sequence_logps(model, inputs, temperature: float = 1.0, shared_prefix: bool 
     return (logp * mask).sum(1), mask.sum(1), logp, entropy
 
 
+def disable_dropout(model) -> None:
+    """Set every nn.Dropout's rate to 0 (LoRA's own `lora_dropout`, chosen explicitly, is kept)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
+            module.p = 0.0
+
+
 class PreferenceTrainer(Trainer):
     """dpo, simpo, rpo, orpo (and any registered preference loss) on a fixed set of pairs."""
 
@@ -107,9 +114,7 @@ class PreferenceTrainer(Trainer):
         # The reference runs in eval mode; with dropout in the policy pass the implicit rewards would carry
         # dropout noise (DPO's step 1 would not be log 2). TRL's disable_dropout=True; LoRA's own is kept.
         if getattr(self.config.algorithm, "disable_dropout", True):
-            for name, module in self.model.named_modules():
-                if isinstance(module, torch.nn.Dropout) and "lora_dropout" not in name:
-                    module.p = 0.0
+            disable_dropout(self.model)
         self.engine = HFEngine(self.model, self.tokenizer)
         self.token_cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self.reference = None

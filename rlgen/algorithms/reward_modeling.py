@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from rlgen.algorithms.dpo import interleave
+from rlgen.algorithms.dpo import disable_dropout, interleave
 from rlgen.algorithms.preference_losses import bradley_terry
 from rlgen.data.preferences import read_pairs
 from rlgen.errors import RlgenError
@@ -31,6 +31,7 @@ class RewardAlgoConfig:
     head: str = "auto"  # auto | sequence-classification | value-head
     use_margin: bool = False  # subtract each pair's `margin` field inside the sigmoid (Llama 2's margin loss)
     center_rewards_coefficient: float = 0.0  # TRL: penalise (r_c + r_r)^2 to keep rewards centred near 0
+    disable_dropout: bool = True  # as TRL's RewardConfig: deterministic scores while training
 
     def validate(self):
         if self.batch_size < 1:
@@ -94,6 +95,10 @@ class RewardModelTrainer(Trainer):
         model, tokenizer = load_reward_model(checkpoint / "model" if checkpoint else base_path, cfg.model.dtype,
                                              cfg.algorithm.head)
         return model, tokenizer, base_path
+
+    def prepare(self) -> None:
+        if self.config.algorithm.disable_dropout:
+            disable_dropout(self.model)
 
     def extra_state(self) -> dict:
         return {"sampler": self.sampler.state()}
