@@ -117,6 +117,7 @@ class PreferenceTrainer(Trainer):
             disable_dropout(self.model)
         self.engine = HFEngine(self.model, self.tokenizer)
         self.token_cache: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        self.eval_ref_cache: list[torch.Tensor] = []  # per chunk of held-out pairs
         self.reference = None
         if self.uses_reference and not is_peft(self.model):
             self.reference = load_model(self.base_path, self.config.model.dtype).eval().requires_grad_(False)
@@ -244,13 +245,21 @@ class PreferenceTrainer(Trainer):
 
     @torch.no_grad()
     def pair_accuracy(self, pairs: list[dict]) -> float:
-        """Fraction of held-out pairs whose implicit reward ranks chosen above rejected (ties are wrong)."""
+        """Fraction of pairs whose implicit reward ranks chosen above rejected (ties are wrong). The frozen
+        reference's log-probs of the run's held-out pairs (`eval_pairs`) are computed once and kept."""
+        keep = pairs is self.eval_pairs
         self.model.eval()
         correct = 0
-        for start in range(0, len(pairs), 64):
+        for chunk, start in enumerate(range(0, len(pairs), 64)):
             inputs = self.encode([{k: v for k, v in p.items() if k != "_index"} for p in pairs[start : start + 64]])
             summed, tokens, _, _ = sequence_logps(self.model, inputs, 1.0, self.config.algorithm.shared_prefix)
-            ref = self.frozen_logps(inputs).view(-1, 2) if self.uses_reference else None
+            ref = None
+            if self.uses_reference and keep:
+                if chunk == len(self.eval_ref_cache):
+                    self.eval_ref_cache.append(self.frozen_logps(inputs).view(-1, 2))
+                ref = self.eval_ref_cache[chunk]
+            elif self.uses_reference:
+                ref = self.frozen_logps(inputs).view(-1, 2)
             scores = PairScores(summed[0::2], summed[1::2], tokens[0::2], tokens[1::2],
                                 ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
             out = self.loss_fn(scores, self.options)

@@ -254,14 +254,7 @@ class GRPOTrainer(Trainer):
             return _frozen_logprobs(self.model, inputs, chunks, temperature, shared)
 
     def _reward_metrics(self, components, total, valid, rollouts, zero_std, rounds) -> dict:
-        metrics = {"reward": float(total[valid].mean()) if bool(valid.any()) else float("nan")}
-        for k, name in enumerate(self.rewards.names):
-            column = components[:, k][valid]
-            column = column[~torch.isnan(column)]
-            metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.numel() else float("nan")
-            metrics[f"rewards/{name}/std"] = float(column.std()) if column.numel() > 1 else 0.0
-            if getattr(self.rewards.functions[k], "is_correctness", False) and "accuracy" not in metrics:
-                metrics["accuracy"] = metrics[f"rewards/{name}/mean"]
+        metrics = self.rewards.metrics(components, total, valid)
         lengths = rollouts.completion_mask.sum(1).float()
         metrics["completion_length"] = float(lengths.mean())
         metrics["truncated_fraction"] = float(rollouts.truncated.float().mean())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.algorithms.dpo import PreferenceDataConfig, PreferenceTrainer, sequence_logps
-from rlgen.algorithms.preference_losses import kto_losses
+from rlgen.algorithms.preference_losses import PreferenceOptions, kto_losses
 from rlgen.data.preferences import read_pairs, read_unpaired
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig
@@ -59,18 +59,12 @@ class KTOTrainer(PreferenceTrainer):
         self.sampler = PromptSampler(self.examples, cfg.algorithm.batch_size, cfg.run.seed)
         self.loss_fn = registry("preference-loss").get("sigmoid")  # its implicit reward, for held-out pair accuracy
         self.uses_reference = True
-        self.options = None
+        self.options = PreferenceOptions(beta=cfg.algorithm.beta)  # for the held-out pair accuracy
         self.eval_pairs = read_pairs(cfg.data.eval_path) if cfg.data.eval_path else None
         self.eval_records = None
         if cfg.run.eval_every and cfg.data.task:
             self.eval_records = registry("task").get(cfg.data.task).split(cfg.data.eval_split)[: cfg.data.eval_samples]
         self.ref_cache = torch.full((len(self.examples),), float("nan"), dtype=torch.float64)
-
-    def prepare(self) -> None:
-        from rlgen.algorithms.preference_losses import PreferenceOptions
-
-        self.options = PreferenceOptions(beta=self.config.algorithm.beta)
-        super().prepare()
 
     def encode_examples(self, prompts: list[str], completions: list[str]):
         prompt_ids, prompt_mask = self.engine.encode_prompts(prompts)

@@ -117,7 +117,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
         records = self.sampler.next_batch()
         rollouts, samples, components, valid, total = rollout_groups(self.engine, self.rewards, records, g, self.params,
                                                                      self.generator)
-        metrics = self._reward_metrics(components, total, valid)
+        metrics = self.rewards.metrics(components, total, valid)
         rows = best_worst_rows(total, valid, g)
         if len(rows) == 0:
             metrics.update(pairs=0, skipped_update=1)
@@ -129,16 +129,6 @@ class OnlineDPOTrainer(PreferenceTrainer):
         every = cfg.algorithm.ref_update_every
         if every and self.reference is not None and self.step % every == 0:
             self.reference.load_state_dict(self.model.state_dict())
-        return metrics
-
-    def _reward_metrics(self, components, total, valid) -> dict:
-        metrics = {"reward": float(total[valid].mean()) if bool(valid.any()) else float("nan")}
-        for k, name in enumerate(self.rewards.names):
-            column = components[:, k][valid]
-            column = column[~torch.isnan(column)]
-            metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.numel() else float("nan")
-            if getattr(self.rewards.functions[k], "is_correctness", False) and "accuracy" not in metrics:
-                metrics["accuracy"] = metrics[f"rewards/{name}/mean"]
         return metrics
 
     @property

@@ -115,13 +115,10 @@ def _sampler_setup(sampler, sampler_opt, sampler_reward):
         if sampler_opt or sampler_reward:
             raise RlgenError("--sampler-opt and --sampler-reward need --sampler NAME")
         return {}, None
-    from rlgen.cli.sample import sampler_guide
-    from rlgen.plugins import registry
-    from rlgen.rollout.samplers import check_sampler, parse_sampler_options
+    from rlgen.rollout.samplers import prepare_sampler
 
-    options = parse_sampler_options(sampler_opt)
-    check_sampler(sampler, registry("sampler").get(sampler), options, has_guide=bool(sampler_reward))
-    return options, sampler_guide(sampler_reward)
+    _, options, guide = prepare_sampler(sampler, sampler_opt, sampler_reward)
+    return options, guide
 
 
 def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:

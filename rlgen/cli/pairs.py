@@ -34,7 +34,8 @@ def pairs(
 
     reporter = Reporter(quiet=quiet, json_output=False)
     records = read_records(source)
-    made = make_pairs(records, mode=mode, field=field, margin=margin, group_by=group_by)
+    made = make_pairs(records, mode=mode, field=field, margin=margin, group_by=group_by,
+                      source="<stdin>" if source == "-" else source)
     groups = len({str(r.get(group_by)) for r in records})
     write_records(made, out)
     summary = {"samples": len(records), "groups": groups, "pairs": len(made)}

@@ -60,17 +60,13 @@ def sample(
     from rlgen.cli.report import Reporter
     from rlgen.data.records import write_records
     from rlgen.models.causal_lm import ModelConfig, load_policy
-    from rlgen.plugins import registry
     from rlgen.rollout.engine import HFEngine, SamplingParams
-    from rlgen.rollout.samplers import call_sampler, check_sampler, parse_sampler_options
+    from rlgen.rollout.samplers import call_sampler, prepare_sampler
 
     if n < 1:
         raise RlgenError("-n must be >= 1")
     reporter = Reporter(quiet=quiet)
-    strategy = registry("sampler").get(sampler)
-    options = parse_sampler_options(sampler_opt)
-    check_sampler(sampler, strategy, options, has_guide=bool(sampler_reward))
-    guide = sampler_guide(sampler_reward)
+    strategy, options, guide = prepare_sampler(sampler, sampler_opt, sampler_reward)
     records = prompt_records(task, prompts, split, limit)
     policy, tokenizer, _ = load_policy(ModelConfig(path=model or "tiny-arith"))
     policy.eval()
@@ -93,13 +89,6 @@ def sample(
     if stats:
         reporter.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
     write_records(results, out)
-
-
-def sampler_guide(specs: list[str] | None):
-    """The RewardSet of `--sampler-reward` specs (None when none is given)."""
-    from rlgen.rewards.base import RewardSet, RewardSpec
-
-    return RewardSet([RewardSpec.parse(spec) for spec in specs]) if specs else None
 
 
 def register(app: typer.Typer) -> None:

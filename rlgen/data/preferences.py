@@ -88,7 +88,7 @@ def read_unpaired(path: str) -> list[dict]:
 
 
 def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "reward", margin: float = 0.0,
-               group_by: str = "prompt") -> list[dict]:
+               group_by: str = "prompt", source: str = "input") -> list[dict]:
     """Pairs from scored samples, grouped by `group_by` (the prompt) in order of first appearance.
 
     - `best-worst`: one pair per group, its highest- against its lowest-scored completion;
@@ -101,16 +101,16 @@ def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "rewa
     groups: OrderedDict[str, list[dict]] = OrderedDict()
     for record in records:
         if group_by not in record:
-            raise RlgenError(f"{_where('input', record)}: missing field '{group_by}'")
+            raise RlgenError(f"{_where(source, record)}: missing field '{group_by}'")
         if "completion" not in record:
-            raise RlgenError(f"{_where('input', record)}: missing field 'completion'")
+            raise RlgenError(f"{_where(source, record)}: missing field 'completion'")
         if field not in record:
-            raise RlgenError(f"{_where('input', record)}: missing score field '{field}' (run `rlgen score` first)")
+            raise RlgenError(f"{_where(source, record)}: missing score field '{field}' (run `rlgen score` first)")
         score = record[field]
         if score is None or (isinstance(score, float) and math.isnan(score)):
             continue
         if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise RlgenError(f"{_where('input', record)}: score field '{field}' must be a number, got {score!r}")
+            raise RlgenError(f"{_where(source, record)}: score field '{field}' must be a number, got {score!r}")
         group = groups.setdefault(str(record[group_by]), [])
         if all(str(other["completion"]) != str(record["completion"]) for other in group):
             group.append(record)

@@ -188,6 +188,19 @@ class RewardSet:
             out.append(copy)
         return out
 
+    def metrics(self, components: torch.Tensor, total: torch.Tensor, valid: torch.Tensor) -> dict:
+        """Per-step reward metrics of scored rollouts: `reward` (mean final score), each reward's mean and std
+        over the samples it applies to, and `accuracy` (the first correctness reward's mean)."""
+        metrics = {"reward": float(total[valid].mean()) if bool(valid.any()) else float("nan")}
+        for k, name in enumerate(self.names):
+            column = components[:, k][valid]
+            column = column[~torch.isnan(column)]
+            metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.numel() else float("nan")
+            metrics[f"rewards/{name}/std"] = float(column.std()) if column.numel() > 1 else 0.0
+            if getattr(self.functions[k], "is_correctness", False) and "accuracy" not in metrics:
+                metrics["accuracy"] = metrics[f"rewards/{name}/mean"]
+        return metrics
+
     def state(self) -> dict:
         """JSON-safe state to keep across a resumed run (the shaping's frozen statistics)."""
         return self.shaping.state() if self.shaping is not None else {}

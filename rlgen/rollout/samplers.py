@@ -273,6 +273,19 @@ def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool) -> No
         raise RlgenError(f"sampler '{name}' needs a guide reward: give --sampler-reward NAME")
 
 
+def prepare_sampler(name: str, option_items: list[str] | None, reward_specs: list[str] | None):
+    """(sampler function, options, guide RewardSet or None) from the CLI's --sampler, --sampler-opt and
+    --sampler-reward, checked before any model is loaded."""
+    from rlgen.plugins import registry
+    from rlgen.rewards.base import RewardSet, RewardSpec
+
+    fn = registry("sampler").get(name)
+    options = parse_sampler_options(option_items)
+    check_sampler(name, fn, options, has_guide=bool(reward_specs))
+    guide = RewardSet([RewardSpec.parse(spec) for spec in reward_specs]) if reward_specs else None
+    return fn, options, guide
+
+
 def call_sampler(fn: Callable, engine, prompts, params, generator=None, *, rewards=None, records=None,
                  stats: dict | None = None, options: dict | None = None) -> Rollouts:
     """Call a sampler with its options plus whichever of rewards / records / stats it declares."""
