@@ -40,8 +40,11 @@ _rlgen_npos() {
 
 _rlgen_sample() {
     case $prev in
+        --grid)
+            _rlgen_files
+            return ;;
         -m|--model)
-            _rlgen_words "tiny-arith"
+            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         -o|--out)
@@ -60,13 +63,13 @@ _rlgen_sample() {
             _rlgen_words "test train"
             return ;;
         -t|--task)
-            _rlgen_words "arithmetic countdown sorting"
+            _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        --limit|--max-new-tokens|-n|--num-samples|--sampler-reward|--seed|--temperature|--top-k|--top-p)
+        --batch-size|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|-n|--num-samples|--num-steps|--sampler-reward|--seed|--temperature|--top-k|--top-p)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--debug --help --limit --max-new-tokens --model --num-samples --out --prompts --quiet --sampler --sampler-opt --sampler-reward --seed --split --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
+        _rlgen_words "--batch-size --debug --eta --grid --guidance-scale --help --image-dir --limit --max-new-tokens --model --num-samples --num-steps --out --prompts --quiet --sampler --sampler-opt --sampler-reward --seed --split --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
         return
     fi
 }
@@ -80,7 +83,7 @@ _rlgen_score() {
             _rlgen_files
             return ;;
         -r|--reward)
-            _rlgen_words "countdown exact-match format length numeric-match"
+            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
         --combine|--shape)
             return ;;
@@ -126,7 +129,7 @@ _rlgen_train() {
             _rlgen_files
             return ;;
         -m|--model)
-            _rlgen_words "tiny-arith"
+            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         -o|--out)
@@ -136,10 +139,10 @@ _rlgen_train() {
             _rlgen_dirs
             return ;;
         -r|--reward)
-            _rlgen_words "countdown exact-match format length numeric-match"
+            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
         -t|--task)
-            _rlgen_words "arithmetic countdown sorting"
+            _rlgen_words "arithmetic countdown digits sorting"
             return ;;
         --save-every|--seed|--set|--steps)
             return ;;
@@ -151,7 +154,7 @@ _rlgen_train() {
     _rlgen_npos "--config --data --model --out --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
     case $npos in
         0)
-            _rlgen_words "cispo dapo dpo dr-grpo gdpo grpo gspo kto online-dpo orpo reinforce-pp remax rloo rm rpo sft simpo"
+            _rlgen_words "cispo dapo ddpo diffusion-dpo diffusion-sft dpo dr-grpo flow-grpo gdpo grpo gspo kto online-dpo orpo reinforce-pp remax reward-backprop rloo rm rpo sft simpo"
             ;;
     esac
 }
@@ -174,7 +177,7 @@ _rlgen_merge() {
     _rlgen_npos "--method --out --weights -o"
     case $npos in
         *)
-            _rlgen_words "tiny-arith"
+            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             ;;
     esac
@@ -186,14 +189,14 @@ _rlgen_eval() {
             _rlgen_files
             return ;;
         -m|--model)
-            _rlgen_words "tiny-arith"
+            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         --plot)
             _rlgen_files
             return ;;
         -r|--reward)
-            _rlgen_words "countdown exact-match format length numeric-match"
+            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
         --rm)
             _rlgen_dirs
@@ -211,16 +214,16 @@ _rlgen_eval() {
             _rlgen_words "test train"
             return ;;
         -t|--task)
-            _rlgen_words "arithmetic countdown sorting"
+            _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        -k|--limit|--max-new-tokens|--sampler-reward|--seed|--temperature)
+        --eta|--guidance-scale|-k|--limit|--max-new-tokens|--num-steps|--sampler-reward|--seed|--temperature)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--data --debug --help --json --limit --max-new-tokens --model --plot --quiet --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -h -k -m -q -r -t"
+        _rlgen_words "--data --debug --eta --guidance-scale --help --json --limit --max-new-tokens --model --num-steps --plot --quiet --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -h -k -m -q -r -t"
         return
     fi
-    _rlgen_npos "--data --limit --max-new-tokens --model --plot --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -k -m -r -t"
+    _rlgen_npos "--data --eta --guidance-scale --limit --max-new-tokens --model --num-steps --plot --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -k -m -r -t"
     case $npos in
         0)
             _rlgen_files

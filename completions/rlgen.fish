@@ -45,8 +45,12 @@ end
 function __rlgen_complete_algorithm
     printf '%s\t%s\n' 'cispo' 'CISPO: clipped importance-sampling weights (grpo preset)'
     printf '%s\t%s\n' 'dapo' 'DAPO: clip-higher, dynamic sampling, overlong shaping, token mean (grpo preset)'
+    printf '%s\t%s\n' 'ddpo' 'DDPO: PPO clip per denoising step, per-prompt reward statistics, DDIM eta=1 (image models)'
+    printf '%s\t%s\n' 'diffusion-dpo' 'Diffusion-DPO on preference pairs of images (prompt, chosen, rejected PNG paths)'
+    printf '%s\t%s\n' 'diffusion-sft' 'denoising objective on images (pre-train / fine-tune a diffusers denoiser; CFG label dropout)'
     printf '%s\t%s\n' 'dpo' 'direct preference optimisation on prompt/chosen/rejected pairs (loss_type: sigmoid, ipo, hinge, robust ...)'
     printf '%s\t%s\n' 'dr-grpo' 'Dr. GRPO: no std scaling, constant normaliser (grpo preset)'
+    printf '%s\t%s\n' 'flow-grpo' 'Flow-GRPO: group-relative advantages, SDE sampling, KL to the reference, denoising reduction (image models)'
     printf '%s\t%s\n' 'gdpo' 'GDPO: per-reward group normalisation, then weighted sum (grpo preset)'
     printf '%s\t%s\n' 'grpo' 'group relative policy optimisation (advantage and loss from the registries)'
     printf '%s\t%s\n' 'gspo' 'GSPO: sequence-level importance ratio (grpo preset)'
@@ -55,6 +59,7 @@ function __rlgen_complete_algorithm
     printf '%s\t%s\n' 'orpo' 'ORPO: NLL plus odds-ratio preference term, reference-free (dpo preset)'
     printf '%s\t%s\n' 'reinforce-pp' 'REINFORCE++ with batch-normalised advantages (grpo preset)'
     printf '%s\t%s\n' 'remax' 'ReMax: greedy-rollout baseline (grpo preset)'
+    printf '%s\t%s\n' 'reward-backprop' 'AlignProp / DRaFT-K: backpropagate a differentiable reward through the last K sampling steps (image models)'
     printf '%s\t%s\n' 'rloo' 'REINFORCE leave-one-out (grpo preset)'
     printf '%s\t%s\n' 'rm' 'reward model: Bradley-Terry on preference pairs (use it as --reward rm:PATH)'
     printf '%s\t%s\n' 'rpo' 'RPO: DPO plus the NLL of the chosen answers (dpo preset, rpo_alpha = 1)'
@@ -68,12 +73,20 @@ end
 
 function __rlgen_complete_model
     printf '%s\t%s\n' 'tiny-arith' 'Llama-architecture char-level LM (0.7M params), SFT on the arithmetic task (recipes/tiny-arith)'
+    printf '%s\t%s\n' 'tiny-digits' 'class-conditional 8x8 digit diffusion model (epsilon, DDIM; 0.7M params) trained on 30% noisy labels (recipes/tiny-digits)'
+    printf '%s\t%s\n' 'tiny-digits-flow' 'class-conditional 8x8 digit flow-matching model (velocity; 0.7M params) trained on 30% noisy labels (recipes/tiny-digits)'
 end
 
 function __rlgen_complete_reward
+    printf '%s\t%s\n' 'brightness' 'image: mean pixel value in [0, 1]; differentiable'
+    printf '%s\t%s\n' 'contrast' 'image: standard deviation of the pixel luminance; differentiable'
     printf '%s\t%s\n' 'countdown' '1.0 when the completion is an expression over the given `numbers` (each at most once, + - *)'
+    printf '%s\t%s\n' 'digit-accuracy' 'image: 1.0 when the digit classifier\'s top class is the requested digit'
+    printf '%s\t%s\n' 'digit-classifier' 'image: the digit classifier\'s probability of the requested digit (label or prompt; path=DIR); differentiable'
     printf '%s\t%s\n' 'exact-match' '1.0 when the completion equals the `answer` field (surrounding whitespace ignored), else 0.0.'
     printf '%s\t%s\n' 'format' '1.0 when the whole completion matches the regex `pattern` (default: an integer), else 0.0.'
+    printf '%s\t%s\n' 'jpeg-compressibility' 'image: minus the JPEG size (quality 95) in kB (DDPO)'
+    printf '%s\t%s\n' 'jpeg-incompressibility' 'image: the JPEG size (quality 95) in kB (DDPO)'
     printf '%s\t%s\n' 'length' 'Completion length in characters (or \'tokens\' when the sample carries completion_tokens);'
     printf '%s\t%s\n' 'numeric-match' '1.0 when the last number in the completion equals the numeric `answer` (within tolerance).'
 end
@@ -87,6 +100,7 @@ end
 function __rlgen_complete_task
     printf '%s\t%s\n' 'arithmetic' 'three-digit addition \'042+917=\' -> \'959\''
     printf '%s\t%s\n' 'countdown' 'reach a target with + - * over three numbers (1-20)'
+    printf '%s\t%s\n' 'digits' 'prompts naming a handwritten digit (0-9) for the tiny-digits image models'
     printf '%s\t%s\n' 'sorting' 'sort a string of 4-7 digits'
 end
 
@@ -112,12 +126,15 @@ complete -c rlgen -n '__rlgen_using env' -l json -d 'Print a machine-readable JS
 # rlgen eval
 complete -c rlgen -n '__rlgen_using eval' -l data -r -F -d 'JSONL or Parquet file: `prompt` and `answer` (grpo, sft, eval) or `prompt`, `chosen`, `rejected` (dpo, simpo, rpo, orpo, kto, rm).'
 complete -c rlgen -n '__rlgen_using eval' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
+complete -c rlgen -n '__rlgen_using eval' -l eta -x -d 'Image models: step noise (DDIM eta / flow SDE noise level); 0 = deterministic.'
+complete -c rlgen -n '__rlgen_using eval' -l guidance-scale -x -d 'Image models: classifier-free guidance weight.'
 complete -c rlgen -n '__rlgen_using eval' -s h -l help -d 'Show this message and exit.'
 complete -c rlgen -n '__rlgen_using eval' -l json -d 'Print a machine-readable JSON summary on stdout.'
 complete -c rlgen -n '__rlgen_using eval' -s k -x -d 'Samples per problem for pass@k (k > 1 samples at --temperature).'
 complete -c rlgen -n '__rlgen_using eval' -l limit -x -d 'Evaluate only the first N problems.'
 complete -c rlgen -n '__rlgen_using eval' -l max-new-tokens -x -d 'Maximum completion length in tokens.'
 complete -c rlgen -n '__rlgen_using eval' -s m -l model -x -a '(__rlgen_complete_model; __fish_complete_directories)' -d 'Built-in model name or local Hugging Face model directory.'
+complete -c rlgen -n '__rlgen_using eval' -l num-steps -x -d 'Image models: denoising steps.'
 complete -c rlgen -n '__rlgen_using eval' -l plot -r -F -d 'With a run directory: write the metric curves to this PNG.'
 complete -c rlgen -n '__rlgen_using eval' -s q -l quiet -d 'No logs or progress bars on stderr.'
 complete -c rlgen -n '__rlgen_using eval' -s r -l reward -x -a '(__rlgen_complete_reward)' -d 'Reward NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
@@ -130,7 +147,7 @@ complete -c rlgen -n '__rlgen_using eval' -l seed -x -d 'Random seed of the pass
 complete -c rlgen -n '__rlgen_using eval' -l split -x -a 'test train' -d 'Task split to evaluate on.'
 complete -c rlgen -n '__rlgen_using eval' -s t -l task -x -a '(__rlgen_complete_task)' -d 'Built-in or plugin task (see `rlgen plugins`).'
 complete -c rlgen -n '__rlgen_using eval' -l temperature -x -d 'Temperature of the pass@k samples and of --sampler.'
-complete -c rlgen -n '__rlgen_using eval; and test (__rlgen_npos --data --limit --max-new-tokens --model --plot --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -k -m -r -t) = 0' -F -d 'Scored JSONL file, \'-\' (stdin), or a run directory.'
+complete -c rlgen -n '__rlgen_using eval; and test (__rlgen_npos --data --eta --guidance-scale --limit --max-new-tokens --model --num-steps --plot --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -k -m -r -t) = 0' -F -d 'Scored JSONL file, \'-\' (stdin), or a run directory.'
 
 # rlgen merge
 complete -c rlgen -n '__rlgen_using merge' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
@@ -160,12 +177,18 @@ complete -c rlgen -n '__rlgen_using plugins' -s h -l help -d 'Show this message 
 complete -c rlgen -n '__rlgen_using plugins' -l json -d 'Print a machine-readable JSON summary on stdout.'
 
 # rlgen sample
+complete -c rlgen -n '__rlgen_using sample' -l batch-size -x -d 'Image models: prompts per sampling batch.'
 complete -c rlgen -n '__rlgen_using sample' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
+complete -c rlgen -n '__rlgen_using sample' -l eta -x -d 'Image models: step noise (DDIM eta; the SDE noise level for flow models); 0 = deterministic.'
+complete -c rlgen -n '__rlgen_using sample' -l grid -r -F -d 'Image models: also write all images as one grid PNG (a row per prompt).'
+complete -c rlgen -n '__rlgen_using sample' -l guidance-scale -x -d 'Image models: classifier-free guidance weight (1 = off).'
 complete -c rlgen -n '__rlgen_using sample' -s h -l help -d 'Show this message and exit.'
+complete -c rlgen -n '__rlgen_using sample' -l image-dir -x -d 'Image models: where the PNGs go (default OUT_images/ beside --out, or ./rlgen_images).'
 complete -c rlgen -n '__rlgen_using sample' -l limit -x -d 'Use only the first N prompts.'
 complete -c rlgen -n '__rlgen_using sample' -l max-new-tokens -x -d 'Maximum completion length in tokens.'
 complete -c rlgen -n '__rlgen_using sample' -s m -l model -x -a '(__rlgen_complete_model; __fish_complete_directories)' -d 'Built-in model name or local Hugging Face model directory.'
 complete -c rlgen -n '__rlgen_using sample' -s n -l num-samples -x -d 'Completions per prompt.'
+complete -c rlgen -n '__rlgen_using sample' -l num-steps -x -d 'Image models: denoising steps.'
 complete -c rlgen -n '__rlgen_using sample' -s o -l out -r -F -d 'Output JSONL file (\'-\' = stdout).'
 complete -c rlgen -n '__rlgen_using sample' -s p -l prompts -r -F -d 'JSONL/Parquet file with a `prompt` field (\'-\' = stdin).'
 complete -c rlgen -n '__rlgen_using sample' -s q -l quiet -d 'No logs or progress bars on stderr.'

@@ -62,6 +62,12 @@ def register_samplers(register):
 
 
 @hookspec
+def register_image_samplers(register):
+    """Sampling / test-time search strategies for image models (`rlgen sample --sampler NAME` on a diffusers
+    pipeline): functions (model, prompts, params, generator, *, records, rewards, stats, **options) -> samples."""
+
+
+@hookspec
 def register_mergers(register):
     """Weight-merge methods for `rlgen merge --method NAME`."""
 

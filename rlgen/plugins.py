@@ -16,7 +16,9 @@ ENTRY_POINT_GROUP = "rlgen"
 # Built-in plugins: modules with hookimpls, registered exactly like entry-point plugins.
 DEFAULT_PLUGINS = (
     "rlgen.data.tasks",
+    "rlgen.diffusion.digits",
     "rlgen.rewards.builtin",
+    "rlgen.rewards.image",
     "rlgen.algorithms.advantages",
     "rlgen.algorithms.losses",
     "rlgen.algorithms.preference_losses",
@@ -24,6 +26,7 @@ DEFAULT_PLUGINS = (
     "rlgen.algorithms.builtin",
     "rlgen.models.builtin",
     "rlgen.rollout.samplers",
+    "rlgen.diffusion.search",
     "rlgen.merging.methods",
     "rlgen.evaluation.metrics",
 )
@@ -40,6 +43,7 @@ KINDS = {
     "register_backbones": "backbone",
     "register_models": "model",
     "register_samplers": "sampler",
+    "register_image_samplers": "image-sampler",
     "register_mergers": "merger",
     "register_metrics": "metric",
     "register_tasks": "task",

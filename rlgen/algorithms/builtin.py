@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from rlgen.algorithms.base import Algorithm
+from rlgen.algorithms.diffusion.dpo import DiffusionDPOConfig, DiffusionDPOTrainer
+from rlgen.algorithms.diffusion.policy_gradient import DiffusionPGConfig, DiffusionPolicyGradientTrainer
+from rlgen.algorithms.diffusion.reward_backprop import RewardBackpropConfig, RewardBackpropTrainer
+from rlgen.algorithms.diffusion.sft import DiffusionSFTConfig, DiffusionSFTTrainer
 from rlgen.algorithms.dpo import DPOConfig, PreferenceTrainer
 from rlgen.algorithms.grpo import GRPOConfig, GRPOTrainer
 from rlgen.algorithms.kto import KTOConfig, KTOTrainer
@@ -40,6 +44,20 @@ ALGORITHMS = (
     Algorithm("kto", KTOConfig, KTOTrainer, "KTO: unpaired desirable / undesirable answers (prompt, completion, label)"),
     Algorithm("online-dpo", OnlineDPOConfig, OnlineDPOTrainer, "online DPO: sample, score, pair best vs worst, DPO update, repeat (DNO-style with ref_update_every)"),
     Algorithm("rm", RewardModelConfig, RewardModelTrainer, "reward model: Bradley-Terry on preference pairs (use it as --reward rm:PATH)"),
+    Algorithm("ddpo", DiffusionPGConfig, DiffusionPolicyGradientTrainer,
+              "DDPO: PPO clip per denoising step, per-prompt reward statistics, DDIM eta=1 (image models)",
+              {"algorithm": {"advantage": "per-prompt", "shuffle_timesteps": True, "beta": 0.0}, "sampling": {"eta": 1.0},
+               "eval": {"eta": 1.0, "num_steps": 10}}),
+    Algorithm("flow-grpo", DiffusionPGConfig, DiffusionPolicyGradientTrainer,
+              "Flow-GRPO: group-relative advantages, SDE sampling, KL to the reference, denoising reduction (image models)",
+              {"model": {"path": "tiny-digits-flow"},
+               "algorithm": {"advantage": "grpo", "beta": 0.04, "timestep_fraction": 0.99, "shuffle_timesteps": False},
+               "sampling": {"noise_level": 0.7}}),
+    Algorithm("reward-backprop", RewardBackpropConfig, RewardBackpropTrainer,
+              "AlignProp / DRaFT-K: backpropagate a differentiable reward through the last K sampling steps (image models)"),
+    Algorithm("diffusion-dpo", DiffusionDPOConfig, DiffusionDPOTrainer,
+              "Diffusion-DPO on preference pairs of images (prompt, chosen, rejected PNG paths)"),
+    Algorithm("diffusion-sft", DiffusionSFTConfig, DiffusionSFTTrainer, "denoising objective on images (pre-train / fine-tune a diffusers denoiser; CFG label dropout)"),
 )
 
 

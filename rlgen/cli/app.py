@@ -76,7 +76,12 @@ def main(argv: list[str] | None = None) -> None:
         if args and args[0] not in {"sample", "score", "pairs", "train", "merge", "eval", "plugins", "env", "-h", "--help", "--version"}:
             _plugin_commands()
         command = typer.main.get_command(app)
-        command.main(args=args, prog_name="rlgen", standalone_mode=False)
+        code = command.main(args=args, prog_name="rlgen", standalone_mode=False)
+        # typer (without standalone mode) turns Ctrl-C into a returned 130 instead of raising
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                sys.stderr.write("rlgen: interrupted\n")
+            sys.exit(code)
     except exit_types as exc:
         sys.exit(getattr(exc, "exit_code", 0))
     except abort_types:

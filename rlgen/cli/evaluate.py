@@ -50,6 +50,9 @@ def evaluate(
     rm: opt.OptStr = typer.Option(
         None, "--rm", help="A reward model directory: with --data PAIRS, its pairwise accuracy (chosen must score higher; "
         "a tie counts as wrong), overall and per `subset`."),
+    num_steps: int = typer.Option(20, "--num-steps", help="Image models: denoising steps."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Image models: classifier-free guidance weight."),
+    eta: float = typer.Option(0.0, "--eta", help="Image models: step noise (DDIM eta / flow SDE noise level); 0 = deterministic."),
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
@@ -60,6 +63,9 @@ def evaluate(
         if model:
             raise RlgenError("give either --rm (pairwise accuracy of a reward model) or --model, not both")
         result = _eval_reward_model(rm, data, limit)
+    elif model and _is_image_model(model):
+        result = _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_out, sampler, sampler_opt,
+                                   sampler_reward, num_steps, guidance_scale, eta)
     elif model:
         result = _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
                              sampler, sampler_opt, sampler_reward)
@@ -107,6 +113,46 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
         write_records(result["samples"], samples_out)
     return {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], "sampler": "greedy",
             **result["metrics"]}
+
+
+def _is_image_model(model: str) -> bool:
+    from rlgen.cli.sample import _is_image_model as is_image
+
+    return is_image(model)
+
+
+def _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_out, sampler, sampler_opt, sampler_reward,
+                      num_steps, guidance_scale, eta) -> dict:
+    """Reward statistics of k images per prompt at fixed seeds (overall and per prompt)."""
+    from rlgen.data.records import write_records
+    from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
+    from rlgen.diffusion.sampling import DiffusionSamplingParams
+    from rlgen.evaluation.images import evaluate_image_model
+    from rlgen.plugins import registry
+    from rlgen.rewards.base import RewardSet, RewardSpec
+    from rlgen.rollout.samplers import prepare_sampler
+    from rlgen.training.trainer import DataConfig, load_records
+
+    if not task and not data:
+        raise RlgenError("--model needs --task NAME or --data FILE (prompts) to evaluate on")
+    strategy, options, guide = (prepare_sampler(sampler, sampler_opt, sampler_reward, kind="image-sampler")
+                                if sampler else (None, {}, None))
+    names = reward or (list(registry("task").get(task).default_rewards) if task and not data else [])
+    if not names:
+        raise RlgenError("no reward given for the image evaluation (use --reward NAME, e.g. digit-classifier)")
+    rewards = RewardSet([RewardSpec.parse(r) for r in names])
+    records = load_records(DataConfig(task=task, path=data), split)
+    records = records[:limit] if limit else records
+    params = DiffusionSamplingParams(num_steps, guidance_scale, eta, eta)
+    params.validate()
+    diffusion = load_diffusion_model(DiffusionModelConfig(path=model))
+    diffusion.eval()
+    stats, samples = evaluate_image_model(diffusion, records, rewards, k, params, seed=seed, sampler=strategy,
+                                          sampler_options=options, guide=guide)
+    if samples_out:
+        write_records([{key: v for key, v in s.items() if key != "image"} for s in samples], samples_out)
+    return {"model": str(diffusion.path), "task": task or data, "split": split, "reward": "+".join(rewards.names),
+            "sampler": sampler or "plain", "images_per_prompt": k, "num_steps": num_steps, **stats}
 
 
 def _sampler_setup(sampler, sampler_opt, sampler_reward):

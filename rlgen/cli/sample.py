@@ -1,4 +1,4 @@
-"""`rlgen sample`: completions as JSONL, through the same rollout engine the trainers use."""
+"""`rlgen sample`: completions (or images) as JSONL, through the same rollout code the trainers use."""
 from __future__ import annotations
 
 import typer
@@ -18,6 +18,13 @@ Example:
 
 Reward-guided samplers (`best-of-n`, `smc`) score candidates with the --sampler-reward guide, which sees
 each record's fields (`answer` ...); -n still counts output samples per prompt.
+
+Image models (a diffusers pipeline directory, or tiny-digits / tiny-digits-flow) write PNG files and one
+JSONL line per image with its path in `image`; samplers: plain, best-of-n, reno, fk-steering:
+
+    rlgen sample --model tiny-digits --task digits -n 8 --grid grid.png --out samples.jsonl
+
+    rlgen sample --model tiny-digits --task digits --sampler fk-steering --sampler-reward digit-classifier
 """
 
 
@@ -53,6 +60,12 @@ def sample(
     top_k: int = typer.Option(0, "--top-k", help="0 = off."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     out: str = typer.Option("-", "--out", "-o", help="Output JSONL file ('-' = stdout)."),
+    image_dir: opt.OptStr = typer.Option(None, "--image-dir", help="Image models: where the PNGs go (default OUT_images/ beside --out, or ./rlgen_images)."),
+    grid: opt.OptStr = typer.Option(None, "--grid", help="Image models: also write all images as one grid PNG (a row per prompt)."),
+    num_steps: int = typer.Option(20, "--num-steps", help="Image models: denoising steps."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Image models: classifier-free guidance weight (1 = off)."),
+    eta: float = typer.Option(0.0, "--eta", help="Image models: step noise (DDIM eta; the SDE noise level for flow models); 0 = deterministic."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Image models: prompts per sampling batch."),
     quiet: bool = opt.Quiet,
 ):
     import torch
@@ -66,6 +79,14 @@ def sample(
     if n < 1:
         raise RlgenError("-n must be >= 1")
     reporter = Reporter(quiet=quiet)
+    if _is_image_model(model):
+        from rlgen.cli.sample_images import sample_images_cli
+
+        records = prompt_records(task, prompts, split, limit)
+        return sample_images_cli(model=model, records=records, n=n, sampler=sampler, sampler_opt=sampler_opt,
+                                 sampler_reward=sampler_reward, num_steps=num_steps, guidance_scale=guidance_scale,
+                                 eta=eta, seed=seed, batch_size=batch_size, out=out, image_dir=image_dir, grid=grid,
+                                 reporter=reporter)
     strategy, options, guide = prepare_sampler(sampler, sampler_opt, sampler_reward)
     records = prompt_records(task, prompts, split, limit)
     policy, tokenizer, _ = load_policy(ModelConfig(path=model or "tiny-arith"))
@@ -89,6 +110,18 @@ def sample(
     if stats:
         reporter.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
     write_records(results, out)
+
+
+def _is_image_model(model: str | None) -> bool:
+    from pathlib import Path
+
+    from rlgen.diffusion.pipeline import is_diffusion_dir
+    from rlgen.plugins import registry
+
+    if not model:
+        return False
+    models = registry("model")
+    return is_diffusion_dir(Path(models.get(model)) if model in models else Path(model))
 
 
 def register(app: typer.Typer) -> None:

@@ -41,8 +41,8 @@ def score(
     if not reward:
         raise RlgenError("no reward given (use --reward NAME)")
     rewards = RewardSet([RewardSpec.parse(r) for r in reward], on_error, combine=combine, shaping=shape)
-    records = read_records(source, required=("prompt", "completion"))
-    components, valid, totals = rewards.score(records)
+    records = read_records(source, required=("prompt",))
+    components, valid, totals = rewards.score(_with_resolved_images(records, source))
     out_records = []
     for i, record in enumerate(records):
         scored = dict(record)
@@ -52,6 +52,22 @@ def score(
         scored["reward"] = float(totals[i]) if bool(valid[i]) else None
         out_records.append(scored)
     write_records(out_records, out)
+
+
+def _with_resolved_images(records: list[dict], source: str) -> list[dict]:
+    """Each record needs a `completion` (text) or an `image` (PNG path, relative to the input file's folder;
+    to the current one for stdin); the rewards see absolute image paths, the output keeps the given ones."""
+    from pathlib import Path
+
+    base = Path(source).resolve().parent if source != "-" else Path.cwd()
+    out = []
+    for line, record in enumerate(records, start=1):
+        if "completion" not in record and "image" not in record:
+            raise RlgenError(f"{source}, line {line}: missing field 'completion' (or 'image' for image samples)")
+        if isinstance(record.get("image"), str):
+            record = {**record, "image": str(base / record["image"])}
+        out.append(record)
+    return out
 
 
 def register(app: typer.Typer) -> None:

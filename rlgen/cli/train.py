@@ -33,13 +33,18 @@ def model_recommended(algorithm, data: dict) -> dict:
     """Settings a model directory recommends for an algorithm family ([grpo], [sft] ... tables of its
     rlgen_defaults.toml): how a built-in model carries its own learning rate and lengths."""
     from rlgen.config import from_dict, read_toml
-    from rlgen.models.causal_lm import ModelConfig, resolve_model_path
+    from rlgen.diffusion.pipeline import resolve_pipeline_path
+    from rlgen.models.causal_lm import resolve_model_path
 
-    model_path = data.get("model", {}).get("path", ModelConfig.path) if isinstance(data.get("model"), dict) else ModelConfig.path
+    default = algorithm.config_cls().model.path
+    model_path = data.get("model", {}).get("path", default) if isinstance(data.get("model"), dict) else default
     try:
         path = resolve_model_path(str(model_path))
     except RlgenError:
-        return {}  # reported with a proper message when the model is loaded
+        try:
+            path = resolve_pipeline_path(str(model_path))
+        except RlgenError:
+            return {}  # reported with a proper message when the model is loaded
     recommended = path / "rlgen_defaults.toml"
     if not recommended.is_file():
         return {}

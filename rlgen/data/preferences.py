@@ -102,8 +102,8 @@ def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "rewa
     for record in records:
         if group_by not in record:
             raise RlgenError(f"{_where(source, record)}: missing field '{group_by}'")
-        if "completion" not in record:
-            raise RlgenError(f"{_where(source, record)}: missing field 'completion'")
+        if _content(record) is None:
+            raise RlgenError(f"{_where(source, record)}: missing field 'completion' (or 'image' for image samples)")
         if field not in record:
             raise RlgenError(f"{_where(source, record)}: missing score field '{field}' (run `rlgen score` first)")
         score = record[field]
@@ -112,7 +112,7 @@ def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "rewa
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise RlgenError(f"{_where(source, record)}: score field '{field}' must be a number, got {score!r}")
         group = groups.setdefault(str(record[group_by]), [])
-        if all(str(other["completion"]) != str(record["completion"]) for other in group):
+        if all(_content(other) != _content(record) for other in group):
             group.append(record)
     pairs = []
     for members in groups.values():
@@ -128,10 +128,16 @@ def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "rewa
     return pairs
 
 
-_SAMPLE_FIELDS = ("completion", "sample_index", "completion_tokens", "_line")
+_SAMPLE_FIELDS = ("completion", "image", "sample_index", "completion_tokens", "_line")
+
+
+def _content(record: dict) -> str | None:
+    """What a sample is: its completion text, or for image samples the path of its PNG."""
+    value = record.get("completion", record.get("image"))
+    return None if value is None else str(value)
 
 
 def _pair(best: dict, worst: dict, field: str, gap: float) -> dict:
     base = {k: v for k, v in best.items() if k not in _SAMPLE_FIELDS and k != field and not k.startswith("reward")}
-    return {**base, "chosen": str(best["completion"]), "rejected": str(worst["completion"]),
+    return {**base, "chosen": _content(best), "rejected": _content(worst),
             "chosen_score": float(best[field]), "rejected_score": float(worst[field]), "margin": gap}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CURVES = (("reward", "train reward"), ("accuracy", "train accuracy"), ("eval/accuracy", "held-out accuracy"), ("loss", "loss"))
+CURVES = (("reward", "train reward"), ("accuracy", "train accuracy"), ("eval/accuracy", "held-out accuracy"),
+          ("eval/reward", "held-out reward"), ("loss", "loss"))
 
 
 def plot_run(rows: list[dict], out: str, title: str = "") -> None:

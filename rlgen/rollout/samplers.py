@@ -273,13 +273,13 @@ def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool) -> No
         raise RlgenError(f"sampler '{name}' needs a guide reward: give --sampler-reward NAME")
 
 
-def prepare_sampler(name: str, option_items: list[str] | None, reward_specs: list[str] | None):
+def prepare_sampler(name: str, option_items: list[str] | None, reward_specs: list[str] | None, kind: str = "sampler"):
     """(sampler function, options, guide RewardSet or None) from the CLI's --sampler, --sampler-opt and
-    --sampler-reward, checked before any model is loaded."""
+    --sampler-reward, checked before any model is loaded; kind "image-sampler" for diffusers pipelines."""
     from rlgen.plugins import registry
     from rlgen.rewards.base import RewardSet, RewardSpec
 
-    fn = registry("sampler").get(name)
+    fn = registry(kind).get(name)
     options = parse_sampler_options(option_items)
     check_sampler(name, fn, options, has_guide=bool(reward_specs))
     guide = RewardSet([RewardSpec.parse(spec) for spec in reward_specs]) if reward_specs else None

@@ -169,9 +169,13 @@ class Trainer:
     def restore_extra_tensors(self, tensors: dict) -> None:
         pass
 
+    def save_model(self, out_dir: Path, final: bool) -> None:
+        """The model in its upstream format: final/ merges LoRA when configured; checkpoints keep the adapter."""
+        save_hf(self.model, self.tokenizer, out_dir, merge_lora=final and self.config.model.lora_merge_on_save)
+
     def save_checkpoint(self) -> Path:
         tmp = self.run.begin_checkpoint(self.step)
-        save_hf(self.model, self.tokenizer, tmp / "model", merge_lora=False)
+        self.save_model(tmp / "model", final=False)
         save_state(self.optimizer.state_dict(), tmp, "optimizer")
         save_state(rng_state(self.generator), tmp, "rng")
         tensors = self.extra_tensors()
@@ -229,7 +233,7 @@ class Trainer:
                 advance(last)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
-        save_hf(self.model, self.tokenizer, self.run.final, merge_lora=self.config.model.lora_merge_on_save)
+        self.save_model(self.run.final, final=True)
         return last
 
     eval_records: list[dict] | None = None

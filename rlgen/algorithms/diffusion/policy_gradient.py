@@ -1,0 +1,271 @@
+"""`rlgen train ddpo` and `rlgen train flow-grpo`: PPO-clipped policy gradient over denoising steps.
+
+Each step: sample `prompts_per_step` prompts x `images_per_prompt` images with a stochastic sampler,
+keeping every step's latents and log-probs; score the images; turn rewards into advantages (DDPO:
+per-prompt statistics; Flow-GRPO: group z-scores from the advantage-estimator registry), clip them; then
+re-run the denoiser on the stored (x_t, t) and apply the clipped surrogate to each (sample, step) pair,
+plus Flow-GRPO's KL to the reference denoiser when beta > 0.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rlgen.algorithms.diffusion.base import (
+    DiffusionTrainer, EvalSamplingConfig, PromptDataConfig, SamplingConfig, default_image_rewards,
+)
+from rlgen.algorithms.losses import LossContext, clipped_surrogate
+from rlgen.diffusion.generate import expand, rollout
+from rlgen.diffusion.pipeline import DiffusionModelConfig
+from rlgen.diffusion.sampling import denoise_step, stochastic
+from rlgen.diffusion.stat_tracking import PerPromptStatTracker
+from rlgen.diffusion.steps import step_kl
+from rlgen.errors import RlgenError
+from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.training.trainer import OptimConfig, RunConfig
+
+PER_PROMPT = "per-prompt"  # DDPO's stat tracker; any other name is an advantage-estimator registry entry
+
+
+@dataclass
+class DiffusionRolloutConfig:
+    prompts_per_step: int = 8  # groups per step
+    images_per_prompt: int = 8  # group size (Flow-GRPO's num_image_per_prompt)
+    batch_size: int = 64  # images per sampling forward pass
+    same_noise_in_group: bool = False  # DanceGRPO's init_same_noise
+
+    def validate(self):
+        if min(self.prompts_per_step, self.images_per_prompt, self.batch_size) < 1:
+            raise RlgenError("rollout.prompts_per_step, images_per_prompt and batch_size must be >= 1")
+
+
+@dataclass
+class DiffusionPGAlgoConfig:
+    advantage: str = "grpo"  # per-prompt (DDPO stat tracking) | grpo | rloo | ... (advantage-estimator registry)
+    scale_rewards: str = "group"  # group | batch (Flow-GRPO's global_std) | none
+    stat_buffer_size: int = 16  # per-prompt tracking: history per prompt
+    stat_min_count: int = 16  # per-prompt tracking: batch statistics until a prompt has this many rewards
+    clip_range: float = 1e-4  # PPO clip on the per-step ratio (tiny: log-probs are means over pixels)
+    adv_clip_max: float = 5.0
+    beta: float = 0.0  # KL to the reference denoiser (LoRA off, or a frozen copy)
+    timestep_fraction: float = 1.0  # train on the first fraction of the (stochastic) steps
+    num_inner_epochs: int = 1
+    updates_per_step: int = 1  # optimiser steps per rollout: the samples are split into this many parts
+    train_batch_size: int = 64  # samples per training forward pass
+    shuffle_timesteps: bool = False  # DDPO trains each sample's steps in its own random order
+    skip_zero_advantage: bool = True  # Flow-GRPO drops samples whose advantage is 0 (all-equal groups)
+
+    def validate(self):
+        if self.clip_range <= 0 or self.adv_clip_max <= 0:
+            raise RlgenError("algorithm.clip_range and algorithm.adv_clip_max must be > 0")
+        if not 0 < self.timestep_fraction <= 1:
+            raise RlgenError("config key 'algorithm.timestep_fraction' must be in (0, 1]")
+        if min(self.num_inner_epochs, self.updates_per_step, self.train_batch_size) < 1:
+            raise RlgenError("algorithm.num_inner_epochs, updates_per_step and train_batch_size must be >= 1")
+
+
+@dataclass
+class DiffusionPGConfig:
+    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    rollout: DiffusionRolloutConfig = field(default_factory=DiffusionRolloutConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    algorithm: DiffusionPGAlgoConfig = field(default_factory=DiffusionPGAlgoConfig)
+    rewards: list[RewardSpec] = field(default_factory=default_image_rewards)
+    reward_combine: str = "weighted-sum"
+    reward_shaping: str = ""
+    rewards_on_error: str = "raise"
+    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=1e-4))
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+class DiffusionPolicyGradientTrainer(DiffusionTrainer):
+    def prepare_data(self) -> None:
+        cfg = self.config
+        self.load_prompts()
+        self.rewards = RewardSet(cfg.rewards, cfg.rewards_on_error, cfg.reward_combine, cfg.reward_shaping)
+        self.eval_rewards = self.rewards
+        self.params = cfg.sampling.params()
+        a = cfg.algorithm
+        if a.advantage == PER_PROMPT:
+            self.tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
+        else:
+            from rlgen.plugins import registry
+
+            self.tracker = None
+            self.advantage_fn = registry("advantage-estimator").get(a.advantage)
+            if getattr(self.advantage_fn, "needs_greedy_baseline", False):
+                raise RlgenError(f"advantage '{a.advantage}' needs a greedy baseline, which image models do not have")
+        self._order: list[int] = []
+
+    def prepare(self) -> None:
+        if self.config.algorithm.beta > 0:
+            self.model.keep_reference()
+        self.train_steps = self._trained_steps()
+
+    def _trained_steps(self) -> list[int]:
+        """Step indices trained on: the stochastic ones (an SDE window restricts them), the first fraction."""
+        noisy = [i for i in range(self.params.num_steps) if stochastic(self.params, i)]
+        keep = max(1, int(len(noisy) * self.config.algorithm.timestep_fraction))
+        if not noisy or (self.params.eta if self.model.family == "ddim" else self.params.noise_level) == 0:
+            raise RlgenError("training needs a stochastic sampler: sampling.eta (DDPM family) or sampling.noise_level (flow) > 0")
+        return noisy[:keep]
+
+    def extra_state(self) -> dict:
+        state = {"order": self._order, "rewards": self.rewards.state()}
+        if self.tracker is not None:
+            state["stat_tracker"] = self.tracker.state()
+        return state
+
+    def restore_extra_state(self, state: dict) -> None:
+        self._order = state.get("order", [])
+        self.rewards.restore(state.get("rewards", {}))
+        if self.tracker is not None:
+            self.tracker.restore(state.get("stat_tracker", {}))
+
+    def _next_prompts(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if not self._order:
+                self._order = torch.randperm(len(self.records), generator=self.generator).tolist()
+            out.append(self.records[self._order.pop()])
+        return out
+
+    # --- one step: rollout, rewards, advantages, update ---
+    def _collect(self):
+        cfg = self.config
+        r = cfg.rollout
+        records = expand(self._next_prompts(r.prompts_per_step), r.images_per_prompt)
+        self.model.eval()
+        rollouts = []
+        group_noise = None
+        if r.same_noise_in_group:  # one initial noise per prompt group
+            group_noise = torch.randn((r.prompts_per_step, *self.model.latent_shape), generator=self.generator)
+        for start in range(0, len(records), r.batch_size):
+            part = records[start : start + r.batch_size]
+            noise = None
+            if group_noise is not None:
+                noise = group_noise[[(start + i) // r.images_per_prompt for i in range(len(part))]].to(self.model.device)
+            with torch.no_grad():
+                rollouts.append(rollout(self.model, part, self.params, self.generator, noise=noise))
+        self.model.train()
+        return records, rollouts
+
+    def _advantages(self, records, total: torch.Tensor, components: torch.Tensor) -> tuple[torch.Tensor, float]:
+        a = self.config.algorithm
+        g = self.config.rollout.images_per_prompt
+        grouped = total.view(-1, g)
+        zero_std = float((grouped.std(dim=1) == 0).float().mean()) if g > 1 else 0.0
+        if self.tracker is not None:
+            advantages = self.tracker.advantages([str(r["prompt"]) for r in records], total)
+        else:
+            # the same keyword arguments as the LM trainers give, so gdpo's per-reward normalisation works here too
+            advantages = self.advantage_fn(grouped, scale_rewards=a.scale_rewards, weights=self.rewards.weights,
+                                           components=components.view(-1, g, components.shape[-1])).reshape(-1)
+        return advantages.clamp(-a.adv_clip_max, a.adv_clip_max), zero_std
+
+    def train_step(self) -> dict:
+        started = time.perf_counter()
+        records, rollouts = self._collect()
+        samples = [s for ro in rollouts for s in ro.samples]
+        components, valid, total = self.rewards.score(samples)
+        rollout_time = time.perf_counter() - started
+        metrics = self.rewards.metrics(components, total, valid)
+        total = torch.where(valid, total, torch.zeros_like(total))
+        advantages, zero_std = self._advantages(records, total, components)
+        advantages = torch.where(valid, advantages, torch.zeros_like(advantages))
+        metrics["zero_std_ratio"] = zero_std
+        metrics["advantage_abs_mean"] = float(advantages.abs().mean())
+        metrics.update(self._update(rollouts, advantages))
+        metrics["rollout_time"] = rollout_time
+        metrics["images_per_s"] = len(samples) / (time.perf_counter() - started)
+        return metrics
+
+    def _update(self, rollouts, advantages: torch.Tensor) -> dict:
+        a = self.config.algorithm
+        latents = torch.cat([ro.trajectory.latents for ro in rollouts])
+        old_log_probs = torch.cat([ro.trajectory.log_probs for ro in rollouts])
+        cond = _cat([ro.cond for ro in rollouts])
+        null = _cat([ro.null for ro in rollouts])
+        keep = torch.nonzero(advantages.abs() > 0).flatten() if a.skip_zero_advantage else torch.arange(len(advantages))
+        sums: dict[str, float] = {}
+        counts = 0
+        first_ratio = None
+        if keep.numel() == 0:
+            return {"skipped_update": 1}
+        steps = torch.tensor(self.train_steps)
+        for _ in range(a.num_inner_epochs):
+            order = keep[torch.randperm(len(keep), generator=self.generator)] if a.shuffle_timesteps else keep
+            for part in order.chunk(a.updates_per_step):
+                batches = part.split(a.train_batch_size)
+                for rows in batches:
+                    if a.shuffle_timesteps:
+                        step_order = torch.stack([steps[torch.randperm(len(steps), generator=self.generator)] for _ in rows])
+                    else:
+                        step_order = steps.expand(len(rows), -1)
+                    for j in range(step_order.shape[1]):
+                        stats = self._micro_step(latents, old_log_probs, cond, null, advantages, rows, step_order[:, j],
+                                                 scale=1.0 / (len(batches) * step_order.shape[1]))
+                        if first_ratio is None:
+                            first_ratio = stats.pop("max_abs_ratio_minus_one")
+                        else:
+                            stats.pop("max_abs_ratio_minus_one")
+                        for key, value in stats.items():
+                            sums[key] = sums.get(key, 0.0) + value
+                        counts += 1
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self.optimizer_step()
+        out = {key: value / counts for key, value in sums.items() if key != "grad_norm"}
+        out["grad_norm"] = sums["grad_norm"] / (a.num_inner_epochs * a.updates_per_step)
+        out["onpolicy/first_ratio_max_dev"] = first_ratio  # 0 exactly when the first pass is on-policy
+        out["trained_samples"] = int(keep.numel())
+        return out
+
+    def _micro_step(self, latents, old_log_probs, cond, null, advantages, rows, step_index, scale: float) -> dict:
+        a = self.config.algorithm
+        x_t = latents[rows, step_index]
+        x_next = latents[rows, step_index + 1]
+        c = cond[rows] if cond is not None else None
+        n = null[rows] if null is not None else None
+        schedule = self._schedule()
+        index = step_index if self.config.algorithm.shuffle_timesteps else int(step_index[0])
+        result = denoise_step(self.model, schedule, index, x_t, c, n, self.params, prev_sample=x_next)
+        old = old_log_probs[rows, step_index]
+        per_sample, clip = clipped_surrogate(result.log_prob.unsqueeze(-1), old.unsqueeze(-1), advantages[rows],
+                                             torch.ones(len(rows), 1), LossContext(epsilon=a.clip_range))
+        loss = per_sample.mean()
+        stats = {}
+        if a.beta > 0:
+            with torch.no_grad():
+                ref = denoise_step(self.model, schedule, index, x_t, c, n, self.params, prev_sample=x_next, reference=True)
+            kl = step_kl(result.mean, ref.mean, result.kl_scale).mean()
+            loss = loss + a.beta * kl
+            stats["kl"] = float(kl.detach())
+        (loss * scale).backward()
+        with torch.no_grad():
+            log_ratio = result.log_prob - old
+            ratio = log_ratio.exp()
+            stats.update({
+                "loss": float(loss.detach()),
+                "approx_kl": float(0.5 * (log_ratio**2).mean()),
+                "clipfrac": float(((ratio - 1).abs() > a.clip_range).float().mean()),
+                "clipfrac_gt_one": float((ratio - 1 > a.clip_range).float().mean()),
+                "clipfrac_lt_one": float((1 - ratio > a.clip_range).float().mean()),
+                "ratio_mean": float(ratio.mean()),
+                "max_abs_ratio_minus_one": float((ratio - 1).abs().max()),
+            })
+        del clip
+        return stats
+
+    def _schedule(self):
+        if not hasattr(self, "_cached_schedule"):
+            from rlgen.diffusion.sampling import make_schedule
+
+            self._cached_schedule = make_schedule(self.model, self.params.num_steps)
+        return self._cached_schedule
+
+
+def _cat(parts):
+    return None if parts[0] is None else torch.cat(parts)

@@ -1,0 +1,57 @@
+"""Denoising objectives (pure functions): how a clean image is noised at a random time and what the
+denoiser must predict there. Shared by `train diffusion-sft` and `train diffusion-dpo`."""
+from __future__ import annotations
+
+import torch
+
+from rlgen.diffusion.steps import mean_over_pixels
+
+
+def sample_times(n: int, generator: torch.Generator | None, density: str = "uniform") -> torch.Tensor:
+    """u in (0, 1) per sample: uniform, or SD3's logit-normal density (mean 0, std 1)."""
+    if density == "logit-normal":
+        return torch.sigmoid(torch.randn(n, generator=generator))
+    return torch.rand(n, generator=generator).clamp(1e-4, 1 - 1e-4)
+
+
+def noised(model, x0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor):
+    """(x_t, model timesteps [B], target) at times u in (0, 1).
+
+    Flow matching: x = (1 - s) x0 + s * noise with s = u, target v = noise - x0, timestep s * T_train.
+    DDPM family: t = floor(u * T_train), x = sqrt(a_t) x0 + sqrt(1 - a_t) noise, target in the scheduler's
+    prediction type (epsilon, sample or v_prediction)."""
+    steps = model.scheduler.config.num_train_timesteps
+    u = u.to(x0.device)
+    shape = (-1, *([1] * (x0.ndim - 1)))
+    if model.family == "flow":
+        s = u.to(x0.dtype).reshape(shape)
+        return (1 - s) * x0 + s * noise, u * steps, noise - x0
+    t = (u * steps).long().clamp(0, steps - 1)
+    a = model.scheduler.alphas_cumprod.to(x0.device)[t].to(x0.dtype).reshape(shape)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    kind = model.prediction_type
+    target = noise if kind == "epsilon" else x0 if kind == "sample" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return x_t, t, target
+
+
+def denoising_errors(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared error, mean over the non-batch dims."""
+    return mean_over_pixels((prediction.float() - target.float()) ** 2)
+
+
+def diffusion_dpo_loss(policy_errors: torch.Tensor, reference_errors: torch.Tensor, beta: float, loss_type: str = "sigmoid"):
+    """Diffusion-DPO (Wallace et al.; diffusers' train_diffusion_dpo.py convention).
+
+    errors are [2P] per-sample denoising errors, winners first then losers, computed at a shared noise and
+    time per pair. inside = -beta/2 * ((e_w - e_l) - (e_w_ref - e_l_ref)); sigmoid: -log sigmoid(inside),
+    hinge: relu(1 - inside). Returns (per-pair loss [P], inside [P])."""
+    w, l = policy_errors.chunk(2)
+    w_ref, l_ref = reference_errors.chunk(2)
+    inside = -0.5 * beta * ((w - l) - (w_ref - l_ref))
+    if loss_type == "sigmoid":
+        loss = -torch.nn.functional.logsigmoid(inside)
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - inside)
+    else:
+        raise ValueError(f"unknown diffusion-dpo loss_type {loss_type!r}")
+    return loss, inside

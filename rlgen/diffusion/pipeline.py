@@ -1,0 +1,299 @@
+"""Diffusion backbone: a local diffusers pipeline directory in, a diffusers directory out.
+
+Supported denoisers: UNet2DModel (unconditional or class-conditional, e.g. the built-in tiny-digits) and
+UNet2DConditionModel (text-conditioned through the pipeline's CLIP text encoder). Schedulers: the DDPM
+family (anything with `alphas_cumprod`, sampled with DDIM steps) and FlowMatchEulerDiscreteScheduler.
+Only the denoiser is trained; every other component is copied unchanged when the model is saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlgen.errors import RlgenError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INFO_FILE = "rlgen_diffusion.json"  # rlgen's notes on a pipeline: class names, recommended sampling
+DENOISERS = ("unet", "transformer")
+
+
+@dataclass
+class DiffusionModelConfig:
+    path: str = "tiny-digits"
+    dtype: str = "float32"
+    lora_r: int = 0  # 0 = full fine-tuning of the denoiser; > 0 trains a peft LoRA adapter on it
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_merge_on_save: bool = True  # final/ holds merged weights; false keeps the adapter beside the base
+
+    def validate(self):
+        if self.dtype not in DTYPES:
+            raise RlgenError(f"config key 'model.dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.lora_r < 0:
+            raise RlgenError("config key 'model.lora_r' must be >= 0")
+
+
+def is_diffusion_dir(path: Path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def resolve_pipeline_path(name_or_path: str) -> Path:
+    from rlgen.plugins import registry
+
+    models = registry("model")
+    if name_or_path in models:
+        path = Path(models.get(name_or_path))
+    else:
+        path = Path(name_or_path)
+        if not path.exists():
+            raise RlgenError(f"unknown model '{name_or_path}': not a built-in name ({', '.join(models.names())}) nor an existing directory")
+    if not is_diffusion_dir(path):
+        raise RlgenError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    return path
+
+
+def _quiet_diffusers() -> None:
+    import diffusers
+
+    from rlgen.models.causal_lm import quiet_transformers
+
+    quiet_transformers()
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _load_component(path: Path, name: str, spec, dtype=None):
+    import importlib
+
+    library, class_name = spec
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError):
+        raise RlgenError(f"{path}/model_index.json: component '{name}' has unknown class {library}.{class_name}") from None
+    kwargs = {"torch_dtype": dtype} if dtype is not None and hasattr(cls, "parameters") else {}
+    try:
+        return cls.from_pretrained(str(path / name), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line naming the component
+        raise RlgenError(f"cannot load '{name}' ({class_name}) from {path / name}: {str(exc).splitlines()[0]}") from None
+
+
+class DiffusionModel(nn.Module):
+    """The pieces sampling and training need, behind one interface:
+
+    - `conditioning(prompts, records)` / `null_conditioning(n)`: class labels or text embeddings;
+    - `predict(x, t, cond, null, guidance_scale)`: the denoiser output with classifier-free guidance;
+    - `decode(latents)`: images in [0, 1];
+    - `family`: "ddim" (DDPM-family scheduler, DDIM steps) or "flow" (flow matching, Euler/SDE steps).
+    """
+
+    def __init__(self, path: Path, components: dict, info: dict):
+        super().__init__()
+        self.path = Path(path)
+        self.info = info
+        self.denoiser_name = next((n for n in DENOISERS if n in components), None)
+        if self.denoiser_name is None:
+            raise RlgenError(f"{path}: no denoiser (expected one of: {', '.join(DENOISERS)}) in model_index.json")
+        self.denoiser = components[self.denoiser_name]
+        self.scheduler = components.get("scheduler")
+        if self.scheduler is None:
+            raise RlgenError(f"{path}: no scheduler in model_index.json")
+        self.text_encoder = components.get("text_encoder")
+        self.tokenizer = components.get("tokenizer")
+        self.vae = components.get("vae")
+        for frozen in (self.text_encoder, self.vae):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval()
+        kind = type(self.denoiser).__name__
+        if kind not in ("UNet2DModel", "UNet2DConditionModel"):
+            raise RlgenError(f"{path}: denoiser {kind} is not supported yet (UNet2DModel, UNet2DConditionModel)")
+        self.family = "flow" if "FlowMatch" in type(self.scheduler).__name__ else "ddim"
+        if self.family == "ddim" and not hasattr(self.scheduler, "alphas_cumprod"):
+            raise RlgenError(f"{path}: scheduler {type(self.scheduler).__name__} has no alphas_cumprod (DDPM family) and is not flow matching")
+        self.text_conditioned = kind == "UNet2DConditionModel"
+        self.class_names = [str(c).lower() for c in info.get("class_names", [])]
+        self._reference: nn.Module | None = None
+        self.lora = False
+
+    # --- shapes and conditioning ---
+    @property
+    def base_denoiser(self) -> nn.Module:
+        inner = self.denoiser
+        return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.base_denoiser.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, h, w)
+
+    @property
+    def prediction_type(self) -> str:
+        return getattr(self.scheduler.config, "prediction_type", "epsilon") or "epsilon"
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.base_denoiser.config, "num_class_embeds", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def class_of(self, prompt: str, record: dict | None = None) -> int:
+        if record is not None and isinstance(record.get("label"), int):
+            return int(record["label"])
+        text = str(prompt).strip().lower()
+        if text in self.class_names:
+            return self.class_names.index(text)
+        if self.info.get("prompt_parser") == "digits":
+            from rlgen.diffusion.digits import parse_digit_prompt
+
+            label = parse_digit_prompt(text)
+            if label is not None:
+                return label
+        if text.isdigit() and int(text) < len(self.class_names or range(self.num_classes - 1)):
+            return int(text)
+        known = ", ".join(self.class_names) or "class numbers"
+        raise RlgenError(f"prompt {prompt!r} names no class of {self.path.name} (known: {known})")
+
+    def conditioning(self, prompts: list[str], records: list[dict] | None = None) -> torch.Tensor | None:
+        if self.text_conditioned:
+            return self._encode_text(prompts)
+        if self.num_classes:
+            records = records or [None] * len(prompts)
+            return torch.tensor([self.class_of(p, r) for p, r in zip(prompts, records)], device=self.device)
+        return None
+
+    def null_conditioning(self, n: int) -> torch.Tensor | None:
+        if self.text_conditioned:
+            return self._encode_text([""] * n)
+        if self.num_classes:
+            null = self.info.get("null_class", self.num_classes - 1)
+            return torch.full((n,), int(null), dtype=torch.long, device=self.device)
+        return None
+
+    @torch.no_grad()
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        if self.tokenizer is None or self.text_encoder is None:
+            raise RlgenError(f"{self.path}: a text-conditioned denoiser needs 'tokenizer' and 'text_encoder' components")
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    # --- the denoiser ---
+    def _forward(self, net, x, t, cond):
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        if self.text_conditioned:
+            return net(x, t, encoder_hidden_states=cond).sample
+        if cond is not None:
+            return net(x, t, class_labels=cond).sample
+        return net(x, t).sample
+
+    def predict(self, x, t, cond, null=None, guidance_scale: float = 1.0, reference: bool = False):
+        """Denoiser output; with guidance_scale != 1 the classifier-free-guided combination
+        uncond + w * (cond - uncond), both branches in one batched forward (as DDPO trains it)."""
+        net = self.denoiser
+        with self.reference_mode() if reference else contextlib.nullcontext():
+            if reference and self._reference is not None:
+                net = self._reference
+            if guidance_scale == 1.0 or cond is None:
+                return self._forward(net, x, t, cond)
+            t = torch.as_tensor(t, device=x.device)
+            both = self._forward(net, torch.cat([x, x]), torch.cat([t.expand(x.shape[0])] * 2), torch.cat([null, cond]))
+            uncond, conditional = both.chunk(2)
+            return uncond + guidance_scale * (conditional - uncond)
+
+    @contextlib.contextmanager
+    def reference_mode(self):
+        """The frozen reference denoiser: the base with the LoRA adapter switched off, or a frozen copy."""
+        if self.lora:
+            with self.denoiser.disable_adapter():
+                yield
+        else:
+            yield
+
+    def keep_reference(self) -> None:
+        """Keep a frozen copy for KL / DPO references when the whole denoiser is trained (LoRA needs none)."""
+        if not self.lora and self._reference is None:
+            self._reference = copy.deepcopy(self.base_denoiser).requires_grad_(False).eval()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from final latents (through the VAE when the pipeline has one)."""
+        if self.vae is not None:
+            scaling = getattr(self.vae.config, "scaling_factor", 1.0)
+            latents = self.vae.decode(latents / scaling).sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    # --- saving ---
+    def save(self, out_dir: Path, merge_lora: bool = True) -> None:
+        """Write a complete diffusers directory atomically; only the denoiser differs from the base."""
+        from rlgen.models.causal_lm import replace_dir
+
+        out_dir = Path(out_dir)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(self.path, tmp, ignore=shutil.ignore_patterns(self.denoiser_name, f"{self.denoiser_name}_lora"))
+        net = self.denoiser
+        if self.lora and merge_lora:
+            net = copy.deepcopy(net).merge_and_unload()
+        if self.lora and not merge_lora:
+            shutil.copytree(self.path / self.denoiser_name, tmp / self.denoiser_name)
+            net.save_pretrained(str(tmp / f"{self.denoiser_name}_lora"), safe_serialization=True)
+        else:
+            net.save_pretrained(str(tmp / self.denoiser_name), safe_serialization=True)
+        replace_dir(tmp, out_dir)
+
+
+def add_lora(model: DiffusionModel, cfg: DiffusionModelConfig) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), init_lora_weights="gaussian")
+    try:
+        model.denoiser = get_peft_model(model.denoiser, lora)
+    except ValueError as exc:
+        raise RlgenError(f"config key 'model.lora_target_modules': {str(exc).splitlines()[0]}") from None
+    model.lora = True
+
+
+def load_diffusion_model(cfg: DiffusionModelConfig, adapter_dir: Path | None = None) -> DiffusionModel:
+    """Load a pipeline directory (built-in name or path); LoRA attached when cfg.lora_r > 0
+    (from `adapter_dir` when resuming)."""
+    _quiet_diffusers()
+    path = resolve_pipeline_path(cfg.path)
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise RlgenError(f"{path}/model_index.json: bad JSON ({exc})") from None
+    info = json.loads((path / INFO_FILE).read_text()) if (path / INFO_FILE).is_file() else {}
+    dtype = DTYPES[cfg.dtype]
+    components = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        components[name] = _load_component(path, name, spec, dtype)
+    model = DiffusionModel(path, components, info)
+    lora_dir = path / f"{model.denoiser_name}_lora"
+    if adapter_dir is None and lora_dir.is_dir():  # a directory saved with lora_merge_on_save = false
+        from peft import PeftModel
+
+        model.denoiser = PeftModel.from_pretrained(model.denoiser, str(lora_dir)).merge_and_unload()
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model.denoiser = PeftModel.from_pretrained(model.denoiser, str(adapter_dir), is_trainable=True)
+        model.lora = True
+    elif cfg.lora_r > 0:
+        add_lora(model, cfg)
+    return model

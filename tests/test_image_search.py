@@ -1,0 +1,79 @@
+"""Test-time search for image models: best-of-n, ReNO and FK steering on a small class-conditional pipeline."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
+from rlgen.diffusion.sampling import DiffusionSamplingParams
+from rlgen.diffusion.search import best_of_n, chi2_norm_penalty, fk_steering, plain, reno
+from rlgen.rewards.base import RewardSet, RewardSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("init")
+    subprocess.run([sys.executable, str(ROOT / "recipes/tiny-digits/make_init.py"), str(out)], check=True, capture_output=True)
+    m = load_diffusion_model(DiffusionModelConfig(path=str(out / "tiny-digits")))
+    return m.eval()
+
+
+RECORDS = [{"prompt": "three", "label": 3}, {"prompt": "seven", "label": 7}]
+PARAMS = DiffusionSamplingParams(num_steps=4, eta=1.0, noise_level=0.7)
+
+
+def _brightness(samples):
+    return torch.stack([s["image"].mean() for s in samples])
+
+
+def test_chi2_penalty_is_smallest_in_the_gaussian_typical_set():
+    d = 64
+    radii = torch.tensor([0.5, 1.0, 1.5])  # ||z|| = radius * sqrt(d - 2): the chi-square mode at radius 1
+    noise = torch.ones(3, d) / d**0.5 * (radii * (d - 2) ** 0.5).unsqueeze(1)
+    penalty = chi2_norm_penalty(noise.view(3, 1, 8, 8))
+    assert penalty[1] < penalty[0] and penalty[1] < penalty[2]
+
+
+def test_best_of_n_keeps_the_brightest_of_the_same_candidates(model):
+    rewards = RewardSet([RewardSpec("brightness")])
+    picked = best_of_n(model, [r["prompt"] for r in RECORDS], PARAMS, torch.Generator().manual_seed(5), rewards=rewards,
+                       records=RECORDS, n=4)
+    candidates = plain(model, None, PARAMS, torch.Generator().manual_seed(5),
+                       records=[r for r in RECORDS for _ in range(4)])
+    best = _brightness(candidates).view(2, 4).max(dim=1).values
+    assert torch.allclose(_brightness(picked), best)
+    assert [s["prompt"] for s in picked] == ["three", "seven"]
+
+
+def test_fk_steering_with_one_particle_is_plain_sampling(model):
+    rewards = RewardSet([RewardSpec("brightness")])
+    steered = fk_steering(model, None, PARAMS, torch.Generator().manual_seed(3), rewards=rewards, records=RECORDS, particles=1)
+    drawn = plain(model, None, PARAMS, torch.Generator().manual_seed(3), records=RECORDS)
+    assert torch.equal(torch.stack([s["image"] for s in steered]), torch.stack([s["image"] for s in drawn]))
+
+
+def test_fk_steering_resamples_towards_the_reward(model):
+    rewards = RewardSet([RewardSpec("brightness")])
+    stats = {}
+    records = RECORDS * 4
+    steered = fk_steering(model, None, PARAMS, torch.Generator().manual_seed(0), rewards=rewards, records=records,
+                          particles=6, lam=200.0, resample_every=1, ess_threshold=1.0, stats=stats)
+    drawn = plain(model, None, PARAMS, torch.Generator().manual_seed(0), records=records)
+    assert stats["resamples"] > 0
+    assert _brightness(steered).mean() > _brightness(drawn).mean()
+
+
+def test_reno_does_not_lose_reward_and_keeps_its_best_iterate(model):
+    rewards = RewardSet([RewardSpec("brightness")])
+    start = reno(model, None, PARAMS, torch.Generator().manual_seed(1), rewards=rewards, records=RECORDS, iterations=0)
+    ode = plain(model, None, PARAMS.deterministic(), torch.Generator().manual_seed(1), records=RECORDS)
+    assert torch.allclose(torch.stack([s["image"] for s in start]), torch.stack([s["image"] for s in ode]), atol=1e-6)
+    improved = reno(model, None, PARAMS, torch.Generator().manual_seed(1), rewards=rewards, records=RECORDS,
+                    iterations=5, lr=5.0)
+    assert (_brightness(improved) >= _brightness(start) - 1e-6).all()
+    assert _brightness(improved).mean() > _brightness(start).mean()
+    assert all(p.requires_grad for p in model.denoiser.parameters())  # the model is left trainable as found
