@@ -315,7 +315,7 @@ def test_sample_writes_pngs_jsonl_and_grid(sampled):
         assert grid.size == (2 * (16 * 4 + 1) + 1, 3 * (16 * 4 + 1) + 1)
 
 
-def test_score_and_pairs_on_image_samples(sampled):
+def test_score_and_pairs_on_image_samples(sampled, digits):
     ok("score", sampled / "s.jsonl", "-r", "brightness", "--out", sampled / "scored.jsonl", "--quiet")
     scored = read_jsonl(sampled / "scored.jsonl")
     assert [r["image"] for r in scored] == [r["image"] for r in read_jsonl(sampled / "s.jsonl")]  # kept relative
@@ -333,12 +333,23 @@ def test_score_and_pairs_on_image_samples(sampled):
         assert pair["chosen_score"] == group[pair["chosen"]] and pair["id"] in (1, 2, 3)
         assert "image" not in pair and "sample_index" not in pair
 
-    # Diffusion-DPO trains in pixel space only: a VAE pipeline is refused before anything is written
-    line = one_line_error("train", "diffusion-dpo", "--model", sampled.parent / "pipe-ddim",
-                          "--data", sampled / "pairs.jsonl", "--steps", 1, "--out", sampled / "dpo-run",
-                          "--set", "data.eval_samples=0", "--quiet")
-    assert "VAE" in line and "diffusion-dpo" in line
-    assert not (sampled / "dpo-run").exists()
+    # Diffusion-DPO on a latent pipeline: the pair images are VAE-encoded once and trained on as latents;
+    # policy == reference at step 1, so the loss is log 2
+    ok("train", "diffusion-dpo", "--model", sampled.parent / "pipe-ddim", "--data", sampled / "pairs.jsonl",
+       "--steps", 2, "--out", sampled / "dpo-run", "--set", "data.eval_samples=0", "--set", "run.threads=1", "--quiet")
+    metrics = read_jsonl(sampled / "dpo-run" / "metrics.jsonl")
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and metrics[0]["implicit_acc"] == 0.5
+    assert (sampled / "dpo-run" / "final" / "unet").is_dir()
+    # diffusion-sft on the same latent pipeline: the sampled PNGs as a dataset, VAE-encoded the same way
+    ok("train", "diffusion-sft", "--model", sampled.parent / "pipe-ddim", "--data", sampled / "s.jsonl", "--steps", 2,
+       "--out", sampled / "sft-run", "--set", "algorithm.batch_size=4", "--set", "data.eval_samples=0",
+       "--set", "run.threads=1", "--quiet")
+    assert [r["step"] for r in read_jsonl(sampled / "sft-run" / "metrics.jsonl")] == [1, 2]
+    # pairs of 16x16 RGB images do not fit the 8x8 grey pixel-space pipeline: one line naming the file
+    line = one_line_error("train", "diffusion-dpo", "--model", digits / "tiny-digits", "--data", sampled / "pairs.jsonl",
+                          "--steps", 1, "--out", sampled / "dpo-bad", "--set", "data.eval_samples=0", "--quiet")
+    assert "pairs.jsonl" in line and "(3, 16, 16)" in line and "(1, 8, 8)" in line
+    assert not (sampled / "dpo-bad").exists()
 
 
 def test_eval_matches_sample_then_score(sampled):

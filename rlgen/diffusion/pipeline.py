@@ -227,12 +227,35 @@ class DiffusionModel(nn.Module):
         if not self.lora and self._reference is None:
             self._reference = copy.deepcopy(self.base_denoiser).requires_grad_(False).eval()
 
+    def _vae_scale(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        return float(getattr(cfg, "scaling_factor", None) or 1.0), float(getattr(cfg, "shift_factor", None) or 0.0)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] from final latents (through the VAE when the pipeline has one)."""
         if self.vae is not None:
-            scaling = getattr(self.vae.config, "scaling_factor", 1.0)
-            latents = self.vae.decode(latents / scaling).sample
+            scaling, shift = self._vae_scale()
+            latents = self.vae.decode(latents / scaling + shift).sample
         return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, batch_size: int = 64, source: str = "images") -> torch.Tensor:
+        """The denoiser's clean samples x0 for training images [N, C, H, W] in [0, 1]: the pixels in [-1, 1],
+        or the VAE's latent means (scaled and shifted as diffusers' training scripts do)."""
+        pixels = images * 2 - 1
+        if self.vae is None:
+            encoded = pixels
+        else:
+            expected = getattr(self.vae.config, "in_channels", pixels.shape[1])
+            if pixels.shape[1] == 1 and expected == 3:
+                pixels = pixels.repeat(1, 3, 1, 1)
+            scaling, shift = self._vae_scale()
+            parts = [self.vae.encode(part.to(self.device)).latent_dist.mean for part in pixels.split(batch_size)]
+            encoded = (torch.cat(parts) - shift) * scaling
+        if tuple(encoded.shape[1:]) != self.latent_shape:
+            kind = "encode to" if self.vae is not None else "are"
+            raise RlgenError(f"{source} {kind} {tuple(encoded.shape[1:])} but {self.path} denoises {self.latent_shape}")
+        return encoded.cpu()
 
     # --- saving ---
     def save(self, out_dir: Path, merge_lora: bool = True) -> None:

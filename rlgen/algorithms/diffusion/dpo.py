@@ -1,6 +1,7 @@
 """`rlgen train diffusion-dpo`: Diffusion-DPO on preference pairs of images (`prompt`, `chosen`, `rejected`
 PNG paths, e.g. from `rlgen sample ... | rlgen score | rlgen pairs`). Both images of a pair are noised with
-the same noise at the same time; the policy's denoising error gap is compared with the reference's."""
+the same noise at the same time (in the VAE's latent space for latent pipelines); the policy's denoising
+error gap is compared with the reference's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         if not data.path:
             raise RlgenError("no pairs: give --data PAIRS.jsonl (prompt, chosen, rejected image paths)")
         self.pairs, chosen, rejected = read_image_pairs(data.path)
-        self.chosen, self.rejected = chosen * 2 - 1, rejected * 2 - 1
+        self.chosen, self.rejected = chosen, rejected  # pixels in [0, 1]; encoded once the model is loaded
         if data.task and data.eval_samples:
             from rlgen.plugins import registry
 
@@ -73,10 +74,9 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         self.eval_rewards = RewardSet(self.config.rewards)
 
     def prepare(self) -> None:
-        if self.model.vae is not None:
-            raise RlgenError("diffusion-dpo on latent pipelines (with a VAE) is not supported yet")
-        if tuple(self.chosen.shape[1:]) != self.model.latent_shape:
-            raise RlgenError(f"pair images are {tuple(self.chosen.shape[1:])} but {self.model.path} denoises {self.model.latent_shape}")
+        source = f"{self.config.data.path}: pair images"
+        self.chosen = self.model.encode(self.chosen, source=source)
+        self.rejected = self.model.encode(self.rejected, source=source)
         self.model.keep_reference()
 
     def train_step(self) -> dict:

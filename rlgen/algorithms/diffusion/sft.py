@@ -81,7 +81,7 @@ def sloppy_labels(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch
 class DiffusionSFTTrainer(DiffusionTrainer):
     def prepare_data(self) -> None:
         images, self.records = load_image_dataset(self.config.data)
-        self.images = images * 2 - 1  # the denoiser works in [-1, 1]
+        self.images = images  # pixels in [0, 1]; encoded once the model is loaded
         data = self.config.data
         if data.eval_task and data.eval_samples:
             from rlgen.plugins import registry
@@ -90,10 +90,7 @@ class DiffusionSFTTrainer(DiffusionTrainer):
             self.eval_rewards = RewardSet(self.config.rewards)
 
     def prepare(self) -> None:
-        if tuple(self.images.shape[1:]) != self.model.latent_shape and self.model.vae is None:
-            raise RlgenError(f"images are {tuple(self.images.shape[1:])} but {self.model.path} denoises {self.model.latent_shape}")
-        if self.model.vae is not None:
-            raise RlgenError("diffusion-sft on latent pipelines (with a VAE) is not supported yet")
+        self.images = self.model.encode(self.images, source=self.config.data.path or f"dataset {self.config.data.dataset}")
 
     def train_step(self) -> dict:
         a = self.config.algorithm
