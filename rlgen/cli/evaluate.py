@@ -57,13 +57,14 @@ def evaluate(
     json_output: bool = opt.Json,
 ):
     from rlgen.cli.report import Reporter
+    from rlgen.diffusion.pipeline import is_image_model
 
     reporter = Reporter(quiet=quiet, json_output=json_output)
     if rm:
         if model:
             raise RlgenError("give either --rm (pairwise accuracy of a reward model) or --model, not both")
         result = _eval_reward_model(rm, data, limit)
-    elif model and _is_image_model(model):
+    elif is_image_model(model):
         result = _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_out, sampler, sampler_opt,
                                    sampler_reward, num_steps, guidance_scale, eta)
     elif model:
@@ -115,12 +116,6 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
             **result["metrics"]}
 
 
-def _is_image_model(model: str) -> bool:
-    from rlgen.cli.sample import _is_image_model as is_image
-
-    return is_image(model)
-
-
 def _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_out, sampler, sampler_opt, sampler_reward,
                       num_steps, guidance_scale, eta) -> dict:
     """Reward statistics of k images per prompt at fixed seeds (overall and per prompt)."""
@@ -135,6 +130,8 @@ def _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_
 
     if not task and not data:
         raise RlgenError("--model needs --task NAME or --data FILE (prompts) to evaluate on")
+    if k < 1:
+        raise RlgenError("-k (images per prompt) must be >= 1")
     strategy, options, guide = (prepare_sampler(sampler, sampler_opt, sampler_reward, kind="image-sampler")
                                 if sampler else (None, {}, None))
     names = reward or (list(registry("task").get(task).default_rewards) if task and not data else [])
@@ -147,6 +144,7 @@ def _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_
     params.validate()
     diffusion = load_diffusion_model(DiffusionModelConfig(path=model))
     diffusion.eval()
+    diffusion.check_prompts(records)
     stats, samples = evaluate_image_model(diffusion, records, rewards, k, params, seed=seed, sampler=strategy,
                                           sampler_options=options, guide=guide)
     if samples_out:

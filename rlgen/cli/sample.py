@@ -72,6 +72,7 @@ def sample(
 
     from rlgen.cli.report import Reporter
     from rlgen.data.records import write_records
+    from rlgen.diffusion.pipeline import is_image_model
     from rlgen.models.causal_lm import ModelConfig, load_policy
     from rlgen.rollout.engine import HFEngine, SamplingParams
     from rlgen.rollout.samplers import call_sampler, prepare_sampler
@@ -79,7 +80,7 @@ def sample(
     if n < 1:
         raise RlgenError("-n must be >= 1")
     reporter = Reporter(quiet=quiet)
-    if _is_image_model(model):
+    if is_image_model(model):
         from rlgen.cli.sample_images import sample_images_cli
 
         records = prompt_records(task, prompts, split, limit)
@@ -110,18 +111,6 @@ def sample(
     if stats:
         reporter.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
     write_records(results, out)
-
-
-def _is_image_model(model: str | None) -> bool:
-    from pathlib import Path
-
-    from rlgen.diffusion.pipeline import is_diffusion_dir
-    from rlgen.plugins import registry
-
-    if not model:
-        return False
-    models = registry("model")
-    return is_diffusion_dir(Path(models.get(model)) if model in models else Path(model))
 
 
 def register(app: typer.Typer) -> None:

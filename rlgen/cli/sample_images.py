@@ -28,6 +28,8 @@ def sample_images_cli(*, model: str, records: list[dict], n: int, sampler: str, 
     from rlgen.diffusion.sampling import DiffusionSamplingParams
     from rlgen.rollout.samplers import call_sampler, prepare_sampler
 
+    if batch_size < 1:
+        raise RlgenError("--batch-size must be >= 1")
     strategy, options, guide = prepare_sampler(sampler, sampler_opt, sampler_reward, kind="image-sampler")
     params = DiffusionSamplingParams(num_steps, guidance_scale, eta, eta)
     params.validate()
@@ -36,6 +38,7 @@ def sample_images_cli(*, model: str, records: list[dict], n: int, sampler: str, 
         raise RlgenError(f"image directory {folder} already exists and is not empty (choose another with --image-dir)")
     diffusion = load_diffusion_model(DiffusionModelConfig(path=model))
     diffusion.eval()
+    diffusion.check_prompts(records)
     generator = torch.Generator().manual_seed(seed)
     expanded = [{**r, "sample_index": i} for r in records for i in range(n)]
     tmp = folder.with_name(f".{folder.name}.tmp")

@@ -45,16 +45,26 @@ def is_diffusion_dir(path: Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
-def resolve_pipeline_path(name_or_path: str) -> Path:
+def model_dir(name_or_path: str) -> Path:
+    """A built-in model's directory, or the path as given (which may not exist)."""
     from rlgen.plugins import registry
 
     models = registry("model")
-    if name_or_path in models:
-        path = Path(models.get(name_or_path))
-    else:
-        path = Path(name_or_path)
-        if not path.exists():
-            raise RlgenError(f"unknown model '{name_or_path}': not a built-in name ({', '.join(models.names())}) nor an existing directory")
+    return Path(models.get(name_or_path)) if name_or_path in models else Path(name_or_path)
+
+
+def is_image_model(name_or_path: str | None) -> bool:
+    """Whether a --model value names a diffusers pipeline (built-in name or directory)."""
+    return bool(name_or_path) and is_diffusion_dir(model_dir(name_or_path))
+
+
+def resolve_pipeline_path(name_or_path: str) -> Path:
+    from rlgen.plugins import registry
+
+    path = model_dir(name_or_path)
+    if not path.exists():
+        known = ", ".join(registry("model").names())
+        raise RlgenError(f"unknown model '{name_or_path}': not a built-in name ({known}) nor an existing directory")
     if not is_diffusion_dir(path):
         raise RlgenError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
     return path
@@ -159,10 +169,16 @@ class DiffusionModel(nn.Module):
             label = parse_digit_prompt(text)
             if label is not None:
                 return label
-        if text.isdigit() and int(text) < len(self.class_names or range(self.num_classes - 1)):
+        if text.isdigit() and int(text) < (len(self.class_names) or self.num_classes - 1):  # the last class is the null one
             return int(text)
         known = ", ".join(self.class_names) or "class numbers"
         raise RlgenError(f"prompt {prompt!r} names no class of {self.path.name} (known: {known})")
+
+    def check_prompts(self, records: list[dict]) -> None:
+        """Fail before any sampling when a class-conditional model is given a prompt naming no class."""
+        if self.num_classes and not self.text_conditioned:
+            for record in records:
+                self.class_of(str(record["prompt"]), record)
 
     def conditioning(self, prompts: list[str], records: list[dict] | None = None) -> torch.Tensor | None:
         if self.text_conditioned:

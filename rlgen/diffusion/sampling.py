@@ -21,7 +21,7 @@ class DiffusionSamplingParams:
 
     def validate(self):
         if self.num_steps < 1:
-            raise RlgenError("sampling num_steps must be >= 1")
+            raise RlgenError("the number of sampling steps (--num-steps, sampling.num_steps) must be >= 1")
         if self.eta < 0 or self.noise_level < 0:
             raise RlgenError("sampling eta and noise_level must be >= 0")
 

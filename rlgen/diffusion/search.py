@@ -54,9 +54,7 @@ def reno(engine, prompts, params, generator=None, *, rewards, records=None, iter
          reg: float = 0.01, grad_clip: float = 0.1, stats=None):
     """ReNO: gradient ascent on the initial noise against the guide's differentiable form, through the
     whole (deterministic) sampling chain with per-step checkpointing; keeps the best iterate per image."""
-    from rlgen.algorithms.diffusion.base import check_rewards_differentiable, differentiable_reward
-
-    check_rewards_differentiable(rewards)
+    rewards.require_differentiable()
     records = _records(prompts, records)
     cond = engine.conditioning([str(r["prompt"]) for r in records], records)
     null = engine.null_conditioning(len(records)) if params.guidance_scale != 1.0 else None
@@ -72,7 +70,7 @@ def reno(engine, prompts, params, generator=None, *, rewards, records=None, iter
         for _ in range(iterations + 1):
             trajectory = sample(engine, cond, null, deterministic, noise=noise, grad_last=deterministic.num_steps,
                                 checkpointing=True, keep_trajectory=False)
-            score = differentiable_reward(rewards, trajectory.images, records)
+            score = rewards.differentiable_total(trajectory.images, records)
             with torch.no_grad():
                 better = score.detach().cpu() > best_score
                 best_score = torch.where(better, score.detach().cpu(), best_score)

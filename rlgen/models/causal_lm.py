@@ -50,8 +50,9 @@ def resolve_model_path(name_or_path: str) -> Path:
     from rlgen.plugins import registry
 
     models = registry("model")
-    candidate = Path(models.get(name_or_path)) if name_or_path in models else Path(name_or_path)
-    if (candidate / "model_index.json").is_file():
+    from rlgen.diffusion.pipeline import is_image_model
+
+    if is_image_model(name_or_path):
         raise RlgenError(f"'{name_or_path}' is a diffusers pipeline, not a causal LM: use it with a diffusion algorithm "
                          "(ddpo, flow-grpo, reward-backprop, diffusion-dpo, diffusion-sft) or `rlgen sample`")
     if name_or_path in models:

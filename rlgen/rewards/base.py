@@ -148,7 +148,8 @@ class RewardSet:
             valid[index] = False
             return
         prompt = str(sample.get("prompt", ""))[:60]
-        raise RewardError(f"reward '{spec.name}' {what} on sample {index} (prompt {prompt!r}, completion {str(sample.get('completion', ''))[:60]!r})")
+        field = "completion" if "completion" in sample or not isinstance(sample.get("image"), str) else "image"
+        raise RewardError(f"reward '{spec.name}' {what} on sample {index} (prompt {prompt!r}, {field} {str(sample.get(field, ''))[:60]!r})")
 
     def total(self, components: torch.Tensor) -> torch.Tensor:
         """The combined reward per sample, before shaping (default: the weighted sum, where a reward that does
@@ -200,6 +201,20 @@ class RewardSet:
             if getattr(self.functions[k], "is_correctness", False) and "accuracy" not in metrics:
                 metrics["accuracy"] = metrics[f"rewards/{name}/mean"]
         return metrics
+
+    def require_differentiable(self) -> None:
+        """Reward backprop and ReNO need every reward in a `.differentiable` form (image rewards: pixels -> [B])."""
+        for spec, fn in zip(self.specs, self.functions):
+            if getattr(fn, "differentiable", None) is None:
+                raise RlgenError(f"reward '{spec.name}' is not differentiable (reward backprop and reno need rewards with a "
+                                 f"`.differentiable` form, e.g. digit-classifier, brightness, contrast, aesthetic)")
+
+    def differentiable_total(self, images: torch.Tensor, samples: list[dict]) -> torch.Tensor:
+        """Weighted sum of the rewards' differentiable forms, [B] with the graph to the pixels."""
+        total = torch.zeros(images.shape[0], dtype=images.dtype, device=images.device)
+        for spec, fn in zip(self.specs, self.functions):
+            total = total + spec.weight * fn.differentiable(images, samples, **spec.options)
+        return total
 
     def state(self) -> dict:
         """JSON-safe state to keep across a resumed run (the shaping's frozen statistics)."""

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from rlgen.diffusion.pipeline import load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
 from rlgen.errors import RlgenError
@@ -76,6 +74,12 @@ class DiffusionTrainer(Trainer):
             self.model.denoiser.load_state_dict(saved.denoiser.state_dict())
         super()._restore(checkpoint)
 
+    records: list[dict] = []  # training prompts (records with `prompt`), set by prepare_data
+
+    def prepare(self) -> None:
+        """Every prompt must condition the model: a class-conditional one fails here, before any sampling."""
+        self.model.check_prompts(self.records + (self.eval_records or []))
+
     def save_model(self, out_dir: Path, final: bool) -> None:
         self.model.save(out_dir, merge_lora=final and self.config.model.lora_merge_on_save)
 
@@ -100,11 +104,11 @@ class DiffusionTrainer(Trainer):
         self.model.eval()
         samples = generate_images(self.model, self.eval_records, e.images_per_prompt, params, seed=e.seed, batch_size=e.batch_size)
         self.model.train()
-        _, valid, total = self.eval_rewards.score(samples)
-        out = {"eval/reward": float(total[valid].mean())}
-        components, _ = self.eval_rewards.compute(samples)
-        for k, name in enumerate(self.eval_rewards.names):
-            out[f"eval/{name}"] = float(components[:, k].nanmean())
+        from rlgen.evaluation.images import reward_statistics
+
+        stats = reward_statistics(samples, self.eval_rewards)  # one scoring pass for every figure
+        out = {"eval/reward": stats["reward_mean"]}
+        out.update({f"eval/{name}": stats[f"rewards/{name}/mean"] for name in self.eval_rewards.names})
         return out
 
 
@@ -114,17 +118,3 @@ def _adapter_dir(model_dir: Path) -> Path:
             return model_dir / name
     raise RlgenError(f"checkpoint {model_dir} has no LoRA adapter (unet_lora/)")
 
-
-def check_rewards_differentiable(reward_set) -> None:
-    for spec, fn in zip(reward_set.specs, reward_set.functions):
-        if getattr(fn, "differentiable", None) is None:
-            raise RlgenError(f"reward '{spec.name}' is not differentiable (reward backprop and reno need rewards with a "
-                             f"`.differentiable` form, e.g. digit-classifier, brightness, contrast, aesthetic)")
-
-
-def differentiable_reward(reward_set, images: torch.Tensor, samples: list[dict]) -> torch.Tensor:
-    """Weighted sum of the rewards' differentiable forms, [B] with the graph to the pixels."""
-    total = torch.zeros(images.shape[0], dtype=images.dtype, device=images.device)
-    for spec, fn in zip(reward_set.specs, reward_set.functions):
-        total = total + spec.weight * fn.differentiable(images, samples, **spec.options)
-    return total

@@ -74,9 +74,11 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         self.eval_rewards = RewardSet(self.config.rewards)
 
     def prepare(self) -> None:
+        super().prepare()
         source = f"{self.config.data.path}: pair images"
         self.chosen = self.model.encode(self.chosen, source=source)
         self.rejected = self.model.encode(self.rejected, source=source)
+        self.model.check_prompts(self.pairs)
         self.model.keep_reference()
 
     def train_step(self) -> dict:

@@ -19,7 +19,7 @@ from rlgen.algorithms.diffusion.base import (
 from rlgen.algorithms.losses import LossContext, clipped_surrogate
 from rlgen.diffusion.generate import expand, rollout
 from rlgen.diffusion.pipeline import DiffusionModelConfig
-from rlgen.diffusion.sampling import denoise_step, stochastic
+from rlgen.diffusion.sampling import denoise_step, make_schedule, stochastic
 from rlgen.diffusion.stat_tracking import PerPromptStatTracker
 from rlgen.diffusion.steps import step_kl
 from rlgen.errors import RlgenError
@@ -102,9 +102,11 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         self._order: list[int] = []
 
     def prepare(self) -> None:
+        super().prepare()
         if self.config.algorithm.beta > 0:
             self.model.keep_reference()
         self.train_steps = self._trained_steps()
+        self.schedule = make_schedule(self.model, self.params.num_steps)  # the rollouts' step coefficients
 
     def _trained_steps(self) -> list[int]:
         """Step indices trained on: the stochastic ones (an SDE window restricts them), the first fraction."""
@@ -209,10 +211,8 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
                     for j in range(step_order.shape[1]):
                         stats = self._micro_step(latents, old_log_probs, cond, null, advantages, rows, step_order[:, j],
                                                  scale=1.0 / (len(batches) * step_order.shape[1]))
-                        if first_ratio is None:
-                            first_ratio = stats.pop("max_abs_ratio_minus_one")
-                        else:
-                            stats.pop("max_abs_ratio_minus_one")
+                        deviation = stats.pop("max_abs_ratio_minus_one")
+                        first_ratio = deviation if first_ratio is None else first_ratio
                         for key, value in stats.items():
                             sums[key] = sums.get(key, 0.0) + value
                         counts += 1
@@ -229,11 +229,11 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         x_next = latents[rows, step_index + 1]
         c = cond[rows] if cond is not None else None
         n = null[rows] if null is not None else None
-        schedule = self._schedule()
+        schedule = self.schedule
         index = step_index if self.config.algorithm.shuffle_timesteps else int(step_index[0])
         result = denoise_step(self.model, schedule, index, x_t, c, n, self.params, prev_sample=x_next)
         old = old_log_probs[rows, step_index]
-        per_sample, clip = clipped_surrogate(result.log_prob.unsqueeze(-1), old.unsqueeze(-1), advantages[rows],
+        per_sample, _ = clipped_surrogate(result.log_prob.unsqueeze(-1), old.unsqueeze(-1), advantages[rows],
                                              torch.ones(len(rows), 1), LossContext(epsilon=a.clip_range))
         loss = per_sample.mean()
         stats = {}
@@ -256,15 +256,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
                 "ratio_mean": float(ratio.mean()),
                 "max_abs_ratio_minus_one": float((ratio - 1).abs().max()),
             })
-        del clip
         return stats
-
-    def _schedule(self):
-        if not hasattr(self, "_cached_schedule"):
-            from rlgen.diffusion.sampling import make_schedule
-
-            self._cached_schedule = make_schedule(self.model, self.params.num_steps)
-        return self._cached_schedule
 
 
 def _cat(parts):

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.algorithms.diffusion.base import (
-    DiffusionTrainer, EvalSamplingConfig, PromptDataConfig, SamplingConfig, check_rewards_differentiable,
-    default_image_rewards, differentiable_reward,
+    DiffusionTrainer, EvalSamplingConfig, PromptDataConfig, SamplingConfig, default_image_rewards,
 )
 from rlgen.diffusion.generate import expand
 from rlgen.diffusion.pipeline import DiffusionModelConfig
@@ -52,7 +51,7 @@ class RewardBackpropTrainer(DiffusionTrainer):
     def prepare_data(self) -> None:
         self.load_prompts()
         self.rewards = RewardSet(self.config.rewards)
-        check_rewards_differentiable(self.rewards)
+        self.rewards.require_differentiable()
         self.eval_rewards = self.rewards
         self.params = self.config.sampling.params()
         if self.config.algorithm.backprop_steps > self.params.num_steps:
@@ -69,7 +68,7 @@ class RewardBackpropTrainer(DiffusionTrainer):
         noise = torch.randn((len(records), *self.model.latent_shape), generator=self.generator).to(self.model.device)
         trajectory = sample(self.model, cond, null, self.params, self.generator, noise=noise, grad_last=k,
                             checkpointing=a.gradient_checkpointing, keep_trajectory=False)
-        reward = differentiable_reward(self.rewards, trajectory.images, records)
+        reward = self.rewards.differentiable_total(trajectory.images, records)
         loss = (reward - a.reward_target).abs().mean() if a.reward_target is not None else -reward.mean()
         loss.backward()
         grad_norm = self.optimizer_step()

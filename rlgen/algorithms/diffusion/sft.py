@@ -90,6 +90,7 @@ class DiffusionSFTTrainer(DiffusionTrainer):
             self.eval_rewards = RewardSet(self.config.rewards)
 
     def prepare(self) -> None:
+        super().prepare()
         self.images = self.model.encode(self.images, source=self.config.data.path or f"dataset {self.config.data.dataset}")
 
     def train_step(self) -> dict:
