@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlgen.diffusion.sampling import DiffusionSamplingParams, Trajectory, sample
+from rlgen.diffusion.sampling import DiffusionSamplingParams, Trajectory, initial_noise, sample
 
 
 @dataclass
@@ -28,7 +28,7 @@ def rollout(model, records: list[dict], params: DiffusionSamplingParams, generat
     cond = model.conditioning(prompts, records)
     null = model.null_conditioning(len(records)) if params.guidance_scale != 1.0 else None
     if cond is None and noise is None:
-        noise = torch.randn((len(records), *model.latent_shape), generator=generator).to(model.device)
+        noise = initial_noise(model, len(records), generator)
     trajectory = sample(model, cond, null, params, generator, noise=noise, **sample_options)
     images = trajectory.images.detach().cpu()
     samples = [{**record, "image": images[i]} for i, record in enumerate(records)]

@@ -91,8 +91,7 @@ class Trajectory:
     latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0
     log_probs: torch.Tensor  # [B, T]
     schedule: Schedule
-    final: torch.Tensor  # [B, C, H, W] (keeps the graph under reward backprop)
-    images: torch.Tensor  # [B, C, H, W] in [0, 1]
+    images: torch.Tensor  # [B, C, H, W] in [0, 1] (keeps the graph under reward backprop)
 
 
 def initial_noise(model, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -138,7 +137,7 @@ def sample(model, cond, null, params: DiffusionSamplingParams, generator: torch.
     else:
         stacked = torch.empty(0)
     images = model.decode(x) if grad_last > 0 else _decode_no_grad(model, x)
-    return Trajectory(stacked, torch.stack(log_probs, dim=1), schedule, x, images)
+    return Trajectory(stacked, torch.stack(log_probs, dim=1), schedule, images)
 
 
 def _noisy(params: DiffusionSamplingParams, schedule: Schedule) -> bool:

@@ -12,7 +12,7 @@ import math
 import torch
 
 from rlgen.diffusion.generate import rollout
-from rlgen.diffusion.sampling import sample
+from rlgen.diffusion.sampling import initial_noise, sample
 from rlgen.errors import RlgenError
 from rlgen.hookspecs import hookimpl
 from rlgen.rollout.samplers import effective_sample_size, resample_indices, update_log_weights
@@ -58,7 +58,7 @@ def reno(engine, prompts, params, generator=None, *, rewards, records=None, iter
     records = _records(prompts, records)
     cond = engine.conditioning([str(r["prompt"]) for r in records], records)
     null = engine.null_conditioning(len(records)) if params.guidance_scale != 1.0 else None
-    noise = torch.randn((len(records), *engine.latent_shape), generator=generator).to(engine.device)
+    noise = initial_noise(engine, len(records), generator)
     noise.requires_grad_(True)
     optimizer = torch.optim.SGD([noise], lr=lr, momentum=0.9, nesterov=True)
     deterministic = params.deterministic()

@@ -19,7 +19,7 @@ from rlgen.algorithms.diffusion.base import (
 from rlgen.algorithms.losses import LossContext, clipped_surrogate
 from rlgen.diffusion.generate import expand, rollout
 from rlgen.diffusion.pipeline import DiffusionModelConfig
-from rlgen.diffusion.sampling import denoise_step, make_schedule, stochastic
+from rlgen.diffusion.sampling import denoise_step, initial_noise, make_schedule, stochastic
 from rlgen.diffusion.stat_tracking import PerPromptStatTracker
 from rlgen.diffusion.steps import step_kl
 from rlgen.errors import RlgenError
@@ -145,12 +145,12 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         rollouts = []
         group_noise = None
         if r.same_noise_in_group:  # one initial noise per prompt group
-            group_noise = torch.randn((r.prompts_per_step, *self.model.latent_shape), generator=self.generator)
+            group_noise = initial_noise(self.model, r.prompts_per_step, self.generator)
         for start in range(0, len(records), r.batch_size):
             part = records[start : start + r.batch_size]
             noise = None
             if group_noise is not None:
-                noise = group_noise[[(start + i) // r.images_per_prompt for i in range(len(part))]].to(self.model.device)
+                noise = group_noise[[(start + i) // r.images_per_prompt for i in range(len(part))]]
             with torch.no_grad():
                 rollouts.append(rollout(self.model, part, self.params, self.generator, noise=noise))
         self.model.train()

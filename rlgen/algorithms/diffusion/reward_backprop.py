@@ -13,7 +13,7 @@ from rlgen.algorithms.diffusion.base import (
 )
 from rlgen.diffusion.generate import expand
 from rlgen.diffusion.pipeline import DiffusionModelConfig
-from rlgen.diffusion.sampling import sample
+from rlgen.diffusion.sampling import initial_noise, sample
 from rlgen.errors import RlgenError
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.training.trainer import OptimConfig, RunConfig
@@ -65,7 +65,7 @@ class RewardBackpropTrainer(DiffusionTrainer):
         k = a.backprop_steps if a.backprop_strategy == "fixed" else int(torch.randint(1, a.backprop_steps + 1, (1,), generator=self.generator))
         cond = self.model.conditioning([str(r["prompt"]) for r in records], records)
         null = self.model.null_conditioning(len(records)) if self.params.guidance_scale != 1.0 else None
-        noise = torch.randn((len(records), *self.model.latent_shape), generator=self.generator).to(self.model.device)
+        noise = initial_noise(self.model, len(records), self.generator)
         trajectory = sample(self.model, cond, null, self.params, self.generator, noise=noise, grad_last=k,
                             checkpointing=a.gradient_checkpointing, keep_trajectory=False)
         reward = self.rewards.differentiable_total(trajectory.images, records)
