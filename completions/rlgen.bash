@@ -161,20 +161,42 @@ _rlgen_train() {
 
 _rlgen_merge() {
     case $prev in
+        --base)
+            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_dirs
+            return ;;
+        --config)
+            _rlgen_files
+            return ;;
+        --data)
+            _rlgen_files
+            return ;;
+        --lora)
+            _rlgen_dirs
+            return ;;
         --method)
-            _rlgen_words "linear"
+            _rlgen_words "breadcrumbs breadcrumbs-ties dare-linear dare-ties linear slerp task-arithmetic ties"
             return ;;
         -o|--out)
             _rlgen_dirs
             return ;;
-        --weights)
+        --param)
+            _rlgen_files
+            return ;;
+        -r|--reward)
+            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
+            return ;;
+        -t|--task)
+            _rlgen_words "arithmetic countdown digits sorting"
+            return ;;
+        --density|--dtype|--grid|--images-per-prompt|--limit|--max-new-tokens|--max-shard-size|--seed|--weights)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--debug --help --json --method --out --quiet --weights -h -o -q"
+        _rlgen_words "--base --config --data --debug --density --dtype --grid --help --images-per-prompt --json --keep-models --limit --lora --max-new-tokens --max-shard-size --method --out --param --quiet --reward --seed --sweep --task --weights -h -o -q -r -t"
         return
     fi
-    _rlgen_npos "--method --out --weights -o"
+    _rlgen_npos "--base --config --data --density --dtype --grid --images-per-prompt --limit --lora --max-new-tokens --max-shard-size --method --out --param --reward --seed --task --weights -o -r -t"
     case $npos in
         *)
             _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
@@ -195,6 +217,13 @@ _rlgen_eval() {
         --plot)
             _rlgen_files
             return ;;
+        --plot-dir)
+            _rlgen_dirs
+            return ;;
+        --ref)
+            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_dirs
+            return ;;
         -r|--reward)
             _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
@@ -210,6 +239,9 @@ _rlgen_eval() {
         --samples-out)
             _rlgen_files
             return ;;
+        --similarity)
+            _rlgen_words "auto embedding ngram"
+            return ;;
         --split)
             _rlgen_words "test train"
             return ;;
@@ -220,12 +252,12 @@ _rlgen_eval() {
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--data --debug --eta --guidance-scale --help --json --limit --max-new-tokens --model --num-steps --plot --quiet --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -h -k -m -q -r -t"
+        _rlgen_words "--data --debug --eta --guidance-scale --help --json --limit --max-new-tokens --model --num-steps --plot --plot-dir --quiet --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -h -k -m -q -r -t"
         return
     fi
-    _rlgen_npos "--data --eta --guidance-scale --limit --max-new-tokens --model --num-steps --plot --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --split --task --temperature -k -m -r -t"
+    _rlgen_npos "--data --eta --guidance-scale --limit --max-new-tokens --model --num-steps --plot --plot-dir --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -k -m -r -t"
     case $npos in
-        0)
+        *)
             _rlgen_files
             ;;
     esac

@@ -6,12 +6,15 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <optional>
 #include <stdexcept>
 #include <string>
 
 #include "array_args.h"
 #include "dispatch.h"
+#include "merge_args.h"
+#include "merge_kernels.h"
 
 namespace nb = nanobind;
 using Array = nb::ndarray<nb::device::cpu>;
@@ -94,6 +97,64 @@ double read_sum_py(nb::ndarray<float, nb::ndim<1>, nb::c_contig, nb::device::cpu
   return read_sum(data, n, threads);
 }
 
+// --- merges (merge_kernels.h) -----------------------------------------------------------------------
+
+// rule: (keep, a, b, key) as merge::ModelSpec documents.
+merge::ModelSpec merge_model(const Array& x, int64_t n, const int64_t* rule, double weight, double divide_by) {
+  merge::ModelSpec m;
+  m.x = merge_input(x, n, "tensors");
+  m.keep = merge_keep(rule[0]);
+  m.a = rule[1];
+  m.b = rule[2];
+  m.key = uint32_t(rule[3]);
+  const bool counts_ok = m.keep == merge::Keep::top ? (m.a > 0 && m.a < n)
+                         : m.keep == merge::Keep::band ? (m.a >= 0 && m.a < m.b && m.b <= n)
+                         : m.keep == merge::Keep::random ? (m.a >= 0 && m.a <= (int64_t(1) << 32))
+                                                          : true;
+  if (!counts_ok) throw bad_arg("rules", "counts out of range for " + std::to_string(n) + " entries");
+  m.weight = float(weight);
+  m.divide_by = float(divide_by);
+  return m;
+}
+
+void sparse_merge(std::vector<Array> tensors, std::optional<Array> base, Array out, std::vector<int64_t> rules,
+                  std::vector<double> weights, std::vector<double> divide_by, bool consensus, bool normalize,
+                  double divisor, double lam, int threads) {
+  merge::SparseMergeArgs a;
+  const size_t count = tensors.size();
+  if (count == 0) throw bad_arg("tensors", "expected at least one array");
+  if (rules.size() != 4 * count || weights.size() != count || divide_by.size() != count)
+    throw bad_arg("rules", "expected 4 rule values, a weight and a divisor per tensor");
+  a.n = out.ndim() == 1 ? int64_t(out.shape(0)) : -1;
+  const merge::Input o = merge_input(out, a.n, "out");
+  a.out = out.data();
+  a.out_type = o.type;
+  for (size_t i = 0; i < count; ++i)
+    a.models.push_back(merge_model(tensors[i], a.n, rules.data() + 4 * i, weights[i], divide_by[i]));
+  if (base) a.base = merge_input(*base, a.n, "base");
+  a.consensus = consensus;
+  a.normalize = normalize;
+  a.divisor = float(divisor);
+  a.lam = float(lam);
+  a.threads = std::max(1, threads);
+  nb::gil_scoped_release unlocked;
+  merge::sparse_task_merge(a);
+}
+
+void sparse_keep_mask(Array x, std::optional<Array> base, Array out, std::vector<int64_t> rule, int threads) {
+  const int64_t n = out.ndim() == 1 ? int64_t(out.shape(0)) : -1;
+  const nb::dlpack::dtype dt = out.dtype();
+  if (n < 0 || (n > 1 && out.stride(0) != 1) || dt.bits != 8 || dt.lanes != 1 ||
+      (dt.code != uint8_t(nb::dlpack::dtype_code::Bool) && dt.code != uint8_t(nb::dlpack::dtype_code::UInt)))
+    throw bad_arg("out", "expected a contiguous 1-D bool array");
+  if (rule.size() != 4) throw bad_arg("rule", "expected (keep, a, b, key)");
+  const merge::ModelSpec m = merge_model(x, n, rule.data(), 1.0, 1.0);
+  const merge::Input b = base ? merge_input(*base, n, "base") : merge::Input{};
+  bool* mask = static_cast<bool*>(out.data());
+  nb::gil_scoped_release unlocked;
+  merge::keep_mask(n, m, b, mask, std::max(1, threads));
+}
+
 }  // namespace
 }  // namespace rlgen
 
@@ -113,6 +174,13 @@ NB_MODULE(_native, m) {
         "Write d(loss)/d(logits) of a segment into `out` (which may be `x`).");
   m.def("read_sum", &rlgen::read_sum_py, nb::arg("x"), nb::arg("threads"),
         "Sum a float32 array: the memory read-bandwidth probe of bench/logprob.py.");
+  m.def("sparse_task_merge", &rlgen::sparse_merge, nb::arg("tensors"), nb::arg("base").none(), nb::arg("out"),
+        nb::arg("rules"), nb::arg("weights"), nb::arg("divide_by"), nb::arg("consensus"), nb::arg("normalize"),
+        nb::arg("divisor"), nb::arg("lam"), nb::arg("threads"),
+        "Merge the task vectors of one tensor into `out` (rlgen/merging/kernels.py: sparse_task_merge); rules holds\n"
+        "(keep, a, b, key) per tensor.");
+  m.def("sparse_keep_mask", &rlgen::sparse_keep_mask, nb::arg("x"), nb::arg("base").none(), nb::arg("out"),
+        nb::arg("rule"), nb::arg("threads"), "Write one model's keep mask under `rule` (keep, a, b, key) into `out`.");
   m.def("available_isas", &rlgen::available_isas, "Compiled CPU variants this CPU can run, widest first.");
   m.def("active_isa", &rlgen::active_isa, "The CPU variant in use.");
   m.def("set_isa", &rlgen::set_isa, nb::arg("name"), "Use another available CPU variant (tests, benchmarks).");

