@@ -5,7 +5,8 @@ import torch
 
 from rlgen import kernels
 from rlgen.models.lm_head import split_head
-from rlgen.rollout.engine import expand_cache, new_expandable_cache, prefix_runs, repeat_rows
+from rlgen.rollout.engine import (cache_keyword, expand_cache, new_expandable_cache, prefix_runs, repeat_rows,
+                                  returned_cache)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
@@ -75,19 +76,20 @@ def _full_logprobs(head, prompt_ids, prompt_mask, completion_ids, completion_mas
 def _shared_prefix_logprobs(head, cache, starts, row_run, prompt_ids, prompt_mask, completion_ids, temperature):
     unique_ids, unique_mask = prompt_ids.index_select(0, starts), prompt_mask.index_select(0, starts)
     positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)
+    keyword = cache_keyword(head.decoder)
     features, out = head.forward(1, input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True)
+                                 use_cache=True, **{keyword: cache})
     # The prompt's last position predicts the first completion token of every row of its run.
     first_logp, first_entropy = head.logprobs(repeat_rows(features[:, -1, :], row_run), completion_ids[:, 0], temperature)
     width = completion_ids.shape[1]
     if width == 1:
         return first_logp.unsqueeze(1), first_entropy.unsqueeze(1)
-    past = out.past_key_values
+    past = returned_cache(out)
     expand_cache(past, row_run)
     rows = completion_ids.shape[0]
     attention = torch.cat([prompt_mask, prompt_mask.new_ones((rows, width - 1))], dim=1)
     positions = prompt_mask.sum(1, keepdim=True) + torch.arange(width - 1, device=prompt_mask.device)  # cumsum - 1
     features, _ = head.forward(None, input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
-                               past_key_values=past, use_cache=True)
+                               use_cache=True, **{keyword: past})
     rest_logp, rest_entropy = head.logprobs(features, completion_ids[:, 1:], temperature)
     return torch.cat([first_logp.unsqueeze(1), rest_logp], dim=1), torch.cat([first_entropy.unsqueeze(1), rest_entropy], dim=1)

@@ -166,8 +166,8 @@ class HFEngine:
             if cache is not None:  # prefill each distinct prompt once, then repeat its cache per row
                 positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)
                 out = model(input_ids=unique_ids, attention_mask=unique_mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-                past = out.past_key_values
+                            use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+                past = returned_cache(out)
                 logits = out.logits[:, -1, :]
                 if expand:
                     expand_cache(past, row_group)
@@ -177,10 +177,11 @@ class HFEngine:
                 positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
                 out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1)
-                past = out.past_key_values
+                past = returned_cache(out)
                 logits = out.logits[:, -1, :]
                 next_position = positions[:, -1:] + 1
             stop_ids = self.stop_ids
+            keyword = cache_keyword(model) or "past_key_values"
             for step in range(steps):
                 token = choose_tokens(logits, params, generator)
                 token = token.masked_fill(finished, self.pad_id)
@@ -193,10 +194,10 @@ class HFEngine:
                     input_ids=token.unsqueeze(-1),
                     attention_mask=attention[:, : width + produced],
                     position_ids=next_position,
-                    past_key_values=past,
                     use_cache=True,
+                    **{keyword: past},
                 )
-                past = out.past_key_values
+                past = returned_cache(out)
                 logits = out.logits[:, -1, :]
                 next_position = next_position + 1
         if was_training:
@@ -277,9 +278,26 @@ def supports_shared_prefix(model) -> bool:
         accepted = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
         return False
-    if not {"past_key_values", "position_ids", "attention_mask"} <= set(accepted):
+    if not {"position_ids", "attention_mask"} <= set(accepted) or cache_keyword(base) is None:
         return False
     return _expandable_layers(config) is not None
+
+
+def cache_keyword(model) -> str | None:
+    """The forward keyword that takes a KV cache: `cache` (transformers >= 5.24) or `past_key_values`."""
+    import inspect
+
+    try:
+        accepted = inspect.signature(unwrap_peft(model).forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in accepted), None)
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (`cache` from transformers 5.24 on, `past_key_values` before)."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
 
 
 def _expandable_layers(config):
