@@ -102,3 +102,36 @@ def test_sweep_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, args, 
     assert exit_info.value.code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("rlgen: error: ") and message in err, err
     assert not out.exists()
+
+
+def test_sweep_of_image_pipelines(tmp_path):
+    """Two diffusers pipelines (tiny-digits and a perturbed copy): each point's image rewards at fixed seeds;
+    the first point is tiny-digits itself, so it matches `rlgen eval` with the same sampler and seeds."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from rlgen.diffusion.pipeline import resolve_pipeline_path
+
+    base = resolve_pipeline_path("tiny-digits")
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    generator = torch.Generator().manual_seed(0)
+    tensors = {k: v + 0.02 * torch.randn(v.shape, generator=generator) for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["merge", "tiny-digits", str(copy), "--sweep", "--grid", "2", "--task", "digits",
+                                 "--limit", "2", "--images-per-prompt", "2", "--reward", "digit-classifier",
+                                 "--reward", "brightness:-1", "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    points = json.loads(result.stdout)["points"]
+    assert [p["weights"] for p in points] == [[1.0, 0.0], [0.0, 1.0]]
+    assert points[0]["rewards"] != points[1]["rewards"]
+    direct = runner.invoke(app, ["eval", "--model", "tiny-digits", "--task", "digits", "--limit", "2", "-k", "2",
+                                 "--reward", "digit-classifier", "--json", "--quiet"])
+    assert direct.exit_code == 0, direct.output
+    assert points[0]["rewards"]["digit-classifier"] == pytest.approx(
+        json.loads(direct.stdout)["rewards/digit-classifier/mean"], abs=1e-6)
+    assert (out / "front.png").is_file()
