@@ -170,6 +170,18 @@ def test_yaml_and_toml_configs_with_gradients_and_filters(tmp_path, finetunes):
         torch.testing.assert_close(merged[name].float(), expected.to(torch.bfloat16).float(), atol=1e-6, rtol=8e-3)
 
 
+def test_gradient_outside_the_layers_follows_mergekit_pre_and_post_weights():
+    """mergekit plans embeddings at t = 0 and the final norm / lm_head at t = 1 (not t = 0)."""
+    from rlgen.merging.config import layer_position
+
+    assert layer_position("model.embed_tokens.weight", 4) == 0.0
+    assert layer_position("transformer.wte.weight", 4) == 0.0 and layer_position("transformer.wpe.weight", 4) == 0.0
+    assert layer_position("model.norm.weight", 4) == 1.0 and layer_position("lm_head.weight", 4) == 1.0
+    assert layer_position("transformer.ln_f.weight", 4) == 1.0 and layer_position("embed_out.weight", 4) == 1.0
+    assert layer_position("model.layers.2.mlp.up_proj.weight", 5) == 0.5
+    assert layer_position("conv_out.weight", 0) == 0.0  # no numbered layers (a UNet): t = 0 throughout
+
+
 def test_diffusers_pipeline_merge_changes_only_the_unet(tmp_path):
     from diffusers import DiffusionPipeline
 

@@ -89,6 +89,20 @@ def test_sweep_keeps_the_merged_models_when_asked(tmp_path, perturbed_copy):
         assert torch.equal(a, b), name
 
 
+def test_sweep_leaves_out_a_base_listed_among_the_models(tmp_path, perturbed_copy):
+    """mergekit lists the base among `models`: the grid weighs only the fine-tunes, not the base too."""
+    config = tmp_path / "merge.yml"
+    config.write_text(f"merge_method: task_arithmetic\nbase_model: tiny-arith\n"
+                      f"models:\n  - model: tiny-arith\n  - model: {perturbed_copy}\n  - model: {perturbed_copy}\n")
+    out = tmp_path / "sweep"
+    result = runner.invoke(app, ["merge", "--config", str(config), "--sweep", "--grid", "2", "--task", "arithmetic",
+                                 "--limit", "2", "--reward", "exact-match", "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert [p["weights"] for p in summary["points"]] == [[1.0, 0.0], [0.0, 1.0]]
+    assert summary["models"] == [str(perturbed_copy)] * 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "arithmetic"], "--reward"),
     (["--reward", "exact-match"], "--task"),

@@ -21,8 +21,9 @@ A per-model parameter is looked up in the model's `parameters`, then in the top-
 - a gradient, a list of numbers interpolated over the layers: a tensor of layer i of n (names like
   `model.layers.7.mlp...`, `h.7.`, `blocks.7.`; n = the largest layer index + 1) takes the value at
   t = i / (n - 1) (t = 1 when n = 1), i.e. list[k] + f * (list[k+1] - list[k]) with k + f = t * (len - 1).
-  Tensors outside the layers (embeddings, final norm, lm_head, a UNet's blocks) take t = 0, the first
-  entry, as in mergekit;
+  As in mergekit, tensors before the layers (the embeddings: names with `embed`, `wte`, `wpe`) take t = 0,
+  the first entry, and those after them (final norm, lm_head, GPT-NeoX's embed_out) t = 1, the last; in a
+  model without such numbered layers (a UNet) every tensor takes t = 0;
 - a filter list, `[{filter: self_attn, value: 0.3}, {value: 0.5}]`: the first entry whose `filter` is a
   substring of the tensor name (or that has no filter, or filter "*") gives the value (itself a scalar or
   a gradient); when none matches the parameter counts as not given for that tensor.
@@ -53,6 +54,7 @@ UNSUPPORTED_KEYS = {
 }
 COMMAND_LINE = "command line"
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+PRE_LAYERS = re.compile(r"embed(?!_out)|(?:^|\.)(?:wte|wpe)(?:\.|$)")  # input embeddings: before the layers
 
 
 @dataclass(frozen=True)
@@ -323,10 +325,13 @@ def layer_count(names) -> int:
 
 
 def layer_position(name: str, layers: int) -> float:
-    """t of a tensor for gradients: i / (layers - 1) in layer i (1 with a single layer), 0 outside the layers."""
+    """t of a tensor for gradients: i / (layers - 1) in layer i (1 with a single layer); outside the layers
+    0 before them (embeddings) and 1 after them (final norm, lm_head), as mergekit's pre / post weights."""
     match = LAYER.search(name)
-    if not match or layers <= 0:
+    if layers <= 0:
         return 0.0
+    if not match:
+        return 0.0 if PRE_LAYERS.search(name) else 1.0
     return int(match.group(1)) / (layers - 1) if layers > 1 else 1.0
 
 

@@ -110,8 +110,9 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
         raise RlgenError("--sweep needs --task NAME or --data FILE (the prompts each point is evaluated on)")
     specs = [RewardSpec.parse(r) for r in settings.rewards]
     rewards = RewardSet(specs)
-    weights_grid = simplex_grid(len(config.models), settings.grid)
-    image = is_image_model(config.models[0].model)
+    listed = _swept_models(config)
+    weights_grid = simplex_grid(len(listed), settings.grid)
+    image = is_image_model(listed[0].model)
     evaluate = (_image_evaluator if image else _lm_evaluator)(settings, rewards)
 
     target = Path(out)
@@ -143,7 +144,7 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
         point["on_front"] = i in front
     summary = {
         "method": config.method,
-        "models": [m.model for m in config.models],
+        "models": [m.model for m in listed],
         "base": config.base,
         "rewards": [{"name": s.name, "direction": "max" if s.weight >= 0 else "min"} for s in specs],
         "points": points,
@@ -157,7 +158,7 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
         from rlgen.evaluation.plot import plot_front
 
         plot_front(points, specs[0].name, specs[1].name, str(target / "front.png"),
-                   title=f"{config.method} sweep: {' vs '.join(_short_name(m.model) for m in config.models)}",
+                   title=f"{config.method} sweep: {' vs '.join(_short_name(m.model) for m in listed)}",
                    labels=[f"{s.name} ({'higher' if s.weight >= 0 else 'lower'} is better)" for s in specs[:2]])
         summary["plot"] = str(target / "front.png")
     (target / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -170,9 +171,21 @@ def _short_name(model: str) -> str:
     return path.parent.name if path.name in ("final", "") and path.parent.name else path.name
 
 
+def _swept_models(config) -> list:
+    """The models the grid weighs: the base is left out when the method takes it separately (mergekit
+    lists it among the models)."""
+    from rlgen.merging.config import merged_models
+    from rlgen.plugins import registry
+
+    mergers = registry("merger")
+    return merged_models(config, mergers.get(config.method)) if config.method in mergers else list(config.models)
+
+
 def _with_weights(config, weights: list[float]):
-    """`config` with model i's `weight` parameter set to weights[i] (other parameters kept)."""
-    models = [replace(m, parameters={**m.parameters, "weight": w}) for m, w in zip(config.models, weights)]
+    """`config` with the i-th swept model's `weight` parameter set to weights[i] (other parameters kept)."""
+    listed = _swept_models(config)
+    it = iter(weights)
+    models = [replace(m, parameters={**m.parameters, "weight": next(it)}) if m in listed else m for m in config.models]
     return replace(config, models=models)
 
 
