@@ -107,6 +107,8 @@ def test_sweep_leaves_out_a_base_listed_among_the_models(tmp_path, perturbed_cop
     (["--task", "arithmetic"], "--reward"),
     (["--reward", "exact-match"], "--task"),
     (["--task", "arithmetic", "--reward", "exact-match", "--grid", "1"], "--grid"),
+    (["--task", "arithmetic", "--reward", "exact-match", "--method", "frankenmerge"], "frankenmerge"),
+    (["--task", "arithmetic", "--reward", "exact-match", "--method", "ties"], "base"),
 ])
 def test_sweep_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "sweep"

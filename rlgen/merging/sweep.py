@@ -110,7 +110,13 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
         raise RlgenError("--sweep needs --task NAME or --data FILE (the prompts each point is evaluated on)")
     specs = [RewardSpec.parse(r) for r in settings.rewards]
     rewards = RewardSet(specs)
-    listed = _swept_models(config)
+    from rlgen.merging.config import merged_models, validate
+
+    # Checked before anything is written, with a weight on every model as each point will have.
+    method = validate(replace(config, models=[replace(m, parameters={**m.parameters, "weight": 1.0})
+                                              for m in config.models]))
+    listed = merged_models(config, method)
+    swept = [i for i, m in enumerate(config.models) if m in listed]
     weights_grid = simplex_grid(len(listed), settings.grid)
     image = is_image_model(listed[0].model)
     evaluate = (_image_evaluator if image else _lm_evaluator)(settings, rewards)
@@ -125,7 +131,7 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
         for index, weights in enumerate(weights_grid):
             label = "-".join(f"{w:.2f}" for w in weights)
             model_dir = (target / "models" / label) if settings.keep_models else (scratch / label)
-            point_config = _with_weights(config, list(weights))
+            point_config = _with_weights(config, swept, weights)
             merge_models(point_config, str(model_dir))
             means = evaluate(model_dir)
             if not settings.keep_models:
@@ -171,21 +177,11 @@ def _short_name(model: str) -> str:
     return path.parent.name if path.name in ("final", "") and path.parent.name else path.name
 
 
-def _swept_models(config) -> list:
-    """The models the grid weighs: the base is left out when the method takes it separately (mergekit
-    lists it among the models)."""
-    from rlgen.merging.config import merged_models
-    from rlgen.plugins import registry
-
-    mergers = registry("merger")
-    return merged_models(config, mergers.get(config.method)) if config.method in mergers else list(config.models)
-
-
-def _with_weights(config, weights: list[float]):
-    """`config` with the i-th swept model's `weight` parameter set to weights[i] (other parameters kept)."""
-    listed = _swept_models(config)
-    it = iter(weights)
-    models = [replace(m, parameters={**m.parameters, "weight": next(it)}) if m in listed else m for m in config.models]
+def _with_weights(config, swept: list[int], weights) -> object:
+    """`config` with the weight of model swept[k] set to weights[k] (other parameters kept)."""
+    models = list(config.models)
+    for index, weight in zip(swept, weights):
+        models[index] = replace(models[index], parameters={**models[index].parameters, "weight": weight})
     return replace(config, models=models)
 
 
