@@ -30,13 +30,15 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import zlib
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import loadavg, median  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {
@@ -300,12 +302,10 @@ def main(argv=None) -> dict:
 
 
 def summarize(args, spec, threads, model_bytes, mergekit, runs, comparison) -> dict:
-    def med(rows, key):
-        return statistics.median(r[key] for r in rows) if rows else None
-
     table = {}
     for (tool, m), rows in runs.items():
-        table.setdefault(m, {})[tool] = {"wall_s": med(rows, "wall_s"), "peak_rss_mb": med(rows, "peak_rss_mb"),
+        table.setdefault(m, {})[tool] = {"wall_s": median([r["wall_s"] for r in rows]),
+                                         "peak_rss_mb": median([r["peak_rss_mb"] for r in rows]),
                                          "runs": rows}
     for m, row in table.items():
         if "mergekit" in row:
@@ -318,7 +318,7 @@ def summarize(args, spec, threads, model_bytes, mergekit, runs, comparison) -> d
         "config": {"repeats": args.repeats, "density": args.density, "mergekit": mergekit,
                    "mergekit_dtype": args.mergekit_dtype, "seed": args.seed},
         "threads": {"rlgen": rlgen_threads, "mergekit": threads if mergekit else None},
-        "machine": {"cpu_count": os.cpu_count(), "loadavg": list(os.getloadavg())},
+        "machine": {"cpu_count": os.cpu_count(), "loadavg": loadavg()},
         "results": table,
         "ties_rlgen_vs_mergekit": comparison,
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -191,6 +190,8 @@ def plot_curves(key: str, curves: dict[str, list[tuple[float, float]]], out: Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlgen.evaluation.plot import save_figure
+
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for name, points in curves.items():
         if points:
@@ -201,16 +202,7 @@ def plot_curves(key: str, curves: dict[str, list[tuple[float, float]]], out: Pat
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
+    save_figure(fig, out, dpi=100)
 
 
 SUMMARY_COLUMNS = (("steps", "steps"), ("eval/accuracy_last", "eval acc last"), ("eval/accuracy_best", "eval acc best"),

@@ -24,7 +24,7 @@ def plot_run(rows: list[dict], out: str, title: str = "") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
 
 
 def plot_front(points: list[dict], x_reward: str, y_reward: str, out: str, title: str = "",
@@ -52,15 +52,19 @@ def plot_front(points: list[dict], x_reward: str, y_reward: str, out: str, title
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, out)
+    save_figure(fig, out)
 
 
-def _save(fig, out: str) -> None:
+def save_figure(fig, out, dpi: int = 110) -> None:
+    """Write `fig` to OUT atomically (a temporary file beside it, then a rename) and close it."""
     import matplotlib.pyplot as plt
 
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, target)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, target)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
