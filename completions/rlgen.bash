@@ -189,14 +189,14 @@ _rlgen_merge() {
         -t|--task)
             _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        --density|--dtype|--grid|--images-per-prompt|--limit|--max-new-tokens|--max-shard-size|--seed|--weights)
+        --density|--dtype|--grid|--hv-ref|--images-per-prompt|--limit|--max-new-tokens|--max-shard-size|--seed|--weights)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--base --config --data --debug --density --dtype --grid --help --images-per-prompt --json --keep-models --limit --lora --max-new-tokens --max-shard-size --method --out --param --quiet --reward --seed --sweep --task --weights -h -o -q -r -t"
+        _rlgen_words "--base --config --data --debug --density --dtype --grid --help --hv-ref --images-per-prompt --json --keep-models --limit --lora --max-new-tokens --max-shard-size --method --out --param --quiet --reward --seed --sweep --task --weights -h -o -q -r -t"
         return
     fi
-    _rlgen_npos "--base --config --data --density --dtype --grid --images-per-prompt --limit --lora --max-new-tokens --max-shard-size --method --out --param --reward --seed --task --weights -o -r -t"
+    _rlgen_npos "--base --config --data --density --dtype --grid --hv-ref --images-per-prompt --limit --lora --max-new-tokens --max-shard-size --method --out --param --reward --seed --task --weights -o -r -t"
     case $npos in
         *)
             _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"

@@ -101,7 +101,7 @@ end
 function __rlgen_complete_sampler
     printf '%s\t%s\n' 'best-of-n' 'best of n samples per prompt under the --sampler-reward guide (option n=8)'
     printf '%s\t%s\n' 'plain' 'Ancestral sampling (temperature / top-p / top-k; temperature 0 = greedy).'
-    printf '%s\t%s\n' 'smc' 'reward-guided sequential Monte Carlo over blocks of tokens (particles=8, block_size=4, ess_threshold=0.5, lam=1.0)'
+    printf '%s\t%s\n' 'smc' 'reward-guided sequential Monte Carlo over blocks of tokens (particles=8, block_size=4, ess_threshold=0.5, lam=1.0, pick=sample|best)'
 end
 
 function __rlgen_complete_task
@@ -168,6 +168,7 @@ complete -c rlgen -n '__rlgen_using merge' -l density -x -d 'Per-model densities
 complete -c rlgen -n '__rlgen_using merge' -l dtype -x -d 'Output dtype: float32, bfloat16, float16 (default: the inputs\').'
 complete -c rlgen -n '__rlgen_using merge' -l grid -x -d '--sweep: points per edge of the weight grid (11 = steps of 0.1).'
 complete -c rlgen -n '__rlgen_using merge' -s h -l help -d 'Show this message and exit.'
+complete -c rlgen -n '__rlgen_using merge' -l hv-ref -x -d '--sweep: hypervolume reference, one value per --reward in its units, comma-separated (default: 0 for a maximised reward, 1 for a minimised one).'
 complete -c rlgen -n '__rlgen_using merge' -l images-per-prompt -x -d '--sweep on image models: images per prompt (fixed seeds).'
 complete -c rlgen -n '__rlgen_using merge' -l json -d 'Print a machine-readable JSON summary on stdout.'
 complete -c rlgen -n '__rlgen_using merge' -l keep-models -d '--sweep: keep every merged point in OUT/models/.'
@@ -249,7 +250,7 @@ complete -c rlgen -n '__rlgen_using train' -l json -d 'Print a machine-readable 
 complete -c rlgen -n '__rlgen_using train' -s m -l model -x -a '(__rlgen_complete_model; __fish_complete_directories)' -d 'Built-in model name or local Hugging Face model directory.'
 complete -c rlgen -n '__rlgen_using train' -s o -l out -x -a '(__fish_complete_directories)' -d 'Run directory.'
 complete -c rlgen -n '__rlgen_using train' -s q -l quiet -d 'No logs or progress bars on stderr.'
-complete -c rlgen -n '__rlgen_using train' -l resume -x -a '(__fish_complete_directories)' -d 'Continue the run in this directory from its last checkpoint.'
+complete -c rlgen -n '__rlgen_using train' -l resume -x -a '(__fish_complete_directories)' -d 'Continue the run in this directory from its newest sound checkpoint (damaged ones are skipped with a warning; no checkpoint: from step 0).'
 complete -c rlgen -n '__rlgen_using train' -s r -l reward -x -a '(__rlgen_complete_reward)' -d 'Reward NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
 complete -c rlgen -n '__rlgen_using train' -l save-every -x -d 'Checkpoint every N steps (0 = final only).'
 complete -c rlgen -n '__rlgen_using train' -l seed -x -d 'Random seed.'

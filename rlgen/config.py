@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,8 +22,12 @@ def read_toml(path: str | Path) -> dict:
     if not path.is_file():
         raise RlgenError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RlgenError(f"bad TOML in {path}: not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise RlgenError(f"bad TOML in {path}: arrays or tables nested too deeply") from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
         raise RlgenError(f"bad TOML in {path}: {exc}") from None
 
 
@@ -30,14 +35,14 @@ def parse_value(text: str) -> Any:
     """A `--set` value is read as a TOML value; anything that is not valid TOML is a plain string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # TOMLDecodeError, an over-long integer, deep nesting
         return text
 
 
 def apply_override(data: dict, assignment: str) -> None:
     key, sep, value = assignment.partition("=")
     if not sep or not key.strip():
-        raise RlgenError(f"--set expects KEY=VALUE, got '{assignment}'")
+        raise RlgenError(f"--set expects KEY=VALUE, got {show_value(assignment)}")
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -67,7 +72,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise RlgenError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+        raise RlgenError(f"config key '{key}' must be one of {_type_name(tp)}, got {show_value(value)}")
     if origin is Union or type(tp).__name__ == "UnionType":
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -80,21 +85,21 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except RlgenError as exc:
                 errors.append(exc)
-        raise RlgenError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        raise RlgenError(f"config key '{key}' must be {_type_name(tp)}, got {show_value(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise RlgenError(f"config key '{key}' must be a table, got {value!r}")
+            raise RlgenError(f"config key '{key}' must be a table, got {show_value(value)}")
         return from_dict(tp, value, prefix=key)
     if origin is list:
         (item_tp,) = get_args(tp)
         if not isinstance(value, list):
-            raise RlgenError(f"config key '{key}' must be a list, got {value!r}")
+            raise RlgenError(f"config key '{key}' must be a list, got {show_value(value)}")
         return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise RlgenError(f"config key '{key}' must be a table, got {value!r}")
+            raise RlgenError(f"config key '{key}' must be a table, got {show_value(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -104,11 +109,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float: reported as out of range, not a crash
+                raise RlgenError(f"{key} = {show_value(value)}: must be a finite number") from None
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise RlgenError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    raise RlgenError(f"config key '{key}' must be {_type_name(tp)}, got {show_value(value)}")
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -119,7 +127,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else key
         if key not in fields:
             known = ", ".join(fields)
-            raise RlgenError(f"unknown config key '{full}' (known in this section: {known})")
+            raise RlgenError(f"unknown config key {show_value(full)} (known in this section: {known})")
         if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]):
             # A partly given section keeps this config's own defaults for the keys it leaves out
             # (e.g. GRPO's optimiser defaults differ from OptimConfig's).
@@ -129,10 +137,112 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         obj = cls(**kwargs)
     except TypeError as exc:
         raise RlgenError(f"config section '{prefix or 'top'}': {exc}") from None
+    for key, value in kwargs.items():  # ranges before the section's own validate(): one message per bad key
+        check_value(f"{prefix}.{key}" if prefix else key, value, bounds_of(cls, fields[key]))
     check = getattr(obj, "validate", None)
     if check:
         check()
     return obj
+
+
+# --- value ranges: every config (TOML, flags, --set, a model's rlgen_defaults.toml) goes through them ---
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric value (None: unbounded on that side). Floats must be finite
+    whatever the bounds: a NaN learning rate or temperature never reaches a model."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is excluded
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a finite number"
+        low, high = _number_text(self.low), _number_text(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {high}"
+        return kind
+
+
+def _number_text(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else f"{value:g}" if value is not None else ""
+
+
+ANY = Bounds()
+COUNT = Bounds(1)  # sizes and numbers of steps: at least one
+NON_NEGATIVE = Bounds(0)  # counts where 0 means "off" / "none" / "all", coefficients where 0 means "unused"
+POSITIVE = Bounds(0, low_open=True)
+PROBABILITY = Bounds(0, 1)
+DROPOUT = Bounds(0, 1, high_open=True)
+SEED = Bounds(0, 2**32 - 1)  # the range every RNG rlgen seeds accepts (derived seeds stay below 2**64)
+
+# Ranges by field name, shared by every config class (built-in or a plugin's) that uses the name; a
+# `ClassName.field` entry overrides the name's range for one class. Fields not listed are only required
+# to be finite (floats). Cross-field rules (e.g. num_generations >= 2 for GRPO) stay in each validate().
+FIELD_BOUNDS: dict[str, Bounds] = {
+    # optimiser
+    "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "adam_beta1": DROPOUT, "adam_beta2": DROPOUT,
+    "adam_eps": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE,
+    "gradient_accumulation_steps": COUNT,
+    # run
+    "steps": COUNT, "seed": SEED, "save_every": NON_NEGATIVE, "keep_checkpoints": NON_NEGATIVE,
+    "eval_every": NON_NEGATIVE, "threads": Bounds(0, 1024),  # torch takes 10**6 threads, then crashes
+    # data
+    "eval_samples": NON_NEGATIVE, "label_noise": PROBABILITY,
+    # sampling (temperature 0 = greedy where a sampler allows it; training rollouts require > 0 themselves)
+    "max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_p": Bounds(0, 1, low_open=True), "top_k": NON_NEGATIVE,
+    "num_steps": COUNT, "eta": NON_NEGATIVE, "noise_level": NON_NEGATIVE,
+    # batch shapes
+    "batch_size": COUNT, "prompts_per_step": COUNT, "num_generations": COUNT, "images_per_prompt": COUNT,
+    "train_batch_size": COUNT, "num_iterations": COUNT, "num_inner_epochs": COUNT, "updates_per_step": COUNT,
+    "backprop_steps": COUNT, "stat_buffer_size": COUNT, "stat_min_count": NON_NEGATIVE,
+    "max_resample_rounds": NON_NEGATIVE, "ref_update_every": NON_NEGATIVE,
+    # objectives
+    "beta": NON_NEGATIVE, "epsilon": NON_NEGATIVE, "epsilon_high": NON_NEGATIVE, "delta": Bounds(1, low_open=True),
+    "overlong_buffer": Bounds(-1), "overlong_penalty": NON_NEGATIVE, "label_smoothing": Bounds(0, 0.5, high_open=True),
+    "rpo_alpha": NON_NEGATIVE, "desirable_weight": NON_NEGATIVE, "undesirable_weight": NON_NEGATIVE,
+    "center_rewards_coefficient": NON_NEGATIVE, "clip_range": POSITIVE, "adv_clip_max": POSITIVE,
+    "timestep_fraction": Bounds(0, 1, low_open=True), "cond_dropout": DROPOUT,
+    "DiffusionDPOAlgoConfig.beta": POSITIVE,  # beta 0 makes the Diffusion-DPO loss a constant
+    # LoRA
+    "lora_r": NON_NEGATIVE, "lora_alpha": POSITIVE, "lora_dropout": DROPOUT,
+}
+
+
+def bounds_of(cls: type, field: dataclasses.Field) -> Bounds:
+    """A field's range: `metadata={"bounds": Bounds(...)}` on the field, else the shared table."""
+    if "bounds" in field.metadata:
+        return field.metadata["bounds"]
+    for klass in getattr(cls, "__mro__", (cls,)):
+        if f"{klass.__name__}.{field.name}" in FIELD_BOUNDS:
+            return FIELD_BOUNDS[f"{klass.__name__}.{field.name}"]
+    return FIELD_BOUNDS.get(field.name, ANY)
+
+
+def check_value(name: str, value: Any, bounds: Bounds = ANY) -> None:
+    """Raise `NAME = VALUE: must be ...` unless `value` (a number; lists are checked item by item) is in
+    `bounds`. Non-numbers (strings, None for "unset", booleans) are the type check's business."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_value(f"{name}[{i}]", item, ANY)
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not bounds.holds(value):
+        raise RlgenError(f"{name} = {show_value(value)}: must be {bounds.describe(isinstance(value, int))}")
 
 
 def _default_section(field: dataclasses.Field) -> dict:
@@ -187,7 +297,7 @@ def _toml_scalar(value: Any) -> str:
         return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
+    raise TypeError(f"cannot write {show_value(value)} as TOML")
 
 
 def _toml_key(key: str) -> str:

@@ -7,3 +7,12 @@ class RlgenError(Exception):
 
 class RewardError(RlgenError):
     """A reward raised or returned a non-finite value."""
+
+
+def show_value(value: object, limit: int = 200) -> str:
+    """repr() of a user-supplied value for an error message, cut to `limit` characters so that a huge
+    (or maliciously expanded) value cannot flood the terminal or the log."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"

@@ -109,19 +109,23 @@ def reset() -> None:
 
 
 def load_dotted(path: str) -> Any:
-    """Resolve 'package.module:attribute' (the quick-experiment escape hatch)."""
+    """Resolve 'package.module:attribute' (the quick-experiment escape hatch). This imports, i.e. runs, the
+    user's module. The current directory is searched first, but only while that import runs: sys.path is
+    restored exactly afterwards, so a stray `./pyarrow.py` cannot shadow a library imported later."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise RlgenError(f"'{path}' is not a 'module:function' path")
     import os
     import sys
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    saved_path = list(sys.path)
+    sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise RlgenError(f"cannot import module '{module_name}' for '{path}': {exc}") from None
+    finally:
+        sys.path[:] = saved_path
     try:
         return getattr(module, attr)
     except AttributeError:

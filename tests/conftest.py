@@ -23,3 +23,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr
     assert (out / "config.json").is_file()
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's in-process runs (they share 2 cores with subprocesses)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

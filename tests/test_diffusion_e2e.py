@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlgen.cli.app import main
+from cli_helpers import rlgen
 from rlgen.diffusion.testing import build_tiny_text_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,24 +39,10 @@ UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# In-process training runs: one intra-op thread avoids oversubscription.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def rlgen(*args) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `rlgen ARGS` run in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def ok(*args) -> str:

@@ -1,5 +1,6 @@
 """Diversity metrics against their definitions on hand-made cases: the Vendi score (orders 1, 2, inf) on
-similarity matrices whose eigenvalues are known, distinct-n and self-BLEU against hand counts, the group-wise
+similarity matrices whose eigenvalues are known, distinct-n, the n-gram overlap and Texygen's self-BLEU against
+hand counts, the group-wise
 (per prompt) versions, and the sentence-embedding similarity (all-MiniLM-L6-v2, when its package is installed)."""
 from __future__ import annotations
 
@@ -151,24 +152,74 @@ def test_distinct_n_by_hand():
     assert dv.distinct_n(["a", "b"], 2) is None  # no bigram at all
 
 
-def test_self_bleu_by_hand():
+def test_ngram_overlap_by_hand():
     texts = ["a b c d", "a b c e", "x y z w"]
     # "a b c d" vs the others: unigrams 3/4 clipped matches, bigrams 2/3 -> sqrt(1/2); the same for the
     # second text; the third shares no unigram -> 0
-    assert dv.self_bleu(texts, max_n=2) == pytest.approx((2 * math.sqrt(0.5)) / 3)
+    assert dv.ngram_overlap(texts, max_n=2) == pytest.approx((2 * math.sqrt(0.5)) / 3)
     # max_n = 4: "a b c d" has trigrams 1/2 and 4-grams 0/1 -> 0
-    assert dv.self_bleu(texts, max_n=4) == pytest.approx(0.0)
-    assert dv.self_bleu(["a b c", "a b c"]) == pytest.approx(1.0)
+    assert dv.ngram_overlap(texts, max_n=4) == pytest.approx(0.0)
+    assert dv.ngram_overlap(["a b c", "a b c"]) == pytest.approx(1.0)
 
 
-def test_self_bleu_clipping():
+def test_ngram_overlap_clipping():
     # "a a a" against "a b": a occurs once in the reference -> 1/3; "a b" against "a a a": a 1/1, b 0 -> 1/2
-    assert dv.self_bleu(["a a a", "a b"], max_n=1) == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert dv.ngram_overlap(["a a a", "a b"], max_n=1) == pytest.approx((1 / 3 + 1 / 2) / 2)
     # the clip is the largest count in any ONE reference, not the sum over references
-    assert dv.self_bleu(["a a", "a", "a"], max_n=1) == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert dv.ngram_overlap(["a a", "a", "a"], max_n=1) == pytest.approx((1 / 2 + 1 + 1) / 3)
     # a hypothesis shorter than max_n uses the orders it has
-    assert dv.self_bleu(["a", "a b"], max_n=4) == pytest.approx((1.0 + math.sqrt(1 / 2 * 0)) / 2)
+    assert dv.ngram_overlap(["a", "a b"], max_n=4) == pytest.approx((1.0 + math.sqrt(1 / 2 * 0)) / 2)
+    assert dv.ngram_overlap(["only one"]) is None
+
+
+# Texygen's Self-BLEU: nltk sentence_bleu(other texts, text, weights=(1/4,) * 4, SmoothingFunction().method1)
+
+
+def test_self_bleu_reproduces_texygen_on_the_issue_cases():
+    # identical two-word texts: p1 = p2 = 1, no tri- or 4-gram: 0 matches of max(1, 0) -> 0.1 / 1 each
+    assert dv.self_bleu(["a b", "a b"]) == pytest.approx(0.1 ** 0.5)  # 0.316 (the overlap says 1.0)
+    assert dv.ngram_overlap(["a b", "a b"]) == pytest.approx(1.0)
+    # a text and its reverse: p1 = 4/4, then 0/3, 0/2, 0/1 smoothed to 0.1/3, 0.1/2, 0.1/1
+    reverse = (1.0 * (0.1 / 3) * (0.1 / 2) * 0.1) ** 0.25
+    assert dv.self_bleu(["a b c d", "d c b a"]) == pytest.approx(reverse)  # 0.113 (the overlap says 0)
+    assert reverse == pytest.approx(0.1136, abs=1e-4) and dv.ngram_overlap(["a b c d", "d c b a"]) == 0.0
+    # six words and the same six plus four more: the short one matches everything but pays the brevity
+    # penalty exp(1 - 10/6); the long one has precisions 6/10, 5/9, 4/8, 3/7 and no penalty
+    short, long = "a b c d e f", "a b c d e f g h i j"
+    long_score = (6 / 10 * 5 / 9 * 4 / 8 * 3 / 7) ** 0.25
+    assert dv.self_bleu([short, long]) == pytest.approx((math.exp(1 - 10 / 6) + long_score) / 2)  # 0.515
+    assert dv.ngram_overlap([short, long]) == pytest.approx((1.0 + long_score) / 2)  # 0.758
+
+
+def test_sentence_bleu_follows_nltk_conventions():
+    bleu = dv.sentence_bleu
+    # method 1 adds epsilon to the zero count over the UNREDUCED denominator (nltk's Fraction(_normalize=False)):
+    # "a b c d e" vs "a b x d e": 4/5, 2/4, 0/3 -> 0.1/3, 0/2 -> 0.1/2
+    expected = (4 / 5 * 2 / 4 * (0.1 / 3) * (0.1 / 2)) ** 0.25
+    assert bleu(["a b x d e".split()], "a b c d e".split()) == pytest.approx(expected)
+    # the closest reference length, ties going to the shorter one: refs of 3 and 5 words for a 4-word
+    # hypothesis -> r = 3 < c: no penalty (the longer one would give exp(1 - 5/4))
+    assert bleu([list("abc"), list("abcde")], list("abcd")) == pytest.approx(1.0)
+    # shorter than the closest reference: exp(1 - r/c)
+    assert bleu([list("abcd")], list("ab")) == pytest.approx(math.exp(1 - 4 / 2) * (0.1 * 0.1) ** 0.25)
+    # no unigram match: 0 whatever the smoothing; an empty hypothesis: 0
+    assert bleu([list("ab")], list("xy")) == 0.0 and bleu([list("ab")], []) == 0.0
+    # max_n is Texygen's `gram`: uniform weights over 1..max_n
+    assert bleu([list("abc")], list("abd"), max_n=2) == pytest.approx((2 / 3 * 1 / 2) ** 0.5)
+    assert bleu([list("abc")], list("abd"), max_n=3) == pytest.approx((2 / 3 * 1 / 2 * 0.1) ** (1 / 3))
+    with pytest.raises(ValueError, match="reference"):
+        bleu([], list("ab"))
+
+
+def test_self_bleu_averages_over_every_text():
+    # the third text shares nothing (0); the others are the reverse-pair value against two references,
+    # whose clipped counts take the max over references ("d c b a" is the only useful one)
+    texts = ["a b c d", "d c b a", "x y z w"]
+    reverse = (1.0 * (0.1 / 3) * (0.1 / 2) * 0.1) ** 0.25
+    assert dv.self_bleu(texts) == pytest.approx((2 * reverse + 0.0) / 3)
+    assert dv.self_bleu(["", "a b"]) == pytest.approx(0.0)  # an empty text scores 0 and counts
     assert dv.self_bleu(["only one"]) is None
+    assert dv.self_bleu(["ab", "ab"], unit="char") == pytest.approx(0.1 ** 0.5)
 
 
 # --- group-wise ---------------------------------------------------------------------------------------
@@ -183,7 +234,8 @@ def test_groupwise_means_over_prompts():
     # p1: 2 unique of 4 unigrams; p2: 4 of 4; p3 (a single completion) is left out
     assert dv.groupwise(lambda t: dv.distinct_n(t, 1), groups) == {"mean": 0.75, "groups": 2}
     assert dv.groupwise(dv.vendi_ngram, groups)["mean"] == pytest.approx((1 + 2) / 2)
-    assert dv.groupwise(dv.self_bleu, groups)["mean"] == pytest.approx((1 + 0) / 2)
+    assert dv.groupwise(dv.ngram_overlap, groups)["mean"] == pytest.approx((1 + 0) / 2)
+    assert dv.groupwise(dv.self_bleu, groups)["mean"] == pytest.approx((0.1 ** 0.5 + 0) / 2)
 
 
 def test_diversity_report_ngram():
@@ -193,7 +245,8 @@ def test_diversity_report_ngram():
     assert report["distinct-1"] == pytest.approx(0.75)
     assert report["distinct-2"] == pytest.approx((1 / 2 + 2 / 2) / 2)
     assert report["vendi"] == report["vendi-ngram2"] == pytest.approx(1.5)
-    assert report["self-bleu"] == pytest.approx(0.5)
+    assert report["self-bleu"] == pytest.approx((0.1 ** 0.5 + 0) / 2)  # Texygen: "a b" twice -> sqrt(0.1)
+    assert report["ngram-overlap"] == pytest.approx(0.5)
     assert "vendi-embedding" not in report
     assert report["overall"] == {"samples": 5, "distinct-1": pytest.approx(5 / 9), "distinct-2": pytest.approx(2 / 4)}
 
@@ -213,9 +266,28 @@ def test_metric_registry():
     from rlgen.plugins import registry
 
     names = set(registry("metric").names())
-    assert {"accuracy", "pass@k", "reward-stats", "vendi", "distinct-n", "self-bleu", "pareto-front", "hypervolume",
-            "kl-to-reference", "rm-pair-accuracy"} <= names
+    assert {"accuracy", "pass@k", "reward-stats", "vendi", "distinct-n", "self-bleu", "ngram-overlap", "pareto-front",
+            "hypervolume", "kl-to-reference", "rm-pair-accuracy"} <= names
     assert registry("metric").get("vendi")(torch.eye(3)) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("n, c, k, message", [
+    (5, 7, 2, r"c \(correct samples\) must be an integer in \[0, n\] = \[0, 5\], got 7"),  # was 1.0
+    (5, -1, 2, r"c \(correct samples\) must be an integer in \[0, n\]"),  # was -0.5
+    (5, 2.5, 1, r"c \(correct samples\) must be an integer"),
+    (5, True, 1, r"c \(correct samples\) must be an integer"),
+    (5, 2, 0, r"k must be an integer in \[1, n\] = \[1, 5\], got 0"),  # was 0.0
+    (5, 2, 6, r"pass@6 needs at least 6 samples per problem, got 5"),
+    (0, 0, 1, r"n \(samples per problem\) must be an integer in \[1, inf\)"),
+])
+def test_pass_at_k_checks_its_counts(n, c, k, message):
+    from rlgen.errors import RlgenError
+    from rlgen.evaluation.metrics import pass_at_k
+
+    with pytest.raises(RlgenError, match=message) as error:
+        pass_at_k(n, c, k)
+    assert isinstance(error.value, ValueError)  # still a ValueError for callers that caught one
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7) and pass_at_k(5, 0, 5) == 0.0 and pass_at_k(5, 5, 5) == 1.0
 
 
 # --- sentence embeddings (all-MiniLM-L6-v2) ----------------------------------------------------------

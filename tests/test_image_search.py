@@ -8,7 +8,7 @@ import torch
 
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
-from rlgen.diffusion.search import best_of_n, chi2_norm_penalty, fk_steering, plain, reno
+from rlgen.diffusion.search import best_of_n, chi_norm_penalty, fk_steering, plain, reno
 from rlgen.rewards.base import RewardSet, RewardSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,11 +30,11 @@ def _brightness(samples):
     return torch.stack([s["image"].mean() for s in samples])
 
 
-def test_chi2_penalty_is_smallest_in_the_gaussian_typical_set():
+def test_chi_penalty_is_smallest_in_the_gaussian_typical_set():
     d = 64
-    radii = torch.tensor([0.5, 1.0, 1.5])  # ||z|| = radius * sqrt(d - 2): the chi-square mode at radius 1
-    noise = torch.ones(3, d) / d**0.5 * (radii * (d - 2) ** 0.5).unsqueeze(1)
-    penalty = chi2_norm_penalty(noise.view(3, 1, 8, 8))
+    radii = torch.tensor([0.5, 1.0, 1.5])  # ||z|| = radius * sqrt(d - 1): the chi law's mode at radius 1
+    noise = torch.ones(3, d) / d**0.5 * (radii * (d - 1) ** 0.5).unsqueeze(1)
+    penalty = chi_norm_penalty(noise.view(3, 1, 8, 8))
     assert penalty[1] < penalty[0] and penalty[1] < penalty[2]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlgen.cli.app import main
+from cli_helpers import merge_error as run_error
 from rlgen.merging.config import MergeConfig, ModelEntry, ParameterResolver, load_config, validate
 from rlgen.merging.kernels import reference_sparse_task_merge
 from rlgen.merging.merge import merge_models
@@ -171,13 +171,14 @@ def test_yaml_and_toml_configs_with_gradients_and_filters(tmp_path, finetunes):
 
 
 def test_gradient_outside_the_layers_follows_mergekit_pre_and_post_weights():
-    """mergekit plans embeddings at t = 0 and the final norm / lm_head at t = 1 (not t = 0)."""
+    """mergekit 0.1.5 plans embeddings and the final norm / lm_head alike at t = 0: the gradient's first value
+    (issue 13, item 22: mergekit up to 0.1.1, and rlgen before, gave the final norm / lm_head t = 1)."""
     from rlgen.merging.config import layer_position
 
     assert layer_position("model.embed_tokens.weight", 4) == 0.0
     assert layer_position("transformer.wte.weight", 4) == 0.0 and layer_position("transformer.wpe.weight", 4) == 0.0
-    assert layer_position("model.norm.weight", 4) == 1.0 and layer_position("lm_head.weight", 4) == 1.0
-    assert layer_position("transformer.ln_f.weight", 4) == 1.0 and layer_position("embed_out.weight", 4) == 1.0
+    assert layer_position("model.norm.weight", 4) == 0.0 and layer_position("lm_head.weight", 4) == 0.0
+    assert layer_position("transformer.ln_f.weight", 4) == 0.0 and layer_position("embed_out.weight", 4) == 0.0
     assert layer_position("model.layers.2.mlp.up_proj.weight", 5) == 0.5
     assert layer_position("conv_out.weight", 0) == 0.0  # no numbered layers (a UNet): t = 0 throughout
 
@@ -213,13 +214,6 @@ def test_slerp_of_two_with_gradient_t(tmp_path, finetunes):
 
 # --------------------------------------------------------------------------- errors
 
-def run_error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", *map(str, args), "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("rlgen: error: "), err
-    return err
 
 
 CONFIG_ERRORS = {

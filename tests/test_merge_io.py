@@ -96,6 +96,21 @@ def test_reader_rejects_a_non_safetensors_file(tmp_path):
         SafetensorsFile(bad)
 
 
+
+@pytest.mark.parametrize("shape, offsets", [
+    ("[1e9992, 3]", "[0, 12]"),  # a float overflowing to inf (found by the fuzz test: an internal OverflowError)
+    ("[2.0]", "[0, 8]"),         # whole-valued floats are not integers either
+    ("[true, 2]", "[0, 8]"),
+    ("[-1, -2]", "[0, 8]"),
+    ("[2]", "[-8, 0]"),
+])
+def test_header_shapes_and_offsets_must_be_non_negative_integers(tmp_path, shape, offsets):
+    header = ('{"w":{"dtype":"F32","shape":%s,"data_offsets":%s}}' % (shape, offsets)).encode()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + bytes(64))
+    with pytest.raises(RlgenError, match="malformed or unsupported header entry"):
+        SafetensorsFile(bad)
+
 def test_writer_single_file_round_trip(tmp_path):
     tensors = mixed_tensors()
     summary = save_streaming(tmp_path, tensors)

@@ -136,8 +136,9 @@ def test_methods_are_registered_with_their_parameters():
         assert isinstance(method, MergeMethod) and method.description
         assert method.needs_base == (name != "linear")
     assert merger.get("ties").model_params == {"weight": REQUIRED, "density": 1.0}
-    assert merger.get("ties").global_params == {"lambda": 1.0, "normalize": True}
-    assert merger.get("dare-ties").global_params == {"lambda": 1.0, "normalize": False, "rescale": True}
+    assert merger.get("ties").global_params == {"lambda": 1.0, "normalize": True, "rescale_norm": None}
+    assert merger.get("dare-ties").global_params == {"lambda": 1.0, "normalize": False, "rescale": True,
+                                                     "rescale_norm": None}
     assert merger.get("breadcrumbs").model_params == {"weight": REQUIRED, "density": 1.0, "gamma": 0.01}
     assert merger.get("breadcrumbs-ties").global_params["normalize"] is False
     assert merger.get("slerp").global_params == {"t": REQUIRED} and merger.get("slerp").max_models == 1

@@ -6,7 +6,8 @@ import torch
 from typer.testing import CliRunner
 
 from rlgen.cli.app import app, main
-from rlgen.merging.sweep import objectives, simplex_grid
+from rlgen.errors import RlgenError
+from rlgen.merging.sweep import hypervolume_reference, objectives, simplex_grid
 from rlgen.rewards.base import RewardSpec
 
 runner = CliRunner()
@@ -28,6 +29,63 @@ def test_simplex_grid_three_models_covers_the_simplex():
 def test_objectives_follow_the_sign_of_the_weight():
     specs = [RewardSpec.parse("exact-match"), RewardSpec.parse("length:-1")]
     assert objectives({"exact-match": 0.5, "length": 3.0}, specs) == [0.5, -3.0]
+
+
+def test_hypervolume_reference_is_fixed_or_given():
+    specs = [RewardSpec.parse("exact-match"), RewardSpec.parse("length:-1")]
+    # the default: the worst end of a [0, 1] reward in each direction, the same for every sweep
+    assert hypervolume_reference(specs) == ([0.0, 1.0], "default")
+    assert hypervolume_reference(specs, "0.25, 40") == ([0.25, 40.0], "--hv-ref")
+    assert hypervolume_reference(specs, [0, -3]) == ([0.0, -3.0], "--hv-ref")
+    for given, message in (("0", "1 value"), ("0,1,2", "3 value"), ("a,b", "comma-separated numbers"),
+                           ("0,nan", "finite")):
+        with pytest.raises(RlgenError, match=message):
+            hypervolume_reference(specs, given)
+
+
+def fake_sweep_points(monkeypatch):
+    """run_sweep with the merge and the evaluation replaced: each grid point's rewards are a function of
+    its weights (w = the first model's weight), so the hypervolume can be worked out by hand."""
+    import rlgen.merging.merge as merge_module
+    import rlgen.merging.sweep as sweep_module
+
+    table = {1.0: {"exact-match": 0.2, "length": 2.0}, 0.5: {"exact-match": 0.5, "length": 5.0},
+             0.0: {"exact-match": 0.8, "length": 8.0}}
+    monkeypatch.setattr(merge_module, "merge_models", lambda config, out, **_: None)
+    monkeypatch.setattr(sweep_module, "_lm_evaluator",
+                        lambda settings, rewards: lambda model_dir: table[float(model_dir.name.split("-")[0])])
+
+
+@pytest.mark.parametrize("extra, reference, source, hv, outside", [
+    # objectives (0.2, -2), (0.5, -5), (0.8, -8) above (0, -10): 0.8 * 2 + 0.5 * 3 + 0.2 * 3 = 3.7
+    (["--hv-ref", "0,10"], [0.0, 10.0], "--hv-ref", 3.7, 0),
+    # the sweep's own worst point (0.2, -8), the old reference, would give 0.3 * 3 = 0.9 and move with the sweep
+    (["--hv-ref", "0.2,8"], [0.2, 8.0], "--hv-ref", 0.9, 2),
+    # the default (0 for exact-match, 1 for a length to minimise): no length is below 1, nothing counts
+    ([], [0.0, 1.0], "default", 0.0, 3),
+])
+def test_sweep_summary_states_a_fixed_hypervolume_reference(tmp_path, capsys, monkeypatch, extra, reference, source,
+                                                            hv, outside):
+    fake_sweep_points(monkeypatch)
+    out = tmp_path / "sweep"
+    code = main(["merge", "tiny-arith", "tiny-arith", "--sweep", "--grid", "3", "--task", "arithmetic", "--reward",
+                 "exact-match", "--reward", "length:-1", "--out", str(out), "--json", "--quiet", *extra])
+    captured = capsys.readouterr()
+    assert code in (0, None), captured.err
+    summary = json.loads(captured.out)
+    assert summary["front"] == [0, 1, 2]
+    assert summary["hypervolume_reference"] == reference and summary["hypervolume_reference_source"] == source
+    assert summary["hypervolume"] == pytest.approx(hv)
+    assert summary["front_points_outside_reference"] == outside
+    assert json.loads((out / "summary.json").read_text())["hypervolume_reference"] == reference
+
+
+def test_hv_ref_goes_with_sweep(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "tiny-arith", "tiny-arith", "--out", str(tmp_path / "m"), "--hv-ref", "0,1"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--hv-ref go with --sweep" in err, err
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +167,8 @@ def test_sweep_leaves_out_a_base_listed_among_the_models(tmp_path, perturbed_cop
     (["--task", "arithmetic", "--reward", "exact-match", "--grid", "1"], "--grid"),
     (["--task", "arithmetic", "--reward", "exact-match", "--method", "frankenmerge"], "frankenmerge"),
     (["--task", "arithmetic", "--reward", "exact-match", "--method", "ties"], "base"),
+    (["--task", "arithmetic", "--reward", "exact-match", "--reward", "length:-1", "--hv-ref", "0"], "--hv-ref has 1 value"),
+    (["--task", "arithmetic", "--reward", "exact-match", "--hv-ref", "inf"], "--hv-ref values must be finite"),
 ])
 def test_sweep_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, args, message):
     out = tmp_path / "sweep"

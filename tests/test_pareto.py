@@ -89,6 +89,10 @@ def test_errors():
         pareto_front([(1, float("nan"))])
     with pytest.raises(ValueError, match="reference"):
         hypervolume([(1, 2)], (0, 0, 0))
+    # an infinite (or NaN) reference coordinate would make the volume infinite or NaN: refused
+    for bad in ((0, -math.inf), (float("nan"), 0)):
+        with pytest.raises(ValueError, match="reference point must be finite"):
+            hypervolume([(1, 2)], bad)
 
 
 def test_registered():

@@ -36,15 +36,8 @@ PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1
 TINY = ["--set", "run.threads=1", "--set", "run.eval_every=0"]
 
 
-def one_thread_for_module():
-    """In-process training runs beside the CLI subprocesses: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-one_thread = pytest.fixture(scope="module", autouse=True)(one_thread_for_module)
+# In-process training runs beside the CLI subprocesses: one intra-op thread avoids oversubscription.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

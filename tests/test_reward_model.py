@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_e2e_hf import cli_env, hf_dirs, rlgen_cmd  # noqa: F401 - fixture reused
-from test_preference_trainers import one_thread_for_module, write_jsonl
+from test_preference_trainers import write_jsonl
 
 from rlgen.cli.app import main as rlgen_main
 from rlgen.models.reward_model import MARKER, VALUE_HEAD_FILE, ValueHeadModel, load_reward_model, reward_scores
@@ -50,7 +50,7 @@ SCORED = [{"prompt": "1+2=", "completion": "377", "answer": "3"}, {"prompt": "1+
           {"prompt": "40+2=", "completion": "4205", "answer": "42"}]
 
 
-one_thread = pytest.fixture(scope="module", autouse=True)(one_thread_for_module)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run_cli(args, cwd: Path, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
@@ -262,3 +262,34 @@ def test_eval_rm_needs_data(capsys, tmp_path):
         rlgen_main(["eval", "--rm", str(tmp_path)])
     assert info.value.code == 2
     assert "--rm needs --data" in capsys.readouterr().err
+
+
+# --- RewardBench sections (issue 13, item 28) -----------------------------------------------------------
+
+def test_rewardbench_section_scores_by_hand(monkeypatch):
+    """Section scores weight subsets by RewardBench's example counts (alpacaeval-easy 100, mt-bench-easy 28,
+    math-prm 984, hep-python 164); `section_weighted` is the plain mean of the sections present."""
+    import rlgen.algorithms.reward_modeling as rm
+
+    def fake_scores(model, tokenizer, prompts, completions):  # "good" outscores "bad"
+        return torch.tensor([1.0 if c == "good" else 0.0 for c in completions])
+
+    monkeypatch.setattr(rm, "reward_scores", fake_scores)
+    hit, miss = {"chosen": "good", "rejected": "bad"}, {"chosen": "bad", "rejected": "good"}
+    layout = [("alpacaeval-easy", hit), ("alpacaeval-easy", hit), ("mt-bench-easy", hit), ("mt-bench-easy", miss),
+              ("donotanswer", miss), ("math-prm", hit), ("hep-python", miss), ("digits", hit)]
+    pairs = [{"prompt": "p", **outcome, "subset": subset} for subset, outcome in layout]
+    report = rm.pair_accuracy(torch.nn.Identity(), None, pairs, batch_size=3)
+    assert report["accuracy"] == pytest.approx(5 / 8)  # every pair counts once
+    chat = (1.0 * 100 + 0.5 * 28) / (100 + 28)  # 0.890625
+    reasoning = (1.0 * 984 + 0.0 * 164) / (984 + 164)  # 6 / 7
+    assert report["sections"] == pytest.approx({"Chat": chat, "Safety": 0.0, "Reasoning": reasoning})
+    assert report["section_weighted"] == pytest.approx((chat + 0.0 + reasoning) / 3)
+    assert report["sections_missing"] == ["Chat Hard"]  # not comparable with RewardBench's Score
+    assert report["subsets"]["digits"] == {"accuracy": 1.0, "num_pairs": 1}  # outside every section
+    # all four sections present: no sections_missing; subsets outside RewardBench give no section scores
+    full = rm.rewardbench_sections({"alpacaeval-hard": 1.0, "llmbar-natural": 0.5, "xstest-should-refuse": 0.25,
+                                    "hep-go": 0.0, "digits": 1.0})
+    assert full == {"sections": {"Chat": 1.0, "Chat Hard": 0.5, "Safety": 0.25, "Reasoning": 0.0},
+                    "section_weighted": pytest.approx(1.75 / 4)}
+    assert rm.rewardbench_sections({"digits": 1.0}) == {}

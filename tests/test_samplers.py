@@ -260,6 +260,7 @@ CLI_CASES = {
     "best-of-n": [*SAMPLE, "-n", "2", "--sampler", "best-of-n", "--sampler-opt", "n=4", "--sampler-reward", "exact-match"],
     "no-guide": [*SAMPLE, "--sampler", "smc"],
     "unknown-option": [*SAMPLE, "--sampler", "best-of-n", "--sampler-opt", "m=4", "--sampler-reward", "exact-match"],
+    "bad-pick": [*SAMPLE, "--sampler", "smc", "--sampler-opt", "pick=argmax", "--sampler-reward", "exact-match"],
     "eval-greedy": EVAL,
     "eval-best-of-8": [*EVAL, "--sampler", "best-of-n", "--sampler-opt", "n=8", "--sampler-reward", "exact-match"],
 }
@@ -287,7 +288,8 @@ def test_cli_sample_best_of_n(cli_runs):
     assert sum(r["completion"] == r["answer"] for r in rows) >= 5  # an oracle guide over 4 draws
 
 
-@pytest.mark.parametrize("case, words", [("no-guide", ["smc", "--sampler-reward"]), ("unknown-option", ["'m'", "--sampler-opt"])])
+@pytest.mark.parametrize("case, words", [("no-guide", ["smc", "--sampler-reward"]), ("unknown-option", ["'m'", "--sampler-opt"]),
+                                         ("bad-pick", ["pick", "sample, best", "'argmax'"])])
 def test_cli_sampler_errors_are_one_line(cli_runs, case, words):
     proc = cli_runs[case]
     assert proc.returncode == 2

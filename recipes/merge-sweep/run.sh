@@ -19,5 +19,5 @@ train short --reward length:-1 --steps 40        # shorter completions; correctn
 rm -rf "$out/sweep"
 start=$SECONDS
 rlgen merge "$out/correct/final" "$out/short/final" --sweep --grid 11 --method linear \
-  --task arithmetic --reward exact-match --reward length:-1 --out "$out/sweep"
+  --task arithmetic --reward exact-match --reward length:-1 --hv-ref 0,4 --out "$out/sweep"
 echo "sweep: $((SECONDS - start)) s" >> "$out/times.txt"

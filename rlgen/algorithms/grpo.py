@@ -14,7 +14,7 @@ from rlgen.algorithms.losses import KL_ESTIMATORS, LossContext, policy_loss
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig, is_peft, load_model
 from rlgen.plugins import registry
-from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rewards.base import RewardSet, RewardSpec, counted
 from rlgen.rollout.engine import HFEngine, SamplingParams
 from rlgen.rollout.groups import rollout_groups
 from rlgen.training.data import PromptSampler
@@ -101,6 +101,7 @@ class GRPOTrainer(Trainer):
         self.records = load_records(cfg.data, cfg.data.split)
         self.sampler = PromptSampler(self.records, cfg.rollout.prompts_per_step, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards, cfg.rewards_on_error, combine=cfg.reward_combine, shaping=cfg.reward_shaping)
+        self.rewards.check_fields(self.records, data_source(cfg.data))  # e.g. exact-match without `answer`
         self.advantage_fn = registry("advantage-estimator").get(cfg.algorithm.advantage)
         self.loss_fn = registry("policy-loss").get(cfg.algorithm.loss_type)
         self.kl_fn = KL_ESTIMATORS[cfg.algorithm.kl_estimator]
@@ -150,7 +151,7 @@ class GRPOTrainer(Trainer):
         while True:
             records, rollouts, samples, components, valid, shaped = _merge(batches, self.engine.pad_id)
             total = self._shape_overlong(shaped, rollouts.completion_mask.sum(1))
-            spread = total.view(-1, g).std(dim=1) > 0 if g > 1 else torch.ones(len(records), dtype=torch.bool)
+            spread = _group_spread(total.view(-1, g), counted(components, valid).view(-1, g))
             if zero_std_fraction is None:
                 zero_std_fraction = float((~spread).float().mean())
             if not cfg.algorithm.dynamic_sampling:
@@ -167,19 +168,26 @@ class GRPOTrainer(Trainer):
             rounds += 1
         return records, rollouts, samples, components, valid, total, zero_std_fraction, rounds
 
-    def _advantages(self, records, components, total) -> torch.Tensor:
+    def _advantages(self, records, components, total, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Advantages of the completions; one whose every reward is None (or that was skipped) gets exactly 0
+        and is left out of its group's statistics (the estimators' `mask`)."""
         cfg = self.config
         g = cfg.rollout.num_generations
+        mask = counted(components, torch.ones_like(total, dtype=torch.bool) if valid is None else valid)
         kwargs = {
             "components": components.view(-1, g, components.shape[-1]),
             "weights": self.rewards.weights,
             "scale_rewards": cfg.algorithm.scale_rewards,
+            "mask": mask.view(-1, g),
         }
         if getattr(self.advantage_fn, "needs_greedy_baseline", False):
             greedy = self.engine.generate([r["prompt"] for r in records], SamplingParams(cfg.rollout.max_new_tokens, 0.0))
             samples = [{**r, "completion": t} for r, t in zip(records, greedy.texts)]
-            kwargs["baseline"] = self.rewards.score(samples)[2]  # combined and shaped like the rollouts
-        return self.advantage_fn(total.view(-1, g), **kwargs).reshape(-1)
+            greedy_components, greedy_valid, baseline = self.rewards.score(samples)  # combined and shaped like the rollouts
+            no_baseline = ~counted(greedy_components, greedy_valid)
+            kwargs["baseline"] = torch.where(no_baseline, torch.full_like(baseline, float("nan")), baseline)
+        advantages = self.advantage_fn(total.view(-1, g), **kwargs).reshape(-1)
+        return torch.where(mask, advantages, torch.zeros_like(advantages))  # also for estimators ignoring `mask`
 
     # --- the update ---
     def train_step(self) -> dict:
@@ -191,7 +199,7 @@ class GRPOTrainer(Trainer):
         if not records:
             metrics["skipped_update"] = 1
             return metrics
-        advantages = self._advantages(records, components, total)
+        advantages = self._advantages(records, components, total, valid)
         mask = rollouts.completion_mask.float()
         if cfg.algorithm.mask_truncated_completions:
             mask = mask * (~rollouts.truncated).float().unsqueeze(-1)
@@ -269,17 +277,22 @@ class GRPOTrainer(Trainer):
 
 
 def check_context_length(model, tokenizer, records: list[dict], max_new_tokens: int) -> None:
-    """Prompt plus completion must fit the model's declared context (learned positions would crash)."""
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if not limit:
-        return
-    longest = max(len(tokenizer(r["prompt"]).input_ids) for r in records[:2000])
-    if longest + max_new_tokens > limit:
-        raise RlgenError(
-            f"prompts of up to {longest} tokens plus rollout.max_new_tokens={max_new_tokens} exceed the model's "
-            f"context of {limit} positions (lower rollout.max_new_tokens)"
-        )
+    """Prompt plus completion must fit the model's declared context (the helper `sample` and `eval` use too)."""
+    from rlgen.rollout.engine import check_context
+
+    check_context(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, "rollout.max_new_tokens")
+
+
+def data_source(data: DataConfig) -> str:
+    """The data's name for error messages: its file, or the task."""
+    return str(data.path) if data.path else f"task '{data.task}'"
+
+
+def _group_spread(total: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[num_groups] bool: whether the counted completions of each group have different rewards."""
+    high = torch.where(mask, total, torch.full_like(total, float("-inf"))).amax(dim=1)
+    low = torch.where(mask, total, torch.full_like(total, float("inf"))).amin(dim=1)
+    return high > low
 
 
 def _accumulate(sums: dict, key: str, value: float) -> None:

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.algorithms.dpo import PreferenceAlgoConfig, PreferenceTrainer
-from rlgen.algorithms.grpo import RolloutConfig, check_context_length
+from rlgen.algorithms.grpo import RolloutConfig, check_context_length, data_source
 from rlgen.algorithms.preference_losses import PreferenceOptions, needs_reference
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig, is_peft
 from rlgen.plugins import registry
-from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rewards.base import RewardSet, RewardSpec, counted
 from rlgen.rollout.engine import SamplingParams
 from rlgen.rollout.groups import rollout_groups
 from rlgen.training.data import PromptSampler
@@ -75,6 +75,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
         self.records = load_records(cfg.data, cfg.data.split)
         self.sampler = PromptSampler(self.records, cfg.rollout.prompts_per_step, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards, cfg.rewards_on_error, combine=cfg.reward_combine, shaping=cfg.reward_shaping)
+        self.rewards.check_fields(self.records, data_source(cfg.data))  # e.g. exact-match without `answer`
         self.loss_fn = registry("preference-loss").get(cfg.algorithm.loss_type)
         self.uses_reference = needs_reference(self.loss_fn)
         a = cfg.algorithm
@@ -118,7 +119,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
         rollouts, samples, components, valid, total = rollout_groups(self.engine, self.rewards, records, g, self.params,
                                                                      self.generator)
         metrics = self.rewards.metrics(components, total, valid)
-        rows = best_worst_rows(total, valid, g)
+        rows = best_worst_rows(total, counted(components, valid), g)  # completions without any reward never pair
         if len(rows) == 0:
             metrics.update(pairs=0, skipped_update=1)
             return metrics

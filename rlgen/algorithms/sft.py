@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.algorithms.logprobs import completion_logprobs
+from rlgen.data.records import check_text
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig
-from rlgen.rollout.engine import HFEngine
+from rlgen.rollout.engine import HFEngine, check_context, context_limit
 from rlgen.training.data import PromptSampler
 from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, Trainer, load_records
 
@@ -44,11 +45,40 @@ class SFTTrainer(Trainer):
             if "completion" not in record and cfg.sft.completion_field not in record:
                 where = f"line {record['_line']}" if "_line" in record else "a record"
                 raise RlgenError(f"{cfg.data.path or cfg.data.task}, {where}: missing field 'completion' or '{cfg.sft.completion_field}'")
+            # the target must be text (a null would train on the word "None")
+            check_text(cfg.data.path or cfg.data.task, record,
+                       "completion" if "completion" in record else cfg.sft.completion_field)
         self.sampler = PromptSampler(self.records, cfg.sft.batch_size, cfg.run.seed)
         self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
 
     def prepare(self) -> None:
         self.engine = HFEngine(self.model, self.tokenizer)
+        self.check_fits_context()
+
+    def check_fits_context(self) -> None:
+        """Training examples and the held-out generation must fit the model's context: one line now
+        instead of an IndexError (learned positions) at the first long batch or evaluation."""
+        limit = context_limit(self.model)
+        if not limit:
+            return
+        cfg = self.config
+        if self.eval_records:
+            check_context(self.model, self.tokenizer, [r["prompt"] for r in self.eval_records], cfg.sft.max_new_tokens,
+                          "sft.max_new_tokens")
+        longest, where = 0, None
+        for start in range(0, len(self.records), 1024):
+            batch = self.records[start : start + 1024]
+            completions = self.engine.tokenize_completions([self.completion_of(r) for r in batch])
+            prompt_lengths = [len(ids) for ids in self.tokenizer([r["prompt"] for r in batch]).input_ids]
+            for record, prompt_length, completion in zip(batch, prompt_lengths, completions):
+                # the last completion token (the stop token) is predicted, never fed: one position less
+                length = prompt_length + len(completion) - 1
+                if length > longest:
+                    longest, where = length, record
+        if longest > limit:
+            line = f"line {where['_line']}" if "_line" in where else "a record"
+            raise RlgenError(f"{cfg.data.path or cfg.data.task}, {line}: prompt plus completion take {longest} positions, "
+                             f"more than the model's context of {limit}")
 
     def extra_state(self) -> dict:
         return {"sampler": self.sampler.state()}
@@ -56,9 +86,11 @@ class SFTTrainer(Trainer):
     def restore_extra_state(self, state: dict) -> None:
         self.sampler.restore(state["sampler"])
 
+    def completion_of(self, record: dict) -> str:
+        return str(record.get("completion", record.get(self.config.sft.completion_field)))
+
     def encode(self, batch: list[dict]):
-        cfg = self.config.sft
-        completions = [str(r.get("completion", r.get(cfg.completion_field))) for r in batch]
+        completions = [self.completion_of(r) for r in batch]
         prompt_ids, prompt_mask = self.engine.encode_prompts([r["prompt"] for r in batch])
         completion_ids, completion_mask = self.engine.encode_completions(completions)
         return prompt_ids, prompt_mask, completion_ids, completion_mask

@@ -2,6 +2,7 @@
 (bad input -> one line on stderr, exit status 2, traceback only with --debug)."""
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -67,6 +68,29 @@ def _click_exception_types():
     return tuple(exits), tuple(aborts), tuple(usage)
 
 
+def one_line(text: str, limit: int = 1000) -> str:
+    """A message as one stderr line: the error contract promises exactly one, whatever the text holds."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`rlgen ... | head`): that is a normal end, exit 0 in silence. Point
+    stdout at /dev/null so that Python's own flush at shutdown cannot fail (and print) again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests capture it)
+        pass
+    sys.exit(0)
+
+
+def _caused_by_broken_pipe(exc: BaseException) -> bool:
+    context = exc.__context__
+    return isinstance(context, BrokenPipeError) or (isinstance(context, OSError) and context.errno == errno.EPIPE)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RLGEN_DEBUG") == "1"
@@ -77,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
             _plugin_commands()
         command = typer.main.get_command(app)
         code = command.main(args=args, prog_name="rlgen", standalone_mode=False)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, where a broken pipe is still ours to handle, not at shutdown
         # typer (without standalone mode) turns Ctrl-C into a returned 130 instead of raising
         if isinstance(code, int) and code != 0:
             if code == 130:
@@ -95,17 +121,29 @@ def main(argv: list[str] | None = None) -> None:
     except RlgenError as exc:
         if debug:
             raise
-        sys.stderr.write(f"rlgen: error: {exc}\n")
+        sys.stderr.write(f"rlgen: error: {one_line(exc)}\n")
         sys.exit(2)
     except KeyboardInterrupt:
         sys.stderr.write("rlgen: interrupted\n")
         sys.exit(130)
     except BrokenPipeError:
-        sys.exit(0)
+        _quiet_broken_pipe()
+    except SystemExit as exc:
+        # click and rich answer a broken pipe themselves, with exit status 1: ours is 0, as for any reader
+        # that stops early
+        if _caused_by_broken_pipe(exc):
+            _quiet_broken_pipe()
+        raise
+    except RecursionError:
+        # Only pathological input nests this deep (JSON, YAML, TOML): a bad input, not a crash
+        if debug:
+            raise
+        sys.stderr.write("rlgen: error: input nested too deeply (RecursionError)\n")
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:
             raise
-        sys.stderr.write(f"rlgen: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)\n")
+        sys.stderr.write(f"rlgen: internal error: {type(exc).__name__}: {one_line(exc)} (run with --debug for the traceback)\n")
         sys.exit(1)
 
 

@@ -84,8 +84,13 @@ def evaluate(
     json_output: bool = opt.Json,
 ):
     from rlgen.cli.report import Reporter
+    from rlgen.config import COUNT
     from rlgen.diffusion.pipeline import is_image_model
 
+    opt.check_options(
+        ("--limit", limit, COUNT), ("-k", k, COUNT),
+        *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+        *opt.image_checks(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta))
     reporter = Reporter(quiet=quiet, json_output=json_output)
     similarity = Similarity(similarity).value
     sources = list(source or [])
@@ -144,6 +149,7 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     from rlgen.models.causal_lm import ModelConfig, load_policy
     from rlgen.plugins import registry
     from rlgen.rewards.base import RewardSet, RewardSpec
+    from rlgen.rollout.engine import check_context
     from rlgen.training.trainer import DataConfig, load_records
 
     if not task and not data:
@@ -157,6 +163,7 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     else:
         rewards = correctness_rewards(registry("task").get(task).default_rewards if task and not data else ("exact-match",))
     policy, tokenizer, path = load_policy(ModelConfig(path=model))
+    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
     reference = None
     if ref:
         from rlgen.evaluation.kl import check_vocabularies

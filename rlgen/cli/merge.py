@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from rlgen.cli import options as opt
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 
 HELP = """Merge models of one architecture (Hugging Face causal LMs, diffusers pipelines or denoisers), or fold a LoRA adapter into its base. Tensors are streamed one at a time from memory-mapped safetensors, so memory stays at a few tensors whatever the model size; the output is written atomically.
 
@@ -32,7 +32,7 @@ def _numbers(flag: str, text: str | None) -> list[float] | None:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise RlgenError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+        raise RlgenError(f"{flag} must be comma-separated numbers, got {show_value(text)}") from None
 
 
 def _params(items: list[str] | None) -> dict:
@@ -42,7 +42,7 @@ def _params(items: list[str] | None) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise RlgenError(f"--param must be KEY=VALUE, got {item!r}")
+            raise RlgenError(f"--param must be KEY=VALUE, got {show_value(item)}")
         params[key.strip()] = parse_value(value.strip())
     return params
 
@@ -106,6 +106,7 @@ def merge(
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="--sweep on LMs: completion length of the greedy evaluation."),
     images_per_prompt: int = typer.Option(4, "--images-per-prompt", help="--sweep on image models: images per prompt (fixed seeds)."),
     keep_models: bool = typer.Option(False, "--keep-models", help="--sweep: keep every merged point in OUT/models/."),
+    hv_ref: opt.OptStr = typer.Option(None, "--hv-ref", help="--sweep: hypervolume reference, one value per --reward in its units, comma-separated (default: 0 for a maximised reward, 1 for a minimised one)."),
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
@@ -124,10 +125,11 @@ def merge(
         if weights is not None:
             raise RlgenError("--sweep sets the weights itself (the grid): drop --weights")
         _sweep(reporter, config, out, grid=grid, task=task, data=data, limit=limit, reward=reward,
-               max_new_tokens=max_new_tokens, images_per_prompt=images_per_prompt, keep_models=keep_models)
+               max_new_tokens=max_new_tokens, images_per_prompt=images_per_prompt, keep_models=keep_models,
+               hv_ref=hv_ref)
         return
-    if task or data or reward or limit is not None or keep_models:
-        raise RlgenError("--task, --data, --reward, --limit and --keep-models go with --sweep")
+    if task or data or reward or limit is not None or keep_models or hv_ref is not None:
+        raise RlgenError("--task, --data, --reward, --limit, --keep-models and --hv-ref go with --sweep")
     from rlgen.merging.merge import merge_models
 
     with _progress(reporter) as progress:
@@ -144,7 +146,7 @@ def _sweep(reporter, config, out, **settings) -> None:
                                               limit=settings["limit"], rewards=list(settings["reward"] or []),
                                               max_new_tokens=settings["max_new_tokens"],
                                               images_per_prompt=settings["images_per_prompt"],
-                                              keep_models=settings["keep_models"]),
+                                              keep_models=settings["keep_models"], hv_ref=settings["hv_ref"]),
                         out, progress=reporter.log)
     if reporter.json_output:
         reporter.emit_json(summary)
@@ -164,7 +166,8 @@ def _sweep(reporter, config, out, **settings) -> None:
                       "*" if point["on_front"] else "")
     reporter.console.print(table)
     if summary.get("hypervolume") is not None:
-        reporter.console.print(f"hypervolume {summary['hypervolume']:.4f} (reference {summary['hypervolume_reference']})")
+        reporter.console.print(f"hypervolume {summary['hypervolume']:.4f} (reference {summary['hypervolume_reference']}, "
+                               f"{summary['hypervolume_reference_source']})")
     reporter.console.print(f"wrote {out}/sweep.jsonl, summary.json" + (", front.png" if summary.get("plot") else ""))
 
 

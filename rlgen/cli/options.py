@@ -17,3 +17,27 @@ Sets = typer.Option(None, "--set", help="Override a config key: section.key=valu
 OptStr = Optional[str]
 OptInt = Optional[int]
 StrList = Optional[List[str]]
+
+
+def check_options(*checks: tuple[str, object, object]) -> None:
+    """(flag, value, Bounds) triples: the first value out of its range is a one-line error naming the flag.
+    Commands call this first, before any model loads; None (an option not given) passes."""
+    from rlgen.config import check_value
+
+    for flag, value, bounds in checks:
+        check_value(flag, value, bounds)
+
+
+def sampling_checks(*, max_new_tokens: int, temperature: float, seed: int, top_p: float = 1.0, top_k: int = 0) -> list:
+    """The ranges of the text-sampling options that `sample` and `eval` share (temperature 0 = greedy)."""
+    from rlgen.config import COUNT, FIELD_BOUNDS, NON_NEGATIVE, SEED
+
+    return [("--max-new-tokens", max_new_tokens, COUNT), ("--temperature", temperature, NON_NEGATIVE),
+            ("--top-p", top_p, FIELD_BOUNDS["top_p"]), ("--top-k", top_k, NON_NEGATIVE), ("--seed", seed, SEED)]
+
+
+def image_checks(*, num_steps: int, guidance_scale: float, eta: float) -> list:
+    """The ranges of the image-sampling options that `sample` and `eval` share."""
+    from rlgen.config import ANY, COUNT, NON_NEGATIVE
+
+    return [("--num-steps", num_steps, COUNT), ("--guidance-scale", guidance_scale, ANY), ("--eta", eta, NON_NEGATIVE)]

@@ -1,7 +1,6 @@
 """Human output on stderr (logs, rich progress), machine output on stdout (--json, JSONL)."""
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import contextmanager
 
@@ -30,7 +29,9 @@ class Reporter:
             self.log(message)
 
     def emit_json(self, payload) -> None:
-        sys.stdout.write(json.dumps(payload, indent=None, default=str) + "\n")
+        from rlgen.data.records import json_text
+
+        sys.stdout.write(json_text(payload) + "\n")  # standard JSON: NaN / inf become null
         sys.stdout.flush()
 
     @contextmanager

@@ -71,14 +71,17 @@ def sample(
     import torch
 
     from rlgen.cli.report import Reporter
+    from rlgen.config import COUNT
     from rlgen.data.records import write_records
     from rlgen.diffusion.pipeline import is_image_model
     from rlgen.models.causal_lm import ModelConfig, load_policy
-    from rlgen.rollout.engine import HFEngine, SamplingParams
+    from rlgen.rollout.engine import HFEngine, SamplingParams, check_context
     from rlgen.rollout.samplers import call_sampler, prepare_sampler
 
-    if n < 1:
-        raise RlgenError("-n must be >= 1")
+    opt.check_options(
+        ("-n", n, COUNT), ("--limit", limit, COUNT), ("--batch-size", batch_size, COUNT),
+        *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, top_k=top_k),
+        *opt.image_checks(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta))
     reporter = Reporter(quiet=quiet)
     if is_image_model(model):
         from rlgen.cli.sample_images import sample_images_cli
@@ -92,6 +95,7 @@ def sample(
     records = prompt_records(task, prompts, split, limit)
     policy, tokenizer, _ = load_policy(ModelConfig(path=model or "tiny-arith"))
     policy.eval()
+    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
     engine = HFEngine(policy, tokenizer)
     params = SamplingParams(max_new_tokens, temperature, top_p, top_k)
     generator = torch.Generator().manual_seed(seed)

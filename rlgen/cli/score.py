@@ -59,11 +59,17 @@ def _with_resolved_images(records: list[dict], source: str) -> list[dict]:
     to the current one for stdin); the rewards see absolute image paths, the output keeps the given ones."""
     from pathlib import Path
 
+    from rlgen.data.records import check_text
+
+    name = "<stdin>" if source == "-" else source
     base = Path(source).resolve().parent if source != "-" else Path.cwd()
     out = []
-    for line, record in enumerate(records, start=1):
+    for number, record in enumerate(records, start=1):
         if "completion" not in record and "image" not in record:
-            raise RlgenError(f"{source}, line {line}: missing field 'completion' (or 'image' for image samples)")
+            line = record.get("_line", number)
+            raise RlgenError(f"{name}, line {line}: missing field 'completion' (or 'image' for image samples)")
+        if "completion" not in record:
+            check_text(name, record, "image")  # a path, not a number or a list
         if isinstance(record.get("image"), str):
             record = {**record, "image": str(base / record["image"])}
         out.append(record)

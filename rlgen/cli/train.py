@@ -18,6 +18,9 @@ HELP = """Train a model with ALGO (sft, grpo, rloo, dapo, ..., dpo, simpo, rpo, 
 
 Config precedence: the model's recommended settings < algorithm preset < --config TOML < flags < --set. The resolved config is written to
 OUT/config.toml; metrics go to OUT/metrics.jsonl, checkpoints to OUT/checkpoints/step-N, the model to OUT/final.
+OUT is locked (OUT/.lock) while the run lasts. OUT must be new, empty, or a run that failed before its first checkpoint
+(started over); anything else is refused, never overwritten. A step whose loss or gradient norm is NaN/inf stops the
+run (optim.skip_nonfinite_steps = true skips its update instead).
 
 Example:
 
@@ -109,7 +112,7 @@ def train(
     steps: opt.OptInt = typer.Option(None, "--steps", help="Number of optimiser steps."),
     seed: opt.OptInt = opt.Seed,
     save_every: opt.OptInt = typer.Option(None, "--save-every", help="Checkpoint every N steps (0 = final only)."),
-    resume: opt.OptStr = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    resume: opt.OptStr = typer.Option(None, "--resume", help="Continue the run in this directory from its newest sound checkpoint (damaged ones are skipped with a warning; no checkpoint: from step 0)."),
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
@@ -132,8 +135,6 @@ def train(
     cfg = build_config(algo, config, sets, flags, resume)
     reporter = Reporter(quiet=quiet, json_output=json_output)
     run_dir = RunDir(cfg.run.out)
-    if resume and run_dir.latest_checkpoint() is None:
-        reporter.log(f"no checkpoint in {run_dir.root}: starting from step 0")
     trainer = algo.trainer_cls(cfg, run_dir, reporter, resume=bool(resume))
     last = trainer.fit()
     summary = {"algorithm": algorithm, "out": str(run_dir.root), "final_model": str(run_dir.final), "last_step": last}

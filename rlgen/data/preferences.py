@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from rlgen.data.records import read_records
-from rlgen.errors import RlgenError
+from rlgen.data.records import check_text, read_records
+from rlgen.errors import RlgenError, show_value
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -21,9 +21,7 @@ def _where(source: str, record: dict) -> str:
 def _text(source: str, record: dict, field: str, allow_empty: bool = False) -> str:
     if field not in record or record[field] is None:
         raise RlgenError(f"{_where(source, record)}: missing field '{field}'")
-    value = record[field]
-    if not isinstance(value, str):
-        raise RlgenError(f"{_where(source, record)}: field '{field}' must be a string, got {type(value).__name__}")
+    value = check_text(source, record, field)
     if not allow_empty and not value.strip():
         raise RlgenError(f"{_where(source, record)}: field '{field}' is empty")
     return value
@@ -34,7 +32,7 @@ def _number(source: str, record: dict, field: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RlgenError(f"{_where(source, record)}: field '{field}' must be a finite number, got {value!r}")
+        raise RlgenError(f"{_where(source, record)}: field '{field}' must be a finite number, got {show_value(value)}")
     return float(value)
 
 
@@ -52,7 +50,7 @@ def check_pair(source: str, record: dict) -> dict:
         record["margin"] = margin
     tie = record.get("tie", False)
     if not isinstance(tie, bool):
-        raise RlgenError(f"{_where(source, record)}: field 'tie' must be true or false, got {tie!r}")
+        raise RlgenError(f"{_where(source, record)}: field 'tie' must be true or false, got {show_value(tie)}")
     if chosen == rejected and not tie:
         raise RlgenError(f"{_where(source, record)}: 'chosen' and 'rejected' are identical (mark ties with \"tie\": true)")
     return record
@@ -82,7 +80,7 @@ def read_unpaired(path: str) -> list[dict]:
         _text(source, record, "completion")
         label = record.get("label")
         if not isinstance(label, bool):
-            raise RlgenError(f"{_where(source, record)}: field 'label' must be true or false, got {label!r}")
+            raise RlgenError(f"{_where(source, record)}: field 'label' must be true or false, got {show_value(label)}")
         out.append(record)
     return out
 
@@ -110,7 +108,7 @@ def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "rewa
         if score is None or (isinstance(score, float) and math.isnan(score)):
             continue
         if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise RlgenError(f"{_where(source, record)}: score field '{field}' must be a number, got {score!r}")
+            raise RlgenError(f"{_where(source, record)}: score field '{field}' must be a number, got {show_value(score)}")
         group = groups.setdefault(str(record[group_by]), [])
         if all(_content(other) != _content(record) for other in group):
             group.append(record)

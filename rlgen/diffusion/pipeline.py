@@ -22,6 +22,10 @@ from rlgen.errors import RlgenError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INFO_FILE = "rlgen_diffusion.json"  # rlgen's notes on a pipeline: class names, recommended sampling
 DENOISERS = ("unet", "transformer")
+# The components DiffusionModel uses; any other entry of model_index.json is neither imported nor loaded
+# (it is still copied when the model is saved).
+USED_COMPONENTS = (*DENOISERS, "scheduler", "text_encoder", "tokenizer", "vae")
+ALLOWED_LIBRARIES = ("diffusers", "transformers")
 
 
 @dataclass
@@ -80,19 +84,60 @@ def _quiet_diffusers() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
-def _load_component(path: Path, name: str, spec, dtype=None):
+def _allowed_bases() -> tuple[type, ...]:
+    """What a model_index.json may name: diffusers models and schedulers, transformers models and tokenizers."""
+    import diffusers
+    import transformers
+
+    return (diffusers.ModelMixin, diffusers.SchedulerMixin, transformers.PreTrainedModel,
+            transformers.PreTrainedTokenizerBase)
+
+
+def component_class(path: Path, name: str, spec) -> type:
+    """The class that model_index.json names for component `name`, from an allow-list: only the
+    `diffusers` and `transformers` packages are ever imported, never a module the file names."""
     import importlib
 
+    from rlgen.errors import show_value
+
+    where = f"{path / 'model_index.json'}: key '{name}'"
+    if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(part, str) for part in spec)):
+        raise RlgenError(f"{where} must be [library, class name], got {show_value(spec)}")
     library, class_name = spec
-    try:
-        cls = getattr(importlib.import_module(library), class_name)
-    except (ImportError, AttributeError):
-        raise RlgenError(f"{path}/model_index.json: component '{name}' has unknown class {library}.{class_name}") from None
-    kwargs = {"torch_dtype": dtype} if dtype is not None and hasattr(cls, "parameters") else {}
-    try:
-        return cls.from_pretrained(str(path / name), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one line naming the component
-        raise RlgenError(f"cannot load '{name}' ({class_name}) from {path / name}: {str(exc).splitlines()[0]}") from None
+    if library not in ALLOWED_LIBRARIES:
+        raise RlgenError(f"{where} names library {show_value(library)}; rlgen loads only "
+                         f"{' and '.join(ALLOWED_LIBRARIES)} classes")
+    cls = getattr(importlib.import_module(library), class_name, None) \
+        if class_name.isidentifier() and not class_name.startswith("_") else None
+    if not (isinstance(cls, type) and issubclass(cls, _allowed_bases())):
+        raise RlgenError(f"{where} names {show_value(f'{library}.{class_name}')}, which is not a {library} model, "
+                         "scheduler or tokenizer class")
+    return cls
+
+
+def _load_component(path: Path, name: str, spec, dtype=None):
+    import diffusers
+    import transformers
+
+    from rlgen.models import safe_load
+
+    cls = component_class(path, name, spec)
+    directory = path / name
+    if issubclass(cls, diffusers.ModelMixin):
+        safe_load.check_safetensors(directory, f"diffusers.{cls.__name__}")
+        kwargs = safe_load.diffusers_weights_kwargs()
+    elif issubclass(cls, transformers.PreTrainedModel):
+        safe_load.check_model_dir(directory, f"transformers.{cls.__name__}")
+        kwargs = safe_load.weights_kwargs()
+    elif issubclass(cls, transformers.PreTrainedTokenizerBase):
+        safe_load.check_no_custom_code(directory)
+        kwargs = safe_load.no_download_kwargs()
+    else:  # a scheduler: a JSON config
+        kwargs = {"local_files_only": True}
+    if dtype is not None and hasattr(cls, "parameters"):
+        kwargs["torch_dtype"] = dtype
+    with safe_load.load_errors(f"cannot load '{name}' ({cls.__name__}) from {directory}"):
+        return cls.from_pretrained(str(directory), **kwargs)
 
 
 class DiffusionModel(nn.Module):
@@ -309,29 +354,29 @@ def add_lora(model: DiffusionModel, cfg: DiffusionModelConfig) -> None:
 def load_diffusion_model(cfg: DiffusionModelConfig, adapter_dir: Path | None = None) -> DiffusionModel:
     """Load a pipeline directory (built-in name or path); LoRA attached when cfg.lora_r > 0
     (from `adapter_dir` when resuming)."""
+    from rlgen.models.safe_load import load_peft_adapter
+
     _quiet_diffusers()
     path = resolve_pipeline_path(cfg.path)
     try:
         index = json.loads((path / "model_index.json").read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RlgenError(f"{path}/model_index.json: bad JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise RlgenError(f"{path}/model_index.json: expected a JSON object")
     info = json.loads((path / INFO_FILE).read_text()) if (path / INFO_FILE).is_file() else {}
     dtype = DTYPES[cfg.dtype]
     components = {}
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+        if name not in USED_COMPONENTS or (isinstance(spec, list) and spec and spec[0] is None):
             continue
         components[name] = _load_component(path, name, spec, dtype)
     model = DiffusionModel(path, components, info)
     lora_dir = path / f"{model.denoiser_name}_lora"
     if adapter_dir is None and lora_dir.is_dir():  # a directory saved with lora_merge_on_save = false
-        from peft import PeftModel
-
-        model.denoiser = PeftModel.from_pretrained(model.denoiser, str(lora_dir)).merge_and_unload()
+        model.denoiser = load_peft_adapter(model.denoiser, lora_dir).merge_and_unload()
     if adapter_dir is not None:
-        from peft import PeftModel
-
-        model.denoiser = PeftModel.from_pretrained(model.denoiser, str(adapter_dir), is_trainable=True)
+        model.denoiser = load_peft_adapter(model.denoiser, adapter_dir, is_trainable=True)
         model.lora = True
     elif cfg.lora_r > 0:
         add_lora(model, cfg)

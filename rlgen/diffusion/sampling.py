@@ -36,7 +36,7 @@ class Schedule:
     timesteps: torch.Tensor  # [T], the denoiser's timestep input
     current: torch.Tensor  # [T]: alpha_t (ddim) or sigma (flow)
     following: torch.Tensor  # [T]: alpha of the previous timestep (ddim) or sigma_next (flow)
-    sigma_max: float = 1.0  # flow: the largest sigma below 1, used in g at sigma == 1
+    sigma_max: float = 1.0  # flow: the sigma after the first step, used in g at sigma == 1 (0 for one step)
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -47,9 +47,9 @@ def make_schedule(model, num_steps: int) -> Schedule:
     if model.family == "flow":
         scheduler.set_timesteps(num_steps)
         sigmas = scheduler.sigmas.float().cpu()
-        below_one = sigmas[(sigmas < 1) & (sigmas > 0)]
-        return Schedule("flow", scheduler.timesteps.float().cpu(), sigmas[:-1], sigmas[1:],
-                        float(below_one.max()) if below_one.numel() else 1.0)
+        # Flow-GRPO's sigma_max = sigmas[1]: with one step that is the terminal 0, so g stays finite at
+        # sigma == 1 (a "largest sigma in (0, 1)" found none there and divided by 1 - 1)
+        return Schedule("flow", scheduler.timesteps.float().cpu(), sigmas[:-1], sigmas[1:], float(sigmas[1]))
     from diffusers import DDIMScheduler
 
     ddim = scheduler if isinstance(scheduler, DDIMScheduler) else DDIMScheduler.from_config(scheduler.config)

@@ -96,16 +96,18 @@ def flow_sde_step(velocity, x, sigma, sigma_next, noise_level: float, sigma_max=
     """Flow-GRPO's marginal-preserving SDE step (rectified flow x_s = (1-s) x0 + s eps, v = eps - x0).
 
     g = a * sqrt(sigma / (1 - sigma)) with a = noise_level (at sigma == 1 the denominator uses sigma_max,
-    the largest sigma below 1); noise_level = 0 gives exactly the Euler ODE step x + v * dt.
+    Flow-GRPO's sigmas[1]: the next sigma, 0 when sampling in one step); noise_level = 0 gives exactly the
+    Euler ODE step x + v * dt with g = 0 (never 0 * inf).
     kl_scale is g^2 (without the |dt| factor), as Flow-GRPO divides its KL term, so its beta carries over."""
     s = _per_sample(sigma, x)
     s_next = _per_sample(sigma_next, x)
-    s_max = s if sigma_max is None else _per_sample(sigma_max, x)
+    s_max = s_next if sigma_max is None else _per_sample(sigma_max, x)  # at sigma == 1, sigmas[1] is sigma_next
     dt = s_next - s
-    g = noise_level * (s / (1 - torch.where(s >= 1, s_max, s))).sqrt() * torch.ones_like(s)
     if noise_level == 0:
+        g = torch.zeros_like(s)
         mean = x + velocity * dt
     else:
+        g = noise_level * (s / (1 - torch.where(s >= 1, s_max, s))).sqrt() * torch.ones_like(s)
         mean = x * (1 + g**2 / (2 * s) * dt) + velocity * (1 + g**2 * (1 - s) / (2 * s)) * dt
     std = g * (-dt).clamp(min=0).sqrt()
     return _finish(mean, std, prev_sample, noise, generator, g**2, x - s * velocity)

@@ -1,5 +1,5 @@
-"""Diversity of a set of samples: the Vendi score, distinct-n and a self-BLEU-like overlap, overall or per
-prompt (group-wise, then the mean over groups).
+"""Diversity of a set of samples: the Vendi score, distinct-n, Texygen's self-BLEU and a plain clipped
+n-gram overlap, overall or per prompt (group-wise, then the mean over groups).
 
 Vendi score (Friedman & Dieng, 2023) of order q of n samples with a similarity matrix K (symmetric, positive
 semi-definite, unit diagonal): with l the eigenvalues of K / n (they sum to 1; negative ones, and positive
@@ -180,7 +180,7 @@ def vendi_texts(texts: Sequence[str], similarity: str = "auto", q: float = 1.0, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# distinct-n and self-BLEU
+# distinct-n, n-gram overlap and self-BLEU
 
 
 def distinct_n(texts: Iterable[str], n: int = 1, unit: str = "word") -> float | None:
@@ -190,8 +190,14 @@ def distinct_n(texts: Iterable[str], n: int = 1, unit: str = "word") -> float | 
     return len(set(grams)) / len(grams) if grams else None
 
 
-def self_bleu(texts: Sequence[str], max_n: int = 4, unit: str = "word") -> float | None:
-    """A self-BLEU-like overlap of a set of texts (higher = less diverse).
+def _clipped_matches(hypothesis: Counter, references: Sequence[Counter]) -> int:
+    """BLEU's clipped count: each hypothesis n-gram counts at most as often as it occurs in any ONE reference."""
+    return sum(min(count, max(ref[gram] for ref in references)) for gram, count in hypothesis.items())
+
+
+def ngram_overlap(texts: Sequence[str], max_n: int = 4, unit: str = "word") -> float | None:
+    """The plain clipped n-gram overlap of a set of texts (higher = less diverse); rlgen's `self-bleu`
+    before it followed Texygen, kept under its own name (`ngram-overlap`).
 
     Each text in turn is the hypothesis and all the others are its references. Its score is the geometric
     mean, over the orders n = 1 .. min(max_n, its length), of BLEU's clipped n-gram precision: the count of
@@ -212,17 +218,59 @@ def self_bleu(texts: Sequence[str], max_n: int = 4, unit: str = "word") -> float
         log_sum = 0.0
         for k in range(orders):
             mine = counts[i][k]
-            best: Counter = Counter()
-            for j in range(len(units)):
-                if j != i:
-                    best |= counts[j][k]  # element-wise max: the largest count in any one reference
-            clipped = sum(min(c, best[g]) for g, c in mine.items())
+            clipped = _clipped_matches(mine, [counts[j][k] for j in range(len(units)) if j != i])
             if clipped == 0:
                 log_sum = -math.inf
                 break
             log_sum += math.log(clipped / sum(mine.values()))
         scores.append(math.exp(log_sum / orders))
     return sum(scores) / len(scores) if scores else None
+
+
+SMOOTHING_EPSILON = 0.1  # nltk's SmoothingFunction().method1 default, as Texygen uses it
+
+
+def sentence_bleu(references: Sequence[Sequence[str]], hypothesis: Sequence[str], max_n: int = 4,
+                  epsilon: float = SMOOTHING_EPSILON) -> float:
+    """Sentence BLEU as nltk's `sentence_bleu(references, hypothesis, weights=(1/max_n,) * max_n,
+    smoothing_function=SmoothingFunction(epsilon).method1)` computes it, on unit lists:
+
+        BLEU = BP * exp(sum_n (1/max_n) log p_n),  n = 1 .. max_n
+
+    p_n = (clipped matches of the hypothesis' n-grams) / max(1, its number of n-grams); a p_n of zero
+    matches becomes epsilon / that same denominator (method 1). BP = 1 when the hypothesis is longer than
+    the closest reference length (ties -> the shorter reference), else exp(1 - r / c) (0 for an empty
+    hypothesis). No unigram match at all gives 0, smoothing or not."""
+    if max_n < 1:
+        raise ValueError(f"max_n must be >= 1, got {max_n}")
+    if not references:
+        raise ValueError("sentence BLEU needs at least one reference")
+    log_sum = 0.0
+    for n in range(1, max_n + 1):
+        mine = Counter(ngrams(hypothesis, n))
+        matches = _clipped_matches(mine, [Counter(ngrams(r, n)) for r in references])
+        total = max(1, sum(mine.values()))
+        if n == 1 and matches == 0:
+            return 0.0
+        log_sum += math.log((matches if matches else epsilon) / total) / max_n
+    c = len(hypothesis)
+    r = min((len(ref) for ref in references), key=lambda length: (abs(length - c), length))
+    brevity = 1.0 if c > r else math.exp(1.0 - r / c)  # c > 0 here: an empty hypothesis has no unigram match
+    return brevity * math.exp(log_sum)
+
+
+def self_bleu(texts: Sequence[str], max_n: int = 4, unit: str = "word") -> float | None:
+    """Self-BLEU as Texygen computes it (Zhu et al., 2018; higher = less diverse): each text in turn is
+    the hypothesis and all the others its references, scored by `sentence_bleu` (uniform weights over
+    the orders 1 .. max_n, Texygen's `gram`; nltk's method-1 smoothing; brevity penalty), and the scores
+    are averaged over all texts. Differences from Texygen: units are whitespace words (or characters),
+    not nltk.word_tokenize tokens, and every text is used (Texygen's fast mode keeps the first 500).
+    None for fewer than two texts."""
+    units = [split_units(t, unit) for t in texts]
+    if len(units) < 2:
+        return None
+    scores = [sentence_bleu(units[:i] + units[i + 1:], hyp, max_n) for i, hyp in enumerate(units)]
+    return sum(scores) / len(scores)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,7 +301,8 @@ def groupwise(metric: Callable[[list[str]], float | None], groups: dict[str, lis
 def diversity_report(records: Sequence[dict], similarity: str = "auto", n: int = 2, unit: str = "word",
                      max_n: int = 4, field: str = "completion", key: str = "prompt") -> dict:
     """Diversity of the completions of each prompt, averaged over prompts (groups of >= 2 completions):
-    distinct-1, distinct-2, n-gram Vendi (order 1, `n`-grams), self-BLEU, and the sentence-embedding Vendi
+    distinct-1, distinct-2, n-gram Vendi (order 1, `n`-grams), Texygen's self-BLEU (orders 1 .. `max_n`), the
+    plain n-gram overlap (the old self-BLEU-like score), and the sentence-embedding Vendi
     when the similarity resolves to embeddings ("similarity" says which: "minilm" or "ngram"; "vendi" is
     the Vendi score under that similarity)."""
     from rlgen.evaluation.embeddings import resolve_similarity
@@ -269,6 +318,7 @@ def diversity_report(records: Sequence[dict], similarity: str = "auto", n: int =
         "distinct-2": groupwise(lambda t: distinct_n(t, 2, unit), groups)["mean"],
         f"vendi-ngram{n}": groupwise(lambda t: vendi_ngram(t, n, 1.0, unit), groups)["mean"],
         "self-bleu": groupwise(lambda t: self_bleu(t, max_n, unit), groups)["mean"],
+        "ngram-overlap": groupwise(lambda t: ngram_overlap(t, max_n, unit), groups)["mean"],
     }
     if kind == "minilm":
         from rlgen.evaluation.embeddings import embed_texts

@@ -61,8 +61,12 @@ def _load(path: str):
     quiet_transformers()
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    from rlgen.models.safe_load import check_model_dir, load_errors, no_download_kwargs, weights_kwargs
+
+    check_model_dir(Path(path), "transformers.AutoModel")
+    with load_errors(f"cannot load the sentence-embedding model {path}"):
+        tokenizer = AutoTokenizer.from_pretrained(path, **no_download_kwargs())
+        model = AutoModel.from_pretrained(path, **weights_kwargs()).eval()
     return tokenizer, model
 
 

@@ -2,21 +2,37 @@
 from __future__ import annotations
 
 import math
+import numbers
 import statistics
 from math import comb
 
 import torch
 
+from rlgen.errors import RlgenError, show_value
 from rlgen.evaluation import diversity, pareto
 from rlgen.hookspecs import hookimpl
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.engine import SamplingParams
 
 
+class MetricInputError(RlgenError, ValueError):
+    """A metric's arguments are out of range (a ValueError too, for code that caught the old ValueError)."""
+
+
+def _check_count(name: str, value, low: int, high: int | None, bounds: str) -> None:
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not integral or value < low or (high is not None and value > high):
+        raise MetricInputError(f"pass@k: {name} must be an integer in {bounds}, got {show_value(value)}")
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) for n samples with c correct."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k) for n samples with c correct.
+    n >= 1, 0 <= c <= n and 1 <= k <= n, all integers (else a one-line MetricInputError)."""
+    _check_count("n (samples per problem)", n, 1, None, "[1, inf)")
+    _check_count("c (correct samples)", c, 0, n, f"[0, n] = [0, {n}]")
+    if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k > n >= 1:
+        raise MetricInputError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    _check_count("k", k, 1, n, f"[1, n] = [1, {n}]")
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
@@ -34,7 +50,8 @@ def reward_stats(values: list[float]) -> dict:
     return {
         "count": len(kept),
         "mean": statistics.fmean(kept),
-        "std": statistics.pstdev(kept) if len(kept) > 1 else 0.0,
+        # statistics.pstdev raises on an infinity; the spread of such values is undefined (NaN, null in JSON)
+        "std": 0.0 if len(kept) == 1 else statistics.pstdev(kept) if all(map(math.isfinite, kept)) else math.nan,
         "min": min(kept),
         "max": max(kept),
     }
@@ -119,8 +136,10 @@ def register_metrics(register):
     register("vendi", diversity.vendi_score, "Vendi score of order q (effective number of distinct samples) of a "
              "similarity matrix; also on embeddings, n-grams, sentence embeddings (rlgen.evaluation.diversity)")
     register("distinct-n", diversity.distinct_n, "unique n-grams / total n-grams across a set of texts")
-    register("self-bleu", diversity.self_bleu, "mean clipped n-gram precision (geometric mean over orders) of each "
-             "text against the others; higher = less diverse")
+    register("self-bleu", diversity.self_bleu, "Texygen's Self-BLEU: mean smoothed sentence BLEU (brevity penalty, "
+             "nltk method 1, orders 1..4) of each text against the others; higher = less diverse")
+    register("ngram-overlap", diversity.ngram_overlap, "mean clipped n-gram precision (geometric mean over orders, no "
+             "brevity penalty or smoothing) of each text against the others; higher = less diverse")
     register("pareto-front", pareto.pareto_front, "indices of the non-dominated points (every objective maximised)")
     register("hypervolume", pareto.hypervolume, "exact hypervolume of points (maximised) above a reference point")
     register("kl-to-reference", kl_to_reference, "KL(policy || reference) on samples: Schulman's k1 and k3 estimators")

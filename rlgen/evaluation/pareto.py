@@ -52,13 +52,15 @@ def pareto_front(points: Sequence[Sequence[float]], keep_duplicates: bool = True
 
 
 def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
-    """Exact hypervolume dominated by `points` (maximisation) above the `reference` point."""
+    """Exact hypervolume dominated by `points` (maximisation) above the `reference` point (finite). The
+    value depends on the reference: compare hypervolumes only when they share one (a fixed point, not
+    each set's own worst values)."""
     ref = tuple(float(v) for v in reference)
     rows = _as_points(points)
     if rows and len(rows[0]) != len(ref):
         raise ValueError(f"the reference point has {len(ref)} objectives, the points have {len(rows[0])}")
-    if any(math.isnan(v) for v in ref):
-        raise ValueError("the reference point has a NaN coordinate")
+    if not all(math.isfinite(v) for v in ref):  # an infinite coordinate makes every volume infinite (or NaN)
+        raise ValueError(f"the reference point must be finite, got {ref}")
     # Only the parts above the reference count; a point not strictly above it in every objective adds nothing.
     kept = sorted({p for p in rows if all(x > r for x, r in zip(p, ref))})
     if not kept:

@@ -21,9 +21,9 @@ A per-model parameter is looked up in the model's `parameters`, then in the top-
 - a gradient, a list of numbers interpolated over the layers: a tensor of layer i of n (names like
   `model.layers.7.mlp...`, `h.7.`, `blocks.7.`; n = the largest layer index + 1) takes the value at
   t = i / (n - 1) (t = 1 when n = 1), i.e. list[k] + f * (list[k+1] - list[k]) with k + f = t * (len - 1).
-  As in mergekit, tensors before the layers (the embeddings: names with `embed`, `wte`, `wpe`) take t = 0,
-  the first entry, and those after them (final norm, lm_head, GPT-NeoX's embed_out) t = 1, the last; in a
-  model without such numbered layers (a UNet) every tensor takes t = 0;
+  As in mergekit 0.1.5, tensors outside the numbered layers, before them (the embeddings) or after them
+  (final norm, lm_head), take t = 0, the first entry (mergekit up to 0.1.1 gave those after the layers t = 1,
+  the last entry); in a model without such numbered layers (a UNet) every tensor takes t = 0;
 - a filter list, `[{filter: self_attn, value: 0.3}, {value: 0.5}]`: the first entry whose `filter` is a
   substring of the tensor name (or that has no filter, or filter "*") gives the value (itself a scalar or
   a gradient); when none matches the parameter counts as not given for that tensor.
@@ -32,12 +32,13 @@ Every problem is one RlgenError line naming the file (or the flag) and the key.
 """
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 from rlgen.merging.safetensors_io import parse_size
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 10**9
@@ -54,7 +55,6 @@ UNSUPPORTED_KEYS = {
 }
 COMMAND_LINE = "command line"
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-PRE_LAYERS = re.compile(r"embed(?!_out)|(?:^|\.)(?:wte|wpe)(?:\.|$)")  # input embeddings: before the layers
 
 
 @dataclass(frozen=True)
@@ -93,30 +93,103 @@ def _where(config_source: str, key: str) -> str:
 
 
 def _fail(source: str, key: str, message: str):
+    key = str(key)
+    if len(key) > 200:  # a key is user text too
+        key = f"{key[:200]}... ({len(key)} characters)"
     raise RlgenError(f"{_where(source, key)}: {message}")
 
 
 # --------------------------------------------------------------------------- reading
 
+MAX_YAML_NODES = 100_000  # nodes of the document with every alias expanded (a merge config has hundreds)
+MAX_NESTING = 64  # lists / mappings inside one another
+
+
+def _bounded_yaml_loader():
+    """A yaml.SafeLoader that refuses documents nested deeper than MAX_NESTING or whose aliases expand to
+    more than MAX_YAML_NODES nodes ("billion laughs": a 1 KB file of nested aliases is billions of nodes
+    once anything walks or prints it), counted on the composed node graph before anything is built."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > MAX_NESTING:
+                    raise yaml.YAMLError(f"nested more than {MAX_NESTING} levels deep")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_document(self, node):
+            _expanded_size(node)
+            return super().construct_document(node)
+
+    return BoundedLoader
+
+
+def _expanded_size(root) -> int:
+    """Nodes of the document under `root` with every alias expanded (each shared node counted once per
+    use, memoized), refused past MAX_YAML_NODES or when an alias refers to its own ancestor."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise yaml.YAMLError("an alias refers to a node that contains it (recursive alias)")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        open_nodes.discard(key)
+        if total > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"expands to more than {MAX_YAML_NODES} nodes (aliases / anchors used as "
+                                 "a \"billion laughs\" bomb?)")
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _read_yaml(path: str, text: str):
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_bounded_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RlgenError(f"{path}: bad YAML ({first[:200]})") from None
+    except RecursionError:
+        raise RlgenError(f"{path}: bad YAML (nested too deeply)") from None
+
+
 def load_config(path: str) -> MergeConfig:
     """A TOML (`.toml`) or YAML (`.yml`, `.yaml`) merge file in mergekit's schema."""
     file = Path(path)
     try:
-        text = file.read_text()
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RlgenError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise RlgenError(f"cannot read merge config {path}: {exc.strerror or exc}") from None
     if file.suffix.lower() in (".yml", ".yaml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RlgenError(f"{path}: bad YAML ({str(exc).splitlines()[0]})") from None
+        data = _read_yaml(path, text)
     elif file.suffix.lower() == ".toml":
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise RlgenError(f"{path}: bad TOML ({exc})") from None
+        except RecursionError:
+            raise RlgenError(f"{path}: bad TOML (nested too deeply)") from None
     else:
         raise RlgenError(f"{path}: a merge config must be .toml, .yml or .yaml")
     if not isinstance(data, dict):
@@ -156,7 +229,7 @@ def from_dict(data: dict, source: str) -> MergeConfig:
     base = data.get("base_model")
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        _fail(source, "seed", f"must be an integer, got {seed!r}")
+        _fail(source, "seed", f"must be an integer, got {show_value(seed)}")
     try:
         shard = parse_size(data.get("max_shard_size", DEFAULT_MAX_SHARD_SIZE))
     except RlgenError as exc:
@@ -170,7 +243,7 @@ def from_dict(data: dict, source: str) -> MergeConfig:
 
 def _model_ref(source: str, key: str, value) -> str:
     if not isinstance(value, str) or not value.strip():
-        _fail(source, key, f"must be a model path or name, got {value!r}")
+        _fail(source, key, f"must be a model path or name, got {show_value(value)}")
     return value
 
 
@@ -178,7 +251,7 @@ def check_dtype(source: str, key: str, value) -> str | None:
     if value is None:
         return None
     if str(value).lower() not in DTYPE_NAMES:
-        _fail(source, key, f"must be one of float32, float16, bfloat16, got {value!r}")
+        _fail(source, key, f"must be one of float32, float16, bfloat16, got {show_value(value)}")
     return DTYPE_NAMES[str(value).lower()]
 
 
@@ -239,7 +312,7 @@ def validate(config: MergeConfig):
     source = config.source
     mergers = registry("merger")
     if config.method not in mergers:
-        _fail(source, "merge_method", f"unknown merge method '{config.method}' (known: {', '.join(mergers.names())})")
+        _fail(source, "merge_method", f"unknown merge method {show_value(config.method)} (known: {', '.join(mergers.names())})")
     method = mergers.get(config.method)
     if method.needs_base and not config.base:
         _fail(source, "base_model", f"merge method '{config.method}' needs a base model")
@@ -280,17 +353,33 @@ def _lookup(params: dict, name: str):
     return None
 
 
+# Parameters with a range (mergekit's meaning): (low, high, low included). Any other number must be finite.
+PARAMETER_RANGES = {"density": (0.0, 1.0, False), "t": (0.0, 1.0, True), "gamma": (0.0, 1.0, True)}
+# Parameters that take a word rather than a number: name -> the accepted words.
+CHOICE_PARAMETERS = {"rescale-norm": ("l1", "l2", "linf")}
+
+
 def _check_param(source, key, name, known, value, method):
-    if name.replace("_", "-") not in {k.replace("_", "-") for k in known}:
+    if not isinstance(name, str) or name.replace("_", "-") not in {k.replace("_", "-") for k in known}:
         listed = ", ".join(sorted(known - IGNORED_PARAMETERS)) or "none"
         _fail(source, key, f"unknown parameter for merge method '{method}' (known: {listed})")
-    _check_value(source, key, value)
+    canonical = name.replace("_", "-")
+    if canonical in CHOICE_PARAMETERS:
+        words = CHOICE_PARAMETERS[canonical]
+        if value not in words:
+            _fail(source, key, f"must be one of {', '.join(words)}, got {show_value(value)}")
+        return
+    _check_value(source, key, value, name=canonical)
 
 
-def _check_value(source, key, value, nested=False):
-    if _scalar(value) is not None:
+def _check_value(source, key, value, nested=False, name=""):
+    scalar = _scalar(value)
+    if scalar is not None:
+        _check_number(source, key, scalar, name)
         return
     if isinstance(value, list) and value and all(_scalar(v) is not None for v in value):
+        for i, item in enumerate(value):
+            _check_number(source, f"{key}[{i}]", _scalar(item), name)
         return
     if isinstance(value, list) and value and not nested and all(isinstance(v, dict) for v in value):
         for i, cond in enumerate(value):
@@ -298,11 +387,28 @@ def _check_value(source, key, value, nested=False):
             if extra or "value" not in cond:
                 _fail(source, f"{key}[{i}]", "a filter entry is {filter: SUBSTRING, value: VALUE} (filter optional)")
             if cond.get("filter") is not None and not isinstance(cond["filter"], str):
-                _fail(source, f"{key}[{i}].filter", f"must be a string, got {cond['filter']!r}")
-            _check_value(source, f"{key}[{i}].value", cond["value"], nested=True)
+                _fail(source, f"{key}[{i}].filter", f"must be a string, got {show_value(cond['filter'])}")
+            _check_value(source, f"{key}[{i}].value", cond["value"], nested=True, name=name)
         return
     _fail(source, key, f"must be a number, a boolean, a list of numbers (gradient over layers) or a list of "
-                       f"{{filter, value}} entries, got {value!r}")
+                       f"{{filter, value}} entries, got {show_value(value)}")
+
+
+def _check_number(source, key, number, name: str) -> None:
+    """A finite number, inside the parameter's range where it has one (NaN / inf never reach weights)."""
+    if isinstance(number, bool):
+        return
+    try:
+        finite = math.isfinite(number)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        _fail(source, key, f"must be a finite number, got {show_value(number)}")
+    if name in PARAMETER_RANGES:
+        low, high, low_included = PARAMETER_RANGES[name]
+        if number > high or number < low or (number == low and not low_included):
+            interval = f"{'[' if low_included else '('}{low:g}, {high:g}]"
+            _fail(source, key, f"must be in {interval}, got {show_value(number)}")
 
 
 def _scalar(value):
@@ -325,13 +431,13 @@ def layer_count(names) -> int:
 
 
 def layer_position(name: str, layers: int) -> float:
-    """t of a tensor for gradients: i / (layers - 1) in layer i (1 with a single layer); outside the layers
-    0 before them (embeddings) and 1 after them (final norm, lm_head), as mergekit's pre / post weights."""
+    """t of a tensor for gradients: i / (layers - 1) in layer i (1 with a single layer); every tensor outside
+    the numbered layers, before them (embeddings) or after them (final norm, lm_head), takes t = 0, as in
+    mergekit 0.1.2 to 0.1.5, whose planner reads both its pre and its post weights' parameters at t = 0
+    (up to 0.1.1 the post weights took t = 1)."""
     match = LAYER.search(name)
-    if layers <= 0:
+    if layers <= 0 or not match:
         return 0.0
-    if not match:
-        return 0.0 if PRE_LAYERS.search(name) else 1.0
     return int(match.group(1)) / (layers - 1) if layers > 1 else 1.0
 
 
@@ -341,6 +447,8 @@ def evaluate(value, name: str, t: float):
     scalar = _scalar(value)
     if scalar is not None:
         return scalar
+    if isinstance(value, str):  # a word parameter (CHOICE_PARAMETERS)
+        return value
     if all(isinstance(v, dict) for v in value):
         for cond in value:
             pattern = cond.get("filter")

@@ -1,7 +1,7 @@
 """The per-tensor hot path of the task-vector merges: one tensor name, all its models, one call.
 
     sparse_task_merge(tensors, base, weights, *, sparsify, densities, gammas, keys, rescale,
-                      consensus, normalize, lam, out_dtype)        -> merged tensor
+                      rescale_norm, consensus, normalize, lam, out_dtype)        -> merged tensor
     reference_sparse_task_merge(...)                                 the same in plain torch
     keep_mask(tensor, base, *, sparsify, density, gamma, key)        one model's sparsification mask
     reference_keep_mask(...)
@@ -9,12 +9,15 @@
 ties, dare-linear, dare-ties, breadcrumbs, breadcrumbs-ties, task-arithmetic and linear are all
 sparse_task_merge (docs/spec: delta_i = theta_i - base, in float32):
   sparsify  None        keep every entry of delta_i
-            "magnitude" keep the floor(density * numel) largest |delta_i| (ties' trim; equal magnitudes:
-                        the lower flat index wins)
+            "magnitude" keep the max(1, floor(density * numel)) largest |delta_i| (ties' trim; equal
+                        magnitudes: the lower flat index wins)
             "random"    DARE: entry j kept iff mix32(mix32(j) ^ key_i) < floor(density * 2**32), kept
-                        entries divided by density when `rescale`
+                        entries divided by density when `rescale` (the DARE paper's 1 / density)
             "outliers"  breadcrumbs: drop the floor(gamma * numel) largest and the smallest, keep
                         floor(density * numel) (ascending stable ranks)
+  rescale_norm "l1" | "l2" | "linf" (mergekit's RescaleNorm; None: off): instead of 1 / density, the
+            kept entries of delta_i are scaled by |delta_i| / |kept delta_i| in that norm (any sparsify;
+            unscaled when either norm is below 1e-7), as mergekit's `rescale: true` does with l1
   tau_i = weight_i * kept delta_i
   consensus None   merged = sum_i tau_i, divided by sum_i weight_i when `normalize`
             "sum"  ties' sign election: s = sign(sum_i tau_i) (+1 at 0); only the tau_i of sign s
@@ -30,7 +33,7 @@ reference, in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -76,6 +79,10 @@ def keep_rule(sparsify: str | None, numel: int, density: float = 1.0, gamma: flo
                         divide_by=density if rescale else 1.0)
     target = max(0, math.floor(density * numel))
     if sparsify == "magnitude":
+        if density > 0:  # keep at least the largest entry: a small tensor (a norm) is never dropped whole
+            target = max(1, target)
+        if target >= numel:
+            return KeepRule("all")
         return KeepRule("none") if target == 0 else KeepRule("top", k=target)
     n_top = max(0, math.floor(float(gamma) * numel))
     n_bot = numel - target - n_top
@@ -108,6 +115,37 @@ def _check(tensors, base, weights, sparsify, consensus, per_model):
             raise ValueError(f"got {len(values)} {name} for {len(tensors)} tensors")
     if len(weights) != len(tensors):
         raise ValueError(f"got {len(weights)} weights for {len(tensors)} tensors")
+
+
+RESCALE_NORMS = ("l1", "l2", "linf")  # mergekit's RescaleNorm
+_RESCALE_EPS = 1e-7  # mergekit's: below it either norm leaves the kept entries unscaled
+
+
+def _norm(x: torch.Tensor, kind: str) -> float:
+    if kind == "l1":
+        return float(x.abs().sum(dtype=torch.float64))
+    if kind == "l2":
+        return float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def _norm_rescaled(tensors, base, rules: list[KeepRule], kind: str) -> list[KeepRule]:
+    """The rules with `divide_by` set so that each model's kept delta has its whole delta's `kind` norm
+    (mergekit's rescale_norm: kept * |delta| / |kept|, unscaled when either norm is below 1e-7)."""
+    if kind not in RESCALE_NORMS:
+        raise ValueError(f"rescale_norm must be one of {RESCALE_NORMS}, got {kind!r}")
+    dtype = _compute_dtype(base, *tensors)
+    rescaled = []
+    for tensor, rule in zip(tensors, rules):
+        if rule.kind in ("all", "none"):
+            rescaled.append(replace(rule, divide_by=1.0))
+            continue
+        delta = _flat_delta(tensor, base, dtype)
+        before = _norm(delta, kind)
+        after = _norm(torch.where(_mask(delta, rule), delta, torch.zeros_like(delta)), kind)
+        divide_by = 1.0 if before < _RESCALE_EPS or after < _RESCALE_EPS else after / before
+        rescaled.append(replace(rule, divide_by=divide_by))
+    return rescaled
 
 
 def _rules(n, count, sparsify, densities, gammas, keys, rescale) -> list[KeepRule]:
@@ -285,11 +323,14 @@ def _reference_merge(tensors, base, weights, rules, consensus, normalize, lam, o
 
 
 def reference_sparse_task_merge(tensors, base, weights, *, sparsify=None, densities=None, gammas=None, keys=None,
-                                rescale=False, consensus=None, normalize=False, lam=1.0, out_dtype=None):
+                                rescale=False, rescale_norm=None, consensus=None, normalize=False, lam=1.0,
+                                out_dtype=None):
     """sparse_task_merge in plain torch operations (see the module docstring)."""
     _check(tensors, base, weights, sparsify, consensus, {"densities": densities, "gammas": gammas, "keys": keys})
     out_dtype = out_dtype or (base if base is not None else tensors[0]).dtype
     rules = _rules(tensors[0].numel(), len(tensors), sparsify, densities, gammas, keys, rescale)
+    if rescale_norm is not None:
+        rules = _norm_rescaled(tensors, base, rules, rescale_norm)
     return _reference_merge(tensors, base, weights, rules, consensus, normalize, float(lam), out_dtype)
 
 
@@ -342,13 +383,16 @@ def _cuda_rule_row(flat: torch.Tensor, base, rule: KeepRule) -> list[int]:
 
 
 def sparse_task_merge(tensors, base, weights, *, sparsify=None, densities=None, gammas=None, keys=None,
-                      rescale=False, consensus=None, normalize=False, lam=1.0, out_dtype=None) -> torch.Tensor:
+                      rescale=False, rescale_norm=None, consensus=None, normalize=False, lam=1.0,
+                      out_dtype=None) -> torch.Tensor:
     """The generalized task arithmetic of one tensor name (see the module docstring); a new contiguous
     tensor of `out_dtype` (default: the base's dtype, else the first tensor's). Inputs are only read."""
     _check(tensors, base, weights, sparsify, consensus, {"densities": densities, "gammas": gammas, "keys": keys})
     out_dtype = out_dtype or (base if base is not None else tensors[0]).dtype
     shape, n = tensors[0].shape, tensors[0].numel()
     rules = _rules(n, len(tensors), sparsify, densities, gammas, keys, rescale)
+    if rescale_norm is not None and n:
+        rules = _norm_rescaled(tensors, base, rules, rescale_norm)
     device = tensors[0].device
     module = _native_module(device) if n else None
     inputs = _native_inputs(tensors, base, out_dtype) if module is not None else None

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
+from rlgen.merging.model_files import checked_file, read_text
 from rlgen.merging.safetensors_io import SafetensorsFile
 
 PEFT_PREFIX = "base_model.model."
@@ -75,18 +77,22 @@ class LoraAdapter:
         self.directory = Path(directory)
         self.label = label or str(directory)
         config_path = self.directory / ADAPTER_CONFIG
+        if not os.path.lexists(config_path):
+            raise RlgenError(f"{self.label}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
         try:
-            self.config = json.loads(config_path.read_text())
-        except OSError:
-            raise RlgenError(f"{self.label}: not a LoRA adapter directory (no {ADAPTER_CONFIG})") from None
-        except json.JSONDecodeError as exc:
-            raise RlgenError(f"{config_path}: bad JSON ({exc})") from None
+            self.config = json.loads(read_text(self.directory, config_path))
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise RlgenError(f"{config_path}: bad JSON ({type(exc).__name__}: {show_value(str(exc))})") from None
+        if not isinstance(self.config, dict):
+            raise RlgenError(f"{config_path}: expected a JSON object")
         self._check_config(config_path)
         weights = self.directory / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            pickled = (self.directory / "adapter_model.bin").is_file()
-            found = "only adapter_model.bin (rlgen never unpickles)" if pickled else "it is missing"
-            raise RlgenError(f"{self.label}: no {ADAPTER_WEIGHTS} ({found})")
+        if not os.path.lexists(weights):
+            from rlgen.models.safe_load import check_adapter_weights
+
+            check_adapter_weights(self.directory)  # names adapter_model.bin and its conversion command
+            raise RlgenError(f"{self.label}: no {ADAPTER_WEIGHTS} (it is missing)")
+        checked_file(self.directory, weights)  # no link out of the adapter directory, a regular file
         self.file = SafetensorsFile(weights)
         self.folds: dict[str, _Fold] = {}
         try:
@@ -98,13 +104,13 @@ class LoraAdapter:
     def _check_config(self, path: Path) -> None:
         cfg = self.config
         if cfg.get("peft_type", "LORA") != "LORA":
-            raise RlgenError(f"{path}: key 'peft_type' is {cfg.get('peft_type')!r}; only LORA adapters can be folded")
+            raise RlgenError(f"{path}: key 'peft_type' is {show_value(cfg.get('peft_type'))}; only LORA adapters can be folded")
         for key, what in UNSUPPORTED.items():
             if cfg.get(key):
                 raise RlgenError(f"{path}: key '{key}': {what} cannot be folded by rlgen merge")
         for key in ("r", "lora_alpha"):
             if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-                raise RlgenError(f"{path}: key '{key}' must be a positive number, got {cfg.get(key)!r}")
+                raise RlgenError(f"{path}: key '{key}' must be a positive number, got {show_value(cfg.get(key))}")
 
     def _scale(self, module: str) -> tuple[int, float]:
         cfg = self.config

@@ -14,10 +14,13 @@ at the end; nothing is left behind on error.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import resource
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,9 +29,10 @@ from typing import Callable
 
 import torch
 
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 from rlgen.merging.config import MergeConfig, ParameterResolver, merged_models, validate
 from rlgen.merging.lora import ADAPTER_CONFIG, FoldedCheckpoint, LoraAdapter, is_adapter_dir
+from rlgen.merging.model_files import copy_file, copy_tree, read_text
 from rlgen.merging.safetensors_io import Checkpoint, ShardedWriter, find_weights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,7 +96,7 @@ def open_source(spec: str) -> Source:
     if not path.is_dir():
         raise RlgenError(f"{spec}: not a model directory")
     root, weights_dir, kind, denoiser = path, path, "lm", None
-    if (path / "model_index.json").is_file():
+    if os.path.lexists(path / "model_index.json"):  # (a link or FIFO is refused by _denoiser, not skipped)
         kind, denoiser = "pipeline", _denoiser(path)
         weights_dir = path / denoiser
         if adapter is None and (path / f"{denoiser}_lora").is_dir():  # saved with lora_merge_on_save = false
@@ -103,13 +107,13 @@ def open_source(spec: str) -> Source:
         base_name = _adapter_base(path)
         root = weights_dir = _locate(base_name)
         if root is None:
-            raise RlgenError(f"{path}/{ADAPTER_CONFIG}: base_model_name_or_path '{base_name}' is not a local "
+            raise RlgenError(f"{path}/{ADAPTER_CONFIG}: base_model_name_or_path {show_value(base_name)} is not a local "
                              f"directory or built-in model (give it as BASE+{path})")
         adapter = path
-    if find_weights(weights_dir) is None and any(weights_dir.glob("*.bin")):
+    if find_weights(weights_dir, root) is None and any(weights_dir.glob("*.bin")):
         raise RlgenError(f"{spec}: {weights_dir} has only .bin (pickle) weights; convert them to safetensors "
                          "(rlgen never unpickles)")
-    checkpoint = Checkpoint(weights_dir, label=spec)
+    checkpoint = Checkpoint(weights_dir, label=spec, root=root)
     if checkpoint.prefix == "diffusion_pytorch_model" and kind == "lm":
         kind = "denoiser"
     if adapter is not None:
@@ -123,9 +127,11 @@ def open_source(spec: str) -> Source:
 
 def _denoiser(path: Path) -> str:
     try:
-        index = json.loads((path / "model_index.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise RlgenError(f"{path}/model_index.json: bad JSON ({exc})") from None
+        index = json.loads(read_text(path, path / "model_index.json"))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise RlgenError(f"{path}/model_index.json: bad JSON ({type(exc).__name__})") from None
+    if not isinstance(index, dict):
+        raise RlgenError(f"{path}/model_index.json: expected a JSON object")
     for name in DENOISERS:
         if name in index and (path / name).is_dir():
             return name
@@ -134,9 +140,13 @@ def _denoiser(path: Path) -> str:
 
 def _adapter_base(path: Path) -> str:
     try:
-        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError as exc:
-        raise RlgenError(f"{path}/{ADAPTER_CONFIG}: bad JSON ({exc})") from None
+        config = json.loads(read_text(path, path / ADAPTER_CONFIG))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise RlgenError(f"{path}/{ADAPTER_CONFIG}: bad JSON ({type(exc).__name__})") from None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if base is not None and not isinstance(base, str):
+        raise RlgenError(f"{path}/{ADAPTER_CONFIG}: key 'base_model_name_or_path' must be a string, "
+                         f"got {show_value(base)}")
     if not base:
         raise RlgenError(f"{path}/{ADAPTER_CONFIG}: no base_model_name_or_path; give the base as BASE+{path}")
     return base
@@ -175,8 +185,39 @@ def _describe(info) -> str:
 
 # --------------------------------------------------------------------------- output
 
-def _prepare_out(out: str) -> tuple[Path, Path, list[Path]]:
-    """(target, temporary sibling, parents created): refuses to replace anything but a model directory."""
+TMP_MARKER = ".rlgen-merge.lock"  # inside each temporary output, flock-ed by the merge writing it
+TMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # mkdtemp(prefix=".NAME.", suffix=".tmp")
+
+
+def _remove_stale_temps(parent: Path) -> list[str]:
+    """Remove the temporary outputs that killed merges left in `parent`; their names.
+
+    Only directories that are certainly rlgen's are touched: a name like `.NAME.xxxxxxxx.tmp`, a real
+    folder (not a link) holding a TMP_MARKER file that names rlgen and that no live process holds locked
+    (the lock goes with the process that took it, however it ended)."""
+    removed = []
+    for entry in sorted(parent.iterdir()) if parent.is_dir() else []:
+        if not TMP_NAME.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = os.open(entry / TMP_MARKER, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # no marker: not ours (or written by an older rlgen)
+        with os.fdopen(fd, "rb") as marker:
+            try:
+                fcntl.flock(marker.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a merge still running
+            if not stat.S_ISREG(os.fstat(marker.fileno()).st_mode) or not marker.read(64).startswith(b"rlgen merge"):
+                continue  # not ours, or its merge had not yet written the marker
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def _prepare_out(out: str) -> tuple[Path, Path, list[Path], object]:
+    """(target, temporary sibling, parents created, the temporary's lock): refuses to replace anything but
+    a model directory; removes what killed merges left in the parent."""
     target = Path(out)
     if target.exists():
         looks_like_model = any((target / f).is_file() for f in ("config.json", "model_index.json"))
@@ -184,11 +225,16 @@ def _prepare_out(out: str) -> tuple[Path, Path, list[Path]]:
             raise RlgenError(f"--out {target} exists and is not a model directory (refusing to replace it)")
     created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    lock = open(tmp / TMP_MARKER, "wb")
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # held until the merge ends: marks tmp as in use
+    lock.write(f"rlgen merge, pid {os.getpid()}\n".encode())  # written once locked (see _remove_stale_temps)
+    lock.flush()
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the output private
-    return target, tmp, created
+    return target, tmp, created, lock
 
 
 def _is_weight_file(name: str) -> bool:
@@ -196,25 +242,26 @@ def _is_weight_file(name: str) -> bool:
             or name == ADAPTER_CONFIG or name.startswith("adapter_model."))
 
 
-def _copy_non_weights(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
+def _copy_non_weights(root: Path, src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
+    """Copy src's non-weight files to dst: regular files only, no link out of the model directory root."""
     dst.mkdir(parents=True, exist_ok=True)
     for item in sorted(src.iterdir()):
         if item.name.startswith(".") or item.name in skip or _is_weight_file(item.name):
             continue
         if item.is_dir():
-            shutil.copytree(item, dst / item.name)
+            copy_tree(root, item, dst / item.name)
         else:
-            shutil.copy2(item, dst / item.name)
+            copy_file(root, item, dst / item.name)
 
 
 def _copy_template(template: Source, tmp: Path) -> Path:
     """Copy the template's non-weight files; the directory the merged weights go to."""
     if template.kind == "pipeline":
         skip = {template.denoiser, f"{template.denoiser}_lora"}
-        _copy_non_weights(template.root, tmp, skip)
-        _copy_non_weights(template.weights_dir, tmp / template.denoiser)
+        _copy_non_weights(template.root, template.root, tmp, skip)
+        _copy_non_weights(template.root, template.weights_dir, tmp / template.denoiser)
         return tmp / template.denoiser
-    _copy_non_weights(template.root, tmp)
+    _copy_non_weights(template.root, template.root, tmp)
     return tmp
 
 
@@ -236,7 +283,7 @@ def _stream(template: Source, entries: list[tuple], produce: Callable[[str], tor
     """Write produce(name) for every planned (name, dtype, shape) into OUT (atomically); a summary."""
     from rlgen.models.causal_lm import replace_dir
 
-    target, tmp, created = _prepare_out(out)
+    target, tmp, created, lock = _prepare_out(out)
     writer = None
     try:
         weights_dir = _copy_template(template, tmp)
@@ -253,6 +300,7 @@ def _stream(template: Source, entries: list[tuple], produce: Callable[[str], tor
             if progress:
                 progress(done, total)
         files = writer.finish()
+        (tmp / TMP_MARKER).unlink()  # (still locked through `lock` until the rename is done)
         replace_dir(tmp, target)
     except BaseException:
         if writer is not None:
@@ -264,6 +312,8 @@ def _stream(template: Source, entries: list[tuple], produce: Callable[[str], tor
             except OSError:
                 break
         raise
+    finally:
+        lock.close()
     return {"out": str(target), "tensors": len(entries), "shards": len(files["files"]), "bytes": files["bytes"]}
 
 

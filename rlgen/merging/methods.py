@@ -3,8 +3,9 @@
 Each registered method is a MergeMethod whose `fn(tensors, base, model_params, global_params, *, keys,
 out_dtype)` merges one tensor name: `tensors` are the non-base models' tensors (read only: they may be
 views of memory-mapped files), `base` the base model's (or None), `model_params` one dict per model and
-`global_params` one dict, every declared parameter resolved for this tensor, `keys` the DARE key of each
-model (dare_key). Arithmetic is float32 (float64 for float64 inputs); the result is a new contiguous
+`global_params` one dict, every declared parameter resolved for this tensor (`rescale_norm`: None, or
+mergekit's "l1" / "l2" / "linf" norm-preserving rescale of the kept deltas instead of DARE's 1/density),
+`keys` the DARE key of each model (dare_key). Arithmetic is float32 (float64 for float64 inputs); the result is a new contiguous
 tensor of `out_dtype`. All the task-vector methods are one call of rlgen.merging.kernels.sparse_task_merge.
 """
 from __future__ import annotations
@@ -56,12 +57,29 @@ def linear(tensors, base, model_params, global_params, *, keys=None, out_dtype):
                              normalize=bool(global_params["normalize"]), out_dtype=out_dtype)
 
 
+_SLERP_CHUNK = 1 << 20  # elements converted to float64 at a time (8 MB), so memory stays small
+
+
+def _float64_dot_and_norms(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """(v0 . v1, |v0|, |v1|) accumulated in float64, chunk by chunk: a float32 sum over 10^8 entries is
+    off by ~1e-3 relative, which slerp's acos amplifies into visibly wrong coefficients."""
+    dot = sq0 = sq1 = 0.0
+    for start in range(0, v0.numel(), _SLERP_CHUNK):
+        a = v0[start:start + _SLERP_CHUNK].to(torch.float64)
+        b = v1[start:start + _SLERP_CHUNK].to(torch.float64)
+        dot += float(torch.dot(a, b))
+        sq0 += float(torch.dot(a, a))
+        sq1 += float(torch.dot(b, b))
+    return dot, math.sqrt(sq0), math.sqrt(sq1)
+
+
 def _lerp_or_slerp_coefficients(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[float, float]:
-    """(c0, c1) with result = c0 v0 + c1 v1: slerp on the directions, lerp when nearly parallel."""
-    norm0, norm1 = float(torch.linalg.vector_norm(v0)), float(torch.linalg.vector_norm(v1))
+    """(c0, c1) with result = c0 v0 + c1 v1: slerp on the directions, lerp when nearly parallel. The dot
+    product and norms are float64 whatever the tensors' dtype."""
+    dot, norm0, norm1 = _float64_dot_and_norms(v0, v1)
     norm0 = norm0 if norm0 > 1e-8 else 1.0  # a zero vector stays unnormalised
     norm1 = norm1 if norm1 > 1e-8 else 1.0
-    dot = float(torch.dot(v0, v1)) / (norm0 * norm1)
+    dot = dot / (norm0 * norm1)
     if abs(dot) > 0.9995:
         return 1.0 - t, t
     theta = math.acos(max(-1.0, min(1.0, dot)))
@@ -72,8 +90,8 @@ def slerp(tensors, base, model_params, global_params, *, keys=None, out_dtype):
     """Spherical interpolation from the base (t = 0) to the one model (t = 1)."""
     t = float(global_params["t"])
     dtype = torch.float64 if torch.float64 in (base.dtype, tensors[0].dtype) else torch.float32
+    c0, c1 = _lerp_or_slerp_coefficients(base.reshape(-1), tensors[0].reshape(-1), t)
     v0, v1 = base.reshape(-1).to(dtype), tensors[0].reshape(-1).to(dtype)
-    c0, c1 = _lerp_or_slerp_coefficients(v0, v1, t)
     return (c0 * v0 + c1 * v1).to(out_dtype).view(base.shape)
 
 
@@ -86,7 +104,7 @@ def _task_merge(sparsify, consensus):
             tensors, base, _column(model_params, "weight"), sparsify=sparsify, densities=densities,
             gammas=_column(model_params, "gamma") if sparsify == "outliers" else None,
             keys=keys if sparsify == "random" else None, rescale=bool(global_params.get("rescale", False)),
-            consensus=consensus, normalize=bool(global_params["normalize"]), lam=float(global_params["lambda"]),
+            rescale_norm=global_params.get("rescale_norm"), consensus=consensus, normalize=bool(global_params["normalize"]), lam=float(global_params["lambda"]),
             out_dtype=out_dtype)
 
     return fn
@@ -105,27 +123,27 @@ METHODS = {
         description="base + lambda * weighted sum of the task vectors (model - base)"),
     "ties": MergeMethod(
         _task_merge("magnitude", "sum"), needs_base=True, model_params={"weight": REQUIRED, "density": 1.0},
-        global_params={"lambda": 1.0, "normalize": True},
+        global_params={"lambda": 1.0, "normalize": True, "rescale_norm": None},
         description="TIES: keep each task vector's largest-magnitude fraction `density`, elect signs, "
                     "average the agreeing entries"),
     "dare-linear": MergeMethod(
         _task_merge("random", None), needs_base=True, model_params={"weight": REQUIRED, "density": 1.0},
-        global_params={"lambda": 1.0, "normalize": False, "rescale": True},
+        global_params={"lambda": 1.0, "normalize": False, "rescale": True, "rescale_norm": None},
         description="DARE: drop task-vector entries at random (kept fraction `density`, rescaled), then sum"),
     "dare-ties": MergeMethod(
         _task_merge("random", "sum"), needs_base=True, model_params={"weight": REQUIRED, "density": 1.0},
-        global_params={"lambda": 1.0, "normalize": False, "rescale": True},
+        global_params={"lambda": 1.0, "normalize": False, "rescale": True, "rescale_norm": None},
         description="DARE's random drop with TIES' sign election"),
     "breadcrumbs": MergeMethod(
         _task_merge("outliers", None), needs_base=True,
         model_params={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
-        global_params={"lambda": 1.0, "normalize": False},
+        global_params={"lambda": 1.0, "normalize": False, "rescale_norm": None},
         description="model breadcrumbs: drop the largest (fraction `gamma`) and smallest task-vector entries, "
                     "keep `density`, then sum"),
     "breadcrumbs-ties": MergeMethod(
         _task_merge("outliers", "sum"), needs_base=True,
         model_params={"weight": REQUIRED, "density": 1.0, "gamma": 0.01},
-        global_params={"lambda": 1.0, "normalize": False},
+        global_params={"lambda": 1.0, "normalize": False, "rescale_norm": None},
         description="breadcrumbs' mask with TIES' sign election"),
 }
 

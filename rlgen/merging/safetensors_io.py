@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -78,6 +79,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict | None, int]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RlgenError(f"{path}: not a safetensors file (bad header JSON: {exc})") from None
+    except RecursionError:
+        raise RlgenError(f"{path}: not a safetensors file (its header JSON is nested too deeply)") from None
     if not isinstance(header, dict):
         raise RlgenError(f"{path}: not a safetensors file (the header is not a JSON object)")
     metadata = header.pop("__metadata__", None)
@@ -85,11 +88,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict | None, int]:
     entries = []
     for name, entry in header.items():
         try:
-            code, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+            code, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
             dtype = DTYPES[code]
+            if not all(_is_count(n) for n in (*shape, begin, end)):
+                raise ValueError("shape and offsets must be non-negative integers")
         except (KeyError, TypeError, ValueError):
-            raise RlgenError(f"{path}: tensor '{name}' has a malformed or unsupported header entry: {entry}") from None
-        info = TensorInfo(dtype, shape, data_start + int(begin), data_start + int(end))
+            raise RlgenError(f"{path}: tensor {show_value(name)} has a malformed or unsupported header entry: "
+                             f"{show_value(entry)}") from None
+        info = TensorInfo(dtype, shape, data_start + begin, data_start + end)
         if info.nbytes != tensor_nbytes(dtype, shape) or info.start < data_start or info.end > size:
             raise RlgenError(f"{path}: tensor '{name}' has data offsets {begin}..{end} that do not fit its "
                              f"{code} {list(shape)} or the file size")
@@ -98,16 +104,31 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict | None, int]:
     return dict(entries), metadata, size
 
 
+def _is_count(value) -> bool:
+    """A JSON integer >= 0 (not a float such as 1e9992, nor a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsFile:
-    """One safetensors file, memory-mapped: zero-copy tensor views and page release."""
+    """One safetensors file, memory-mapped: zero-copy tensor views and page release.
+
+    The file stays open, so that each tensor() first checks (fstat) that the file still holds the
+    tensor's bytes: touching mapped pages past the end of a file truncated meanwhile would kill the
+    process with SIGBUS, which no Python code can catch. (A truncation racing with the read of a tensor
+    already checked is still fatal: the check narrows the window, it cannot close it.)"""
 
     def __init__(self, path):
         self.path = Path(path)
         self.infos, self.metadata, size = read_header(self.path)
         self._mm = None
+        self._fh = None
         if size > 0:
-            with open(self.path, "rb") as fh:
-                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for frombuffer; never written
+            self._fh = open(self.path, "rb")
+            try:
+                self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for frombuffer; never written
+            except BaseException:
+                self._fh.close()
+                raise
 
     @property
     def names(self) -> list[str]:
@@ -116,6 +137,12 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         return self.infos[name]
 
+    def _check_size(self, name: str, info: TensorInfo) -> None:
+        size = os.fstat(self._fh.fileno()).st_size
+        if size < info.end:
+            raise RlgenError(f"{self.path}: truncated while being read (tensor {show_value(name)} ends at byte "
+                             f"{info.end}, the file now has {size})")
+
     def tensor(self, name: str) -> torch.Tensor:
         """A view of the mapped bytes (valid until close(); never modify it)."""
         info = self.infos[name]
@@ -123,6 +150,7 @@ class SafetensorsFile:
             return torch.empty(info.shape, dtype=info.dtype)
         if self._mm is None:
             raise RlgenError(f"{self.path} is closed")
+        self._check_size(name, info)
         itemsize = info.nbytes // info.numel
         if info.start % itemsize:  # unaligned data (not written by torch-aware tools): an aligned copy
             raw = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
@@ -144,24 +172,65 @@ class SafetensorsFile:
         if self._mm is not None:
             self._mm.close()
             self._mm = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
-def find_weights(directory: Path) -> tuple[str, Path | None, list[Path]] | None:
-    """(prefix, index file or None, shard files) of the safetensors weights in a model directory, or None."""
+def find_weights(directory: Path, root: Path | None = None) -> tuple[str, Path | None, list[Path]] | None:
+    """(prefix, index file or None, shard files) of the safetensors weights in a model directory, or None.
+
+    Every file is checked with model_files.checked_file against `root` (the model directory, default
+    `directory`): no link out of it, regular files only; an index's shard names must stay inside it."""
+    from rlgen.merging.model_files import checked_file
+
     directory = Path(directory)
+    root = Path(root) if root is not None else directory
     for prefix in WEIGHT_PREFIXES:
         index = directory / f"{prefix}.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise RlgenError(f"{index}: not a safetensors index ({exc})") from None
-            files = sorted({directory / f for f in weight_map.values()}, key=_shard_order)
-            return prefix, index, files
+        if os.path.lexists(index):
+            shards = _index_shards(root, index)
+            for shard in shards:
+                checked_file(root, shard)
+            return prefix, index, shards
         single = directory / f"{prefix}.safetensors"
-        if single.is_file():
+        if os.path.lexists(single):
+            checked_file(root, single)
             return prefix, None, [single]
     return None
+
+
+def read_weight_map(root: Path, index: Path) -> dict[str, str]:
+    """The index's weight_map (tensor name -> shard file name), checked: a mapping of strings."""
+    from rlgen.merging.model_files import read_text
+
+    try:
+        weight_map = json.loads(read_text(root, index))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
+        raise RlgenError(f"{index}: not a safetensors index ({type(exc).__name__}: {show_value(str(exc))})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise RlgenError(f"{index}: key 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
+def _index_shards(root: Path, index: Path) -> list[Path]:
+    """The shard files an index names, each one inside the index's folder (no '..', no absolute path)."""
+    from rlgen.merging.model_files import allowed_roots, inside
+
+    folder = index.parent
+    shards = set()
+    for name in set(read_weight_map(root, index).values()):
+        path = folder / name
+        if Path(name).is_absolute() or not inside(Path(os.path.abspath(path)), [Path(os.path.abspath(folder))]):
+            raise RlgenError(f"{index}: shard {show_value(name)} is outside the model directory (refused)")
+        if not os.path.lexists(path):
+            raise RlgenError(f"{index}: names shard {show_value(name)}, which does not exist")
+        if not inside(path.resolve(), allowed_roots(root)):
+            raise RlgenError(f"{index}: shard {show_value(name)} is a symbolic link out of the model directory "
+                             "(refused)")
+        shards.add(path)
+    return sorted(shards, key=_shard_order)
 
 
 def _shard_order(path: Path):
@@ -174,10 +243,11 @@ class Checkpoint:
 
     `names` are in storage order (shard, then offset), which keeps reads sequential."""
 
-    def __init__(self, directory, label: str | None = None):
+    def __init__(self, directory, label: str | None = None, root=None):
         self.directory = Path(directory)
         self.label = label or str(directory)
-        found = find_weights(self.directory)
+        root = Path(root) if root is not None else self.directory  # the model directory no file may leave
+        found = find_weights(self.directory, root)
         if found is None:
             raise RlgenError(f"{self.label}: no safetensors weights in {self.directory} "
                              f"({', '.join(p + '.safetensors' for p in WEIGHT_PREFIXES)} or an index)")
@@ -185,19 +255,18 @@ class Checkpoint:
         self.files: list[SafetensorsFile] = []
         self._where: dict[str, SafetensorsFile] = {}
         try:
-            weight_map = json.loads(index.read_text())["weight_map"] if index else None
+            weight_map = read_weight_map(root, index) if index else None
             for path in files:
-                if not path.is_file():
-                    raise RlgenError(f"{index}: names shard {path.name}, which does not exist")
                 handle = SafetensorsFile(path)
                 self.files.append(handle)
                 for name in handle.names:
-                    if weight_map is None or weight_map.get(name) == path.name:
+                    if weight_map is None or (name in weight_map and index.parent / weight_map[name] == path):
                         self._where[name] = handle
             if weight_map is not None:
                 missing = [n for n in weight_map if n not in self._where]
                 if missing:
-                    raise RlgenError(f"{index}: tensor '{missing[0]}' is not in {weight_map[missing[0]]}")
+                    raise RlgenError(f"{index}: tensor {show_value(missing[0])} is not in "
+                                     f"{show_value(weight_map[missing[0]])}")
         except BaseException:
             self.close()
             raise
@@ -233,7 +302,7 @@ def parse_size(text) -> int:
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", str(text).upper())
     if not match or float(match.group(1)) <= 0:
-        raise RlgenError(f"size must look like 2GB, 500MB, 1GiB or a byte count, got {text!r}")
+        raise RlgenError(f"size must look like 2GB, 500MB, 1GiB or a byte count, got {show_value(text)}")
     value, unit, binary = match.groups()
     power = "KMGT".find(unit) + 1 if unit else 0
     return int(float(value) * ((1024 if binary else 1000) ** power))

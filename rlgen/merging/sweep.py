@@ -4,19 +4,22 @@ point with the given rewards on a task's held-out prompts, and report the Pareto
 Each point is merged with the same streaming `merge_models` as a plain `rlgen merge` (into a
 temporary directory unless the models are kept), then evaluated like `rlgen eval`: greedy
 completions for causal LMs, k images per prompt at fixed seeds for diffusers pipelines. An objective
-is a reward's mean times the sign of its weight, so `length:-1` asks for short answers.
+is a reward's mean times the sign of its weight, so `length:-1` asks for short answers. The hypervolume
+of the front is measured from a fixed reference point (`hypervolume_reference`; --hv-ref), never from the
+sweep's own worst point, so sweeps with the same rewards compare.
 """
 from __future__ import annotations
 
 import itertools
-import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from rlgen.errors import RlgenError
+from rlgen.data.records import json_text
+from rlgen.errors import RlgenError, show_value
 
 
 @dataclass
@@ -32,6 +35,7 @@ class SweepSettings:
     num_steps: int = 20  # image models
     seed: int = 0
     keep_models: bool = False
+    hv_ref: str | list[float] | None = None  # hypervolume reference, one value per reward in its units (--hv-ref)
 
 
 def simplex_grid(num_models: int, points_per_edge: int) -> list[tuple[float, ...]]:
@@ -47,6 +51,28 @@ def simplex_grid(num_models: int, points_per_edge: int) -> list[tuple[float, ...
         if sum(combo) <= steps:
             grid.append(tuple(c / steps for c in (steps - sum(combo), *combo)))
     return sorted(grid, key=lambda w: tuple(-x for x in w))
+
+
+def hypervolume_reference(specs, given: str | list[float] | None = None) -> tuple[list[float], str]:
+    """(the hypervolume reference point, one value per reward in the reward's own units; "default" or
+    "--hv-ref"). A point adds volume only where it is better than the reference in every reward. The
+    default is fixed, so hypervolumes of different sweeps with the same rewards compare: 0 for a maximised
+    reward and 1 for a minimised one, the worst end of a reward in [0, 1]. Rewards on other scales (a
+    length to minimise, say) need --hv-ref: "0,40" = exact-match above 0, length below 40."""
+    if given is None:
+        return [0.0 if spec.weight >= 0 else 1.0 for spec in specs], "default"
+    items = given.split(",") if isinstance(given, str) else list(given)
+    try:
+        values = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise RlgenError(f"--hv-ref expects comma-separated numbers, one per --reward, "
+                         f"got {show_value(given)}") from None
+    if len(values) != len(specs):
+        raise RlgenError(f"--hv-ref has {len(values)} value(s) for {len(specs)} reward(s) "
+                         f"({', '.join(spec.name for spec in specs)}): give one per --reward, in order")
+    if not all(math.isfinite(v) for v in values):
+        raise RlgenError(f"--hv-ref values must be finite numbers, got {show_value(given)}")
+    return values, "--hv-ref"
 
 
 def objectives(means: dict[str, float], specs) -> list[float]:
@@ -110,6 +136,7 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
         raise RlgenError("--sweep needs --task NAME or --data FILE (the prompts each point is evaluated on)")
     specs = [RewardSpec.parse(r) for r in settings.rewards]
     rewards = RewardSet(specs)
+    hv_reference, hv_source = hypervolume_reference(specs, settings.hv_ref)
     from rlgen.merging.config import merged_models, validate
 
     # Checked before anything is written, with a weight on every model as each point will have.
@@ -145,7 +172,8 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
 
     values = [objectives(p["rewards"], specs) for p in points]
     front = set(pareto_front(values))
-    reference = [min(v[i] for v in values) for i in range(len(specs))]
+    # in objective units (every objective maximised), like the values
+    reference = [r * (1.0 if spec.weight >= 0 else -1.0) for r, spec in zip(hv_reference, specs)]
     for i, point in enumerate(points):
         point["on_front"] = i in front
     summary = {
@@ -156,7 +184,10 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
         "points": points,
         "front": sorted(front),
         "hypervolume": hypervolume([values[i] for i in sorted(front)], reference) if len(specs) > 1 else None,
-        "hypervolume_reference": reference,
+        "hypervolume_reference": hv_reference,  # per reward, in its units
+        "hypervolume_reference_source": hv_source,
+        # front points that add nothing: not better than the reference in every reward (see --hv-ref)
+        "front_points_outside_reference": sum(not all(v > r for v, r in zip(values[i], reference)) for i in front),
         "out": str(target),
     }
     _write_jsonl(target / "sweep.jsonl", points)
@@ -167,7 +198,7 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
                    title=f"{config.method} sweep: {' vs '.join(_short_name(m.model) for m in listed)}",
                    labels=[f"{s.name} ({'higher' if s.weight >= 0 else 'lower'} is better)" for s in specs[:2]])
         summary["plot"] = str(target / "front.png")
-    (target / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (target / "summary.json").write_text(json_text(summary, indent=2) + "\n")  # NaN / inf -> null
     return summary
 
 
@@ -187,5 +218,5 @@ def _with_weights(config, swept: list[int], weights) -> object:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(json_text(r) + "\n" for r in rows))
     tmp.replace(path)

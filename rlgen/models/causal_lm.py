@@ -64,39 +64,84 @@ def resolve_model_path(name_or_path: str) -> Path:
     if not path.exists():
         known = ", ".join(models.names())
         raise RlgenError(f"unknown model '{name_or_path}': not a built-in name ({known}) nor an existing directory")
-    if not path.is_dir() or not (path / "config.json").is_file():
+    if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
         raise RlgenError(f"{path} is not a Hugging Face model directory (no config.json)")
     return path
 
 
 def load_tokenizer(path: Path):
+    """The directory's tokenizer, with an EOS token and a pad id inside the model's vocabulary."""
     from transformers import AutoTokenizer
 
+    from rlgen.models.safe_load import check_no_custom_code, load_errors, no_download_kwargs
+
     quiet_transformers()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise RlgenError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    check_no_custom_code(path)
+    with load_errors(f"cannot load a tokenizer from {path}"):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **no_download_kwargs())
+    _settle_special_tokens(tokenizer, Path(path))
     return tokenizer
 
 
+def _model_config(path: Path) -> dict:
+    """config.json of the model (of its base for an adapter directory without one), or {}."""
+    for directory in (path, _adapter_base_or_none(path)):
+        if directory is not None and (directory / "config.json").is_file():
+            try:
+                data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
+def _adapter_base_or_none(path: Path) -> Path | None:
+    if not (path / "adapter_config.json").is_file():
+        return None
+    from rlgen.models.safe_load import adapter_base_path
+
+    try:
+        return adapter_base_path(path)
+    except RlgenError:
+        return None  # reported when the model itself loads
+
+
+def _valid_id(token_id, vocab_size) -> bool:
+    return isinstance(token_id, int) and 0 <= token_id and (vocab_size is None or token_id < vocab_size)
+
+
+def _settle_special_tokens(tokenizer, path: Path) -> None:
+    """EOS ends completions and pad fills batches. A tokenizer without EOS takes the model config's
+    eos_token_id; a pad id missing or outside the model's vocabulary (transformers 5's Qwen2 tokenizer
+    invents one) becomes EOS. Neither available: one line naming the directory."""
+    config = _model_config(path)
+    vocab_size = config.get("vocab_size") if isinstance(config.get("vocab_size"), int) else None
+    if not _valid_id(tokenizer.eos_token_id, vocab_size):
+        eos = config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if _valid_id(eos, vocab_size) and eos < len(tokenizer):
+            tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    eos_ok = _valid_id(tokenizer.eos_token_id, vocab_size)
+    if not _valid_id(tokenizer.pad_token_id, vocab_size):
+        if not eos_ok:
+            raise RlgenError(f"tokenizer of {path} has no usable EOS or pad token (none set, or an id outside the "
+                             f"model's vocabulary of {vocab_size}): set eos_token in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def load_model(path: Path, dtype: str = "float32"):
+    """A causal LM, or a saved LoRA adapter on its local base (safetensors only, no code, no network)."""
     from transformers import AutoModelForCausalLM
 
-    quiet_transformers()
-    adapter = path / "adapter_config.json"
-    try:
-        if adapter.is_file():  # a saved LoRA adapter: load base + adapter
-            from peft import AutoPeftModelForCausalLM
+    from rlgen.models.safe_load import adapter_base_path, check_model_dir, load_errors, load_peft_adapter, weights_kwargs
 
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
-    except Exception as exc:
-        raise RlgenError(f"cannot load a causal LM from {path}: {str(exc).splitlines()[0]}") from None
-    return model
+    quiet_transformers()
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():  # a saved LoRA adapter: load base + adapter
+        return load_peft_adapter(load_model(adapter_base_path(path), dtype), path, causal_lm=True)
+    check_model_dir(path, "transformers.AutoModelForCausalLM")
+    with load_errors(f"cannot load a causal LM from {path}"):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], **weights_kwargs())
 
 
 def load_policy(cfg: ModelConfig):
@@ -146,6 +191,9 @@ def save_hf(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> None:
 
 def replace_dir(tmp: Path, target: Path) -> None:
     """Swap a finished temporary directory into place (rename is atomic on one filesystem)."""
+    from rlgen.data.records import use_umask_modes
+
+    use_umask_modes(tmp)  # safetensors writes 0600 files: saved models get the user's umask instead
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         if old.exists():

@@ -17,6 +17,7 @@ import torch
 
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import DTYPES, load_tokenizer, quiet_transformers
+from rlgen.models.safe_load import NO_CODE, check_model_dir, load_errors, weights_kwargs
 
 HEADS = ("auto", "sequence-classification", "value-head")
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -70,9 +71,14 @@ def load_reward_model(path: Path, dtype: str = "float32", head: str = "auto"):
 
             model.value_head.load_state_dict(load_file(str(head_file)))
         return model, tokenizer
+    check_model_dir(path, "transformers.AutoModelForSequenceClassification")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype])
-    except ValueError as exc:  # no sequence-classification class for this architecture
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=DTYPES[dtype],
+                                                                   **weights_kwargs())
+    except ValueError as exc:  # no sequence-classification class for this architecture (or custom code)
+        if "trust_remote_code" in str(exc) or "custom code" in str(exc):
+            raise RlgenError(f"cannot load a reward model from {path}: the directory asks for its own Python code; "
+                             f"{NO_CODE}") from None
         if head == "sequence-classification":
             raise RlgenError(f"cannot load {path} as a sequence classifier: {str(exc).splitlines()[0]}") from None
         return ValueHeadModel(_load(AutoModelForCausalLM, path, dtype)), tokenizer
@@ -85,10 +91,9 @@ def load_reward_model(path: Path, dtype: str = "float32", head: str = "auto"):
 
 
 def _load(cls, path: Path, dtype: str):
-    try:
-        return cls.from_pretrained(str(path), dtype=DTYPES[dtype])
-    except Exception as exc:
-        raise RlgenError(f"cannot load a reward-model backbone from {path}: {str(exc).splitlines()[0]}") from None
+    check_model_dir(path, f"transformers.{cls.__name__}")
+    with load_errors(f"cannot load a reward-model backbone from {path}"):
+        return cls.from_pretrained(str(path), dtype=DTYPES[dtype], **weights_kwargs())
 
 
 def encode_texts(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

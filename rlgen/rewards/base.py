@@ -2,18 +2,28 @@
 
 A reward function is `fn(samples: list[dict], **options) -> list[float | None]`, where each sample has
 `prompt`, `completion` and the dataset's other fields (`answer` ...). TRL-style functions
-`fn(prompts, completions, **columns)` are accepted too, so existing reward code carries over.
+`fn(prompts, completions, **columns)` are accepted too, so existing reward code carries over. The return
+value must hold exactly one entry per sample (a list, tuple, iterator, 1-D numpy array or torch tensor);
+each entry is a real number (bool counts as 0 / 1) or None. Anything else is a RewardError naming the
+reward (see `reward_values`, `reward_number`).
+
+`module:function` rewards import (i.e. run) the user's module, found in the current directory first during
+that import only (rlgen.plugins.load_dotted). A reward may declare `required_fields` (exact-match: `answer`);
+training checks them against the data before the model loads (`RewardSet.check_fields`).
 """
 from __future__ import annotations
 
 import inspect
 import math
+import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
-from rlgen.errors import RewardError, RlgenError
+from rlgen.errors import RewardError, RlgenError, show_value
 from rlgen.rewards.combine import Combiner, Shaping
 
 
@@ -64,11 +74,63 @@ def resolve_reward(name: str) -> Callable:
     raise AssertionError  # pragma: no cover
 
 
-def call_reward(fn: Callable, samples: list[dict], options: dict) -> list:
+def call_reward(fn: Callable, samples: list[dict], options: dict, name: str = "") -> list:
+    """The reward's values for `samples`, checked by `reward_values` (one number or None per sample)."""
     if _is_trl_style(fn):
         columns = {k: [s.get(k) for s in samples] for k in samples[0] if k not in ("prompt", "completion")}
-        return list(fn(prompts=[s["prompt"] for s in samples], completions=[s["completion"] for s in samples], **columns, **options))
-    return list(fn(samples, **options))
+        returned = fn(prompts=[s["prompt"] for s in samples], completions=[s["completion"] for s in samples], **columns, **options)
+    else:
+        returned = fn(samples, **options)
+    return reward_values(name or getattr(fn, "__name__", repr(fn)), returned, len(samples))
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """User text (an exception's message) on one line, cut to `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _describe(value: Any) -> str:
+    """A one-line description of a returned value for an error message (array reprs span lines)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    return f"{show_value(value)} ({type(value).__name__})"
+
+
+def reward_values(name: str, returned: Any, count: int) -> list:
+    """A reward's return value as a list of `count` entries, or a one-line RewardError.
+
+    Accepted: a list or tuple (or an iterator, as TRL accepts), a 1-D numpy array or torch tensor. A str,
+    bytes, dict, set or scalar is refused: iterating it would silently give characters or keys. The entries
+    themselves are checked per sample by `reward_number` (so rewards_on_error=skip applies to them)."""
+    if isinstance(returned, (torch.Tensor, np.ndarray)):
+        if returned.ndim != 1:
+            raise RewardError(f"reward '{name}' returned {_describe(returned)}; expected one value per sample ({count})")
+        values = returned.tolist()
+    elif isinstance(returned, (list, tuple, Iterator)):
+        values = list(returned)
+    else:
+        raise RewardError(f"reward '{name}' returned {_describe(returned)}; expected a list of {count} numbers or None, "
+                          f"one per sample")
+    if len(values) != count:
+        raise RewardError(f"reward '{name}' returned {len(values)} values for {count} samples")
+    return values
+
+
+def reward_number(value: Any) -> float | None:
+    """One returned entry as a float (NaN/inf kept for the caller to report), None for "does not apply";
+    TypeError for anything else. int, float, bool (True = 1.0, as torch.tensor converts it in TRL) and numpy
+    / torch scalars are numbers; strings are not, even "1.5"."""
+    if value is None:
+        return None
+    is_scalar_tensor = isinstance(value, torch.Tensor) and value.ndim == 0 and not value.dtype.is_complex
+    is_scalar_array = isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "biuf"
+    if not (is_scalar_tensor or is_scalar_array or isinstance(value, (numbers.Real, np.bool_))):
+        raise TypeError(type(value).__name__)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range: reported as non-finite
+        return math.inf
 
 
 class RewardSet:
@@ -91,6 +153,24 @@ class RewardSet:
         self.combiner = Combiner(combine or "weighted-sum")
         self.shaping = Shaping(shaping) if shaping and shaping.strip() else None
 
+    def check_fields(self, records: list[dict], source: str) -> None:
+        """Fail before training when the data cannot feed the rewards: a reward declaring
+        `required_fields` (exact-match: `answer`) needs each field in at least one record (records without
+        it are "not applicable"; with none the reward would be None throughout and GRPO would learn
+        nothing), and a shaping that needs a reference needs its `ref_field` in every record."""
+        for spec, fn in zip(self.specs, self.functions):
+            for name in getattr(fn, "required_fields", ()):
+                if not any(record.get(name) is not None for record in records):
+                    fields = show_value(sorted({str(key) for record in records[:100] for key in record}))
+                    raise RlgenError(f"reward '{spec.name}' needs the field '{name}', but no record of {source} has "
+                                     f"one (its fields: {fields})")
+        if self.shaping is not None and self.shaping.needs_reference:
+            name = self.shaping.ref_field
+            for index, record in enumerate(records):
+                if record.get(name) is None:
+                    raise RlgenError(f"reward-shaping '{self.shaping.name}' needs the field '{name}' in every record, "
+                                     f"but record {index + 1} of {source} has none (set ref_field=FIELD)")
+
     @property
     def names(self) -> list[str]:
         return [spec.name for spec in self.specs]
@@ -112,35 +192,33 @@ class RewardSet:
 
     def _column(self, spec: RewardSpec, fn: Callable, samples: list[dict], valid: torch.Tensor) -> torch.Tensor:
         try:
-            values = call_reward(fn, samples, spec.options)
-            if len(values) != len(samples):
-                raise RewardError(f"reward '{spec.name}' returned {len(values)} values for {len(samples)} samples")
-        except RewardError:
+            values = call_reward(fn, samples, spec.options, spec.name)
+        except RewardError:  # a malformed return value is a bug of the reward, not of one sample
             raise
         except Exception:
             values = [self._one(spec, fn, s, i, valid) for i, s in enumerate(samples)]
         out = torch.empty(len(samples), dtype=torch.float32)
         for i, value in enumerate(values):
-            if value is None:
-                out[i] = float("nan")
-                continue
             try:
-                value = float(value)
-            except (TypeError, ValueError):
-                self._fail(spec, samples[i], i, valid, f"returned a non-number ({type(value).__name__})")
-                out[i] = float("nan")
-                continue
-            if not math.isfinite(value):
+                number = reward_number(value)
+            except TypeError:
+                self._fail(spec, samples[i], i, valid, f"returned {_describe(value)}, not a number or None")
+                number = float("nan")
+            if number is None:
+                number = float("nan")
+            elif not math.isfinite(number):
                 self._fail(spec, samples[i], i, valid, "returned a non-finite value")
-                value = float("nan")
-            out[i] = value
+                number = float("nan")
+            out[i] = number
         return out
 
     def _one(self, spec, fn, sample, index, valid):
         try:
-            return call_reward(fn, [sample], spec.options)[0]
+            return call_reward(fn, [sample], spec.options, spec.name)[0]
+        except RewardError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure of user code is reported the same way
-            self._fail(spec, sample, index, valid, f"raised {type(exc).__name__}: {exc}")
+            self._fail(spec, sample, index, valid, f"raised {type(exc).__name__}: {_one_line(str(exc))}")
             return None
 
     def _fail(self, spec, sample, index, valid, what):
@@ -223,3 +301,9 @@ class RewardSet:
     def restore(self, state: dict) -> None:
         if self.shaping is not None and state:
             self.shaping.restore(state)
+
+
+def counted(components: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[N] bool, from `RewardSet.score`'s components and valid mask: the samples that count in the advantage statistics, those with at least one reward
+    that is not None (NaN) and not skipped after a reward error."""
+    return valid & ~torch.isnan(components).all(dim=1)

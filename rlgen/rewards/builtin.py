@@ -84,6 +84,12 @@ def countdown(samples, **_):
 for _fn in (exact_match, numeric_match, countdown):
     _fn.is_correctness = True
 
+# Fields the data must provide (in at least one record; others are "not applicable"): checked by
+# RewardSet.check_fields before a training run loads its model.
+exact_match.required_fields = ("answer",)
+numeric_match.required_fields = ("answer",)
+countdown.required_fields = ("numbers", "target")
+
 BUILTIN_REWARDS = {
     "exact-match": exact_match,
     "numeric-match": numeric_match,

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import unwrap_peft
 
 
@@ -73,6 +74,31 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def context_limit(model) -> int | None:
+    """The number of positions the model declares (None: not declared, e.g. no config)."""
+    config = getattr(unwrap_peft(model), "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context(model, tokenizer, prompts: list[str], max_new_tokens: int, option: str) -> None:
+    """Prompt plus `max_new_tokens` must fit the model's declared context: learned position embeddings
+    fail with an IndexError past it, rotary ones silently degrade. `option` names the setting to lower
+    (e.g. `--max-new-tokens`, `sft.max_new_tokens`) in the one-line error."""
+    limit = context_limit(model)
+    if not limit or not prompts:
+        return
+    longest = max(len(ids) for ids in tokenizer(sorted(set(prompts))).input_ids)
+    if longest + max_new_tokens > limit:
+        raise RlgenError(
+            f"prompts of up to {longest} tokens plus {option}={max_new_tokens} exceed the model's "
+            f"context of {limit} positions (lower {option})"
+        )
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -154,6 +180,10 @@ class HFEngine:
         prompt_mask = repeat_rows(unique_mask, row_group)
         width = prompt_ids.shape[1]
         steps = params.max_new_tokens
+        limit = context_limit(model)
+        if limit and width + steps > limit:  # the callers check with their option's name; this is the backstop
+            raise RlgenError(f"a prompt of {width} tokens plus max_new_tokens={steps} exceeds the model's context "
+                             f"of {limit} positions")
         # The attention mask for the whole loop, filled once: generated tokens are always attended
         # (finished rows keep feeding padding, exactly as before); each step passes a prefix view.
         attention = torch.ones((batch, width + steps), dtype=prompt_mask.dtype)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+import typing
+from typing import Callable, Literal
 
 import torch
 
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 from rlgen.hookspecs import hookimpl
 from rlgen.rollout.engine import Rollouts, SamplingParams, pad_tokens
 
@@ -45,7 +46,7 @@ def _need_guide(name: str, rewards) -> None:
 
 def _check_int(name: str, key: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise RlgenError(f"sampler '{name}': option '{key}' must be an integer >= {minimum}, got {value!r}")
+        raise RlgenError(f"sampler '{name}': option '{key}' must be an integer >= {minimum}, got {show_value(value)}")
 
 
 def _check_float(name: str, key: str, value, low: float | None = None, high: float | None = None) -> None:
@@ -53,7 +54,7 @@ def _check_float(name: str, key: str, value, low: float | None = None, high: flo
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
     if not ok:
         bounds = f" in [{low}, {high}]" if low is not None and high is not None else f" >= {low}" if low is not None else ""
-        raise RlgenError(f"sampler '{name}': option '{key}' must be a finite number{bounds}, got {value!r}")
+        raise RlgenError(f"sampler '{name}': option '{key}' must be a finite number{bounds}, got {show_value(value)}")
 
 
 def guide_scores(rewards, samples: list[dict]) -> torch.Tensor:
@@ -124,6 +125,17 @@ def effective_sample_size(log_weights: torch.Tensor) -> torch.Tensor:
     return (1.0 / (w * w).sum(dim=-1)).to(log_weights.dtype)
 
 
+def draw_final(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One particle index per row [B], drawn in proportion to the weights (the SMC estimate of the tilted
+    target is the weighted population, so a draw from it, not its heaviest member, is a sample of the
+    target). A NaN or infinite log-weight counts as weight 0; a row with no finite weight draws uniformly."""
+    log_weights = torch.nan_to_num(log_weights.double(), nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+    hopeless = torch.isneginf(log_weights).all(dim=-1, keepdim=True)
+    log_weights = log_weights.masked_fill(hopeless, 0.0)
+    probs = torch.softmax(log_weights, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def resample_indices(log_weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Multinomial resampling: K ancestor indices per row drawn with replacement in proportion to the
     weights, sorted (so copies of one particle are consecutive and share their prompt prefix)."""
@@ -131,15 +143,26 @@ def resample_indices(log_weights: torch.Tensor, generator: torch.Generator | Non
     return torch.multinomial(probs, log_weights.shape[-1], replacement=True, generator=generator).sort(dim=-1).values
 
 
+SMC_PICKS = ("sample", "best")
+
+
 def smc(engine, prompts, params, generator=None, *, rewards, records=None, particles: int = 8, block_size: int = 4,
-        ess_threshold: float = 0.5, lam: float = 1.0, stats: dict | None = None):
+        ess_threshold: float = 0.5, lam: float = 1.0, pick: Literal["sample", "best"] = "sample",
+        stats: dict | None = None):
     """Reward-guided sequential Monte Carlo: `particles` partial completions per prompt, extended
     `block_size` tokens at a time at the sampling params' temperature, reweighted by exp(lam * increase of
     the guide score of the prefix) and multinomially resampled when ESS / particles < ess_threshold.
-    Returns, per prompt, the particle with the largest final weight (ties -> the first, which right
-    after a resampling is itself a draw from the weighted population)."""
+
+    The weights telescope to exp(lam * (Phi_final - Phi_empty)), so the final weighted population
+    approximates the tilted target p(y | prompt) * exp(lam * r(y)), r being the guide's score of the whole
+    completion. Returned per prompt: `pick="sample"` (default) one particle drawn in proportion to its
+    final weight with `generator` (a draw from that target, exact as particles -> infinity);
+    `pick="best"` the particle whose complete completion the guide scores highest (ties -> the first
+    particle, NaN loses), a best-of-particles choice that is not a draw from the target."""
     name = "smc"
     _need_guide(name, rewards)
+    if pick not in SMC_PICKS:
+        raise RlgenError(f"sampler 'smc': option 'pick' must be one of {', '.join(SMC_PICKS)}, got {show_value(pick)}")
     _check_int(name, "particles", particles, 1)
     _check_int(name, "block_size", block_size, 1)
     _check_float(name, "ess_threshold", ess_threshold, 0.0, 1.0)
@@ -167,10 +190,11 @@ def smc(engine, prompts, params, generator=None, *, rewards, records=None, parti
         # conditions on an equivalent text but possibly different token boundaries. The returned token ids
         # are always the sampled ones.
         out = engine.generate([prompts[owner[p]] + texts[p] for p in active], block, generator)
-        keep = out.completion_mask.bool()
+        block_ids, block_mask = out.completion_ids.tolist(), out.completion_mask.tolist()
+        truncated = out.truncated.tolist()
         for row, p in enumerate(active):
-            tokens[p].extend(out.completion_ids[row][keep[row]].tolist())
-            stopped[p] = not bool(out.truncated[row])
+            tokens[p].extend(t for t, m in zip(block_ids[row], block_mask[row]) if m)
+            stopped[p] = not truncated[row]
             finished[p] = stopped[p] or len(tokens[p]) >= params.max_new_tokens
         new_texts = _decode(engine, [tokens[p] for p in active], [texts[p] + out.texts[row] for row, p in enumerate(active)])
         for row, p in enumerate(active):
@@ -184,21 +208,29 @@ def smc(engine, prompts, params, generator=None, *, rewards, records=None, parti
         steps += 1
         live = torch.tensor([not all(finished[i * k:(i + 1) * k]) for i in range(batch)])
         low = (effective_sample_size(log_w) < ess_threshold * k) & live  # a finished population is not resampled
-        for i in low.nonzero().flatten().tolist():
-            ancestors = [i * k + a for a in resample_indices(log_w[i], generator).tolist()]
-            tokens[i * k:(i + 1) * k] = [list(tokens[a]) for a in ancestors]
-            for state in (texts, finished, stopped):
-                state[i * k:(i + 1) * k] = [state[a] for a in ancestors]
-            phi[i * k:(i + 1) * k] = phi[torch.tensor(ancestors)]
-            log_w[i] = 0.0
-            resamplings += 1
+        rows = low.nonzero().flatten()
+        if rows.numel():  # all low rows at once (one multinomial call): the loop is per particle, not per row
+            sources = (resample_indices(log_w[rows], generator) + rows[:, None] * k).flatten()
+            targets = (rows[:, None] * k + torch.arange(k)).flatten()
+            source_list, target_list = sources.tolist(), targets.tolist()
+            # each copy gets its own token list: the particles are extended independently afterwards
+            copied = [[list(tokens[a]) for a in source_list]]
+            copied += [[state[a] for a in source_list] for state in (texts, finished, stopped)]
+            for state, values in zip((tokens, texts, finished, stopped), copied):
+                for target, value in zip(target_list, values):
+                    state[target] = value
+            phi[targets] = phi[sources]
+            log_w[rows] = 0.0
+            resamplings += int(rows.numel())
     if stats is not None:
         stats["smc_steps"] = stats.get("smc_steps", 0) + steps
         stats["smc_resamplings"] = stats.get("smc_resamplings", 0) + resamplings
         stats["smc_prompts"] = stats.get("smc_prompts", 0) + batch
-    pick = [i * k + int(c) for i, c in enumerate(log_w.argmax(dim=1).tolist())]  # argmax: first maximum
-    return _build_rollouts(engine, prompts, [tokens[p] for p in pick], [stopped[p] for p in pick],
-                           [texts[p] for p in pick])
+    # phi holds each particle's score of its complete completion now that every particle has finished
+    chosen = draw_final(log_w, generator) if pick == "sample" else best_rows(phi.view(batch, k))
+    picked = [i * k + int(c) for i, c in enumerate(chosen.tolist())]
+    return _build_rollouts(engine, prompts, [tokens[p] for p in picked], [stopped[p] for p in picked],
+                           [texts[p] for p in picked])
 
 
 def _decode(engine, token_lists: list[list[int]], fallback: list[str]) -> list[str]:
@@ -250,9 +282,19 @@ def parse_sampler_options(items: list[str] | None) -> dict:
     return options
 
 
+def _option_choices(fn: Callable) -> dict[str, tuple]:
+    """{option: allowed values} for options annotated `Literal[...]` (a sampler's named choices)."""
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # a plugin's annotations may not resolve: then it checks its own options
+        return {}
+    return {key: typing.get_args(hint) for key, hint in hints.items() if typing.get_origin(hint) is Literal}
+
+
 def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool) -> None:
     """Unknown or reserved option keys, and a missing guide, as one-line errors (before any model is loaded)."""
     named, open_ended = sampler_parameters(fn)
+    choices = _option_choices(fn)
     for key, value in options.items():
         if key in RESERVED:
             hint = " (use --sampler-reward)" if key == "rewards" else ""
@@ -262,12 +304,15 @@ def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool) -> No
             raise RlgenError(f"unknown --sampler-opt '{key}' for sampler '{name}' (known: {known})")
         default = named[key].default if key in named else inspect.Parameter.empty
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise RlgenError(f"--sampler-opt {key} expects true or false, got {value!r}")
+            raise RlgenError(f"--sampler-opt {key} expects true or false, got {show_value(value)}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             wanted = int if isinstance(default, int) else (int, float)
             if isinstance(value, bool) or not isinstance(value, wanted):
                 kind = "an integer" if isinstance(default, int) else "a number"
-                raise RlgenError(f"--sampler-opt {key} expects {kind}, got {value!r}")
+                raise RlgenError(f"--sampler-opt {key} expects {kind}, got {show_value(value)}")
+        if key in choices and value not in choices[key]:
+            allowed = ", ".join(str(c) for c in choices[key])
+            raise RlgenError(f"--sampler-opt {key} expects one of {allowed}, got {show_value(value)}")
     guide = named.get("rewards")
     if guide is not None and guide.default is inspect.Parameter.empty and not has_guide:
         raise RlgenError(f"sampler '{name}' needs a guide reward: give --sampler-reward NAME")
@@ -300,4 +345,4 @@ def register_samplers(register):
     register("plain", plain)
     register("best-of-n", best_of_n, "best of n samples per prompt under the --sampler-reward guide (option n=8)")
     register("smc", smc, "reward-guided sequential Monte Carlo over blocks of tokens (particles=8, block_size=4, "
-                         "ess_threshold=0.5, lam=1.0)")
+                         "ess_threshold=0.5, lam=1.0, pick=sample|best)")

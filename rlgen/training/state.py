@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlgen.data.records import use_umask_mode
+
 
 def _flatten(obj, prefix: str, tensors: dict, skeleton):
     if isinstance(obj, torch.Tensor):
@@ -41,6 +43,7 @@ def save_state(obj, directory: Path, name: str) -> None:
     skeleton = _flatten(obj, name, tensors, None)
     if tensors:
         save_file(tensors, str(directory / f"{name}.safetensors"))
+        use_umask_mode(directory / f"{name}.safetensors")  # safetensors creates it 0600
     (directory / f"{name}.json").write_text(json.dumps(skeleton))
 
 

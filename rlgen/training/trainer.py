@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,9 @@ class OptimConfig:
     lr_scheduler: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
     gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
+    # A NaN/inf gradient norm stops the run (the update is never applied); true skips such updates instead
+    # and counts them in metrics.jsonl as `nonfinite_skipped`.
+    skip_nonfinite_steps: bool = False
 
     def validate(self):
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
@@ -110,6 +114,7 @@ class Trainer:
         self.reporter = reporter
         self.resume = resume
         self.step = 0
+        self.nonfinite_skipped = 0  # updates skipped in the current step (optim.skip_nonfinite_steps)
 
     # --- setup ---
     def setup(self) -> None:
@@ -124,7 +129,9 @@ class Trainer:
         random.seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
         self.prepare_data()  # bad data or rewards fail here, before the (slow) model load
-        checkpoint = self.run.latest_checkpoint() if self.resume else None
+        checkpoint = self.run.latest_checkpoint(warn=_warn) if self.resume else None
+        if self.resume and checkpoint is None:
+            self.reporter.log(f"no checkpoint in {self.run.root}: starting from step 0")
         self.model, self.tokenizer, self.base_path = self._load_model(checkpoint)
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -142,9 +149,9 @@ class Trainer:
         base_path = resolve_model_path(cfg.path)
         tokenizer = load_tokenizer(base_path)
         if cfg.lora_r > 0:
-            from peft import PeftModel
+            from rlgen.models.safe_load import load_peft_adapter
 
-            model = PeftModel.from_pretrained(load_model(base_path, cfg.dtype), str(checkpoint / "model"), is_trainable=True)
+            model = load_peft_adapter(load_model(base_path, cfg.dtype), checkpoint / "model", is_trainable=True)
         else:
             model = load_model(checkpoint / "model", cfg.dtype)
         return model, tokenizer, base_path
@@ -194,7 +201,6 @@ class Trainer:
         self.restore_extra_state(state)
         if (checkpoint / "extra.json").is_file():
             self.restore_extra_tensors(load_state(checkpoint, "extra"))
-        self.run.truncate_metrics(self.step)
         self.reporter.log(f"resumed from {checkpoint} (step {self.step})")
 
     # --- the loop ---
@@ -202,19 +208,62 @@ class Trainer:
         raise NotImplementedError
 
     def optimizer_step(self) -> float:
+        """Clip and apply the update; every trainer goes through here. An update whose gradient norm is NaN/inf
+        is never applied: the run stops, or with optim.skip_nonfinite_steps the update is skipped."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if not self.config.optim.skip_nonfinite_steps:
+                raise RlgenError(f"step {self.step}: the gradient norm is {norm} (a non-finite loss or gradient); the update "
+                                 f"was not applied and training stopped{self._resume_hint()} (optim.skip_nonfinite_steps "
+                                 "= true skips such updates instead)")
+            self.nonfinite_skipped += 1
+            self.scheduler.step()  # the schedule follows step numbers, skipped or not
+            return norm
         self.optimizer.step()
+        # Finite gradients can still make weights non-finite (an overflowing lr, adam_eps = 0 on a zero
+        # gradient); the inf-norm (max |w|) cannot overflow, so it is finite exactly when every weight is.
+        if params and not math.isfinite(float(torch.nn.utils.get_total_norm(params, norm_type=float("inf")))):
+            raise RlgenError(f"step {self.step}: the optimizer update made weights non-finite (check optim.lr and "
+                             f"optim.adam_eps); training stopped{self._resume_hint()}")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def _resume_hint(self) -> str:
+        """Where the run can go on from: its last checkpoint, which a failed step never touches."""
+        try:
+            done = self.run.latest_checkpoint()
+        except RlgenError:  # every checkpoint damaged: nothing to point at
+            done = None
+        return f" ({done.name} is intact: rlgen train --resume {self.run.root})" if done is not None else ""
+
+    def _check_loss(self, metrics: dict) -> None:
+        loss = metrics.get("loss")
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.item()
+        if isinstance(loss, float) and not math.isfinite(loss) and not self.config.optim.skip_nonfinite_steps:
+            raise RlgenError(f"step {self.step}: the loss is {loss}; training stopped{self._resume_hint()}")
 
     def fit(self) -> dict:
-        if not self.resume:
-            self.run.check_fresh()
+        """Train, holding the run directory's lock throughout: a resumed run from the start, a new one from
+        its creation (after the set-up, so that bad input leaves no directory behind)."""
+        try:
+            return self._fit()
+        finally:
+            self.run.unlock()
+
+    def _fit(self) -> dict:
+        if self.resume:
+            self.run.lock()
+        else:
+            self.run.check_fresh()  # early, before the model loads; create() checks again under the lock
         self.setup()
-        self.run.create(self.config)
+        self.run.create(self.config, fresh=not self.resume)
+        if self.resume:  # the metric lines after the checkpoint (all of them without one) are written again
+            self.run.truncate_metrics(self.step)
         cfg = self.config.run
         last: dict = {}
         if cfg.eval_every and self.step == 0:  # the starting point of the held-out curve
@@ -222,8 +271,12 @@ class Trainer:
         with self.reporter.progress(total=cfg.steps, completed=self.step, description=f"training ({self.run.root})") as advance:
             while self.step < cfg.steps:
                 self.step += 1
+                self.nonfinite_skipped = 0
                 started = time.perf_counter()
                 metrics = self.train_step()
+                self._check_loss(metrics)
+                if self.config.optim.skip_nonfinite_steps:
+                    metrics["nonfinite_skipped"] = self.nonfinite_skipped
                 metrics["step_time"] = time.perf_counter() - started
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
@@ -255,6 +308,12 @@ class Trainer:
         result = evaluate_model(self.engine, self.eval_records, correctness_rewards(self.eval_task_rewards()), self.eval_max_new_tokens)
         self.model.train()
         return {"eval/accuracy": result["metrics"]["accuracy"]}
+
+
+def _warn(message: str) -> None:
+    """A warning: one stderr line, shown even with --quiet."""
+    sys.stderr.write(f"rlgen: warning: {message}\n")
+    sys.stderr.flush()
 
 
 def _plain(value):

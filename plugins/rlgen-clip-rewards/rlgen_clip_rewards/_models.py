@@ -1,13 +1,14 @@
 """Local weights only: CLIP models, their tokenizers and aesthetic heads, each loaded once per path.
 
-Nothing is ever downloaded (`local_files_only=True`). Missing or unreadable weights raise
-rlgen.errors.RewardError (an RlgenError that rlgen reports at once, instead of once per sample).
+Nothing is ever downloaded (`local_files_only=True`), unpickled, or run from a model directory. Missing
+or unreadable weights raise rlgen.errors.RewardError (an RlgenError that rlgen reports at once, instead of once per sample).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -71,8 +72,10 @@ def _device_key(device) -> str:
 def _clip(path: str, device: str, processor: str) -> Clip:
     from transformers import CLIPModel
 
+    _check_model_dir(Path(path), "transformers.CLIPModel")
     try:
-        model = CLIPModel.from_pretrained(path, local_files_only=True)
+        model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                          trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - any loading failure is a bad path for the user
         raise RewardError(f"cannot load a transformers CLIPModel from {path}: {_first_line(exc)}") from None
     model.eval().requires_grad_(False).to(device)
@@ -96,8 +99,9 @@ def load_clip(path: Path, device, processor: Path | None = None) -> Clip:
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    _check_model_dir(Path(path), None)
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise RewardError(f"cannot load a CLIP tokenizer from {path} (set option processor=DIR to a directory with "
                           f"the tokenizer files): {_first_line(exc)}") from None
@@ -137,11 +141,25 @@ def _head(path: str, device: str) -> nn.Sequential:
     return nn.Sequential(*layers).eval().requires_grad_(False).to(device)
 
 
-def _read_state(path: Path) -> dict:
+def _check_model_dir(path: Path, loader: str | None) -> None:
+    """rlgen's checks (no code from the directory; for weights, safetensors only) as a RewardError."""
+    from rlgen.errors import RlgenError
+    from rlgen.models.safe_load import check_model_dir, check_no_custom_code
+
     try:
-        if path.suffix in (".pt", ".pth", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            return state.get("state_dict", state) if isinstance(state, dict) else {}
+        check_model_dir(path, loader) if loader else check_no_custom_code(path)
+    except RlgenError as exc:
+        raise RewardError(str(exc)) from None
+
+
+def _read_state(path: Path) -> dict:
+    if path.suffix in (".pt", ".pth", ".bin"):  # never unpickled: loading a pickle can run code
+        code = (f"import torch; from safetensors.torch import save_file; save_file({{k: v.contiguous() for k, v in "
+                f"torch.load({json.dumps(str(path))}, map_location=\"cpu\", weights_only=True).items()}}, "
+                f"{json.dumps(str(path.with_suffix('.safetensors')))})")
+        raise RewardError(f"aesthetic head {path}: a pickle, which rlgen never loads (unpickling can run code); only "
+                          f"if you trust this file, convert it once with: python -c {shlex.quote(code)}")
+    try:
         from safetensors.torch import load_file
 
         return load_file(str(path))

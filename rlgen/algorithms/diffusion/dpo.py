@@ -27,7 +27,9 @@ class PairDataConfig:
 
 @dataclass
 class DiffusionDPOAlgoConfig:
-    beta: float = 2500.0  # diffusers' --beta_dpo default (Stable Diffusion latents)
+    # the loss scales beta by -1/2 as the SDXL script does, whose default (5000) this is; the SD1.5 script
+    # has no 1/2 and defaults to 2500: the same effective 2500 on the error gaps
+    beta: float = 5000.0
     loss_type: str = "sigmoid"  # sigmoid | hinge
     batch_size: int = 32  # pairs per step
     time_density: str = "uniform"

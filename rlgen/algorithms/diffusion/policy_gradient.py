@@ -23,7 +23,7 @@ from rlgen.diffusion.sampling import denoise_step, initial_noise, make_schedule,
 from rlgen.diffusion.stat_tracking import PerPromptStatTracker
 from rlgen.diffusion.steps import step_kl
 from rlgen.errors import RlgenError
-from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rewards.base import RewardSet, RewardSpec, counted
 from rlgen.training.trainer import OptimConfig, RunConfig
 
 PER_PROMPT = "per-prompt"  # DDPO's stat tracker; any other name is an advantage-estimator registry entry
@@ -156,17 +156,25 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         self.model.train()
         return records, rollouts
 
-    def _advantages(self, records, total: torch.Tensor, components: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _advantages(self, records, total: torch.Tensor, components: torch.Tensor,
+                    mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Advantages; an image without any reward (`mask` False) gets exactly 0 and is left out of the
+        statistics, as in the LM trainers."""
         a = self.config.algorithm
         g = self.config.rollout.images_per_prompt
         grouped = total.view(-1, g)
         zero_std = float((grouped.std(dim=1) == 0).float().mean()) if g > 1 else 0.0
+        advantages = torch.zeros_like(total)
         if self.tracker is not None:
-            advantages = self.tracker.advantages([str(r["prompt"]) for r in records], total)
+            rows = torch.nonzero(mask).flatten()
+            if len(rows):
+                advantages[rows] = self.tracker.advantages([str(records[i]["prompt"]) for i in rows.tolist()], total[rows])
         else:
             # the same keyword arguments as the LM trainers give, so gdpo's per-reward normalisation works here too
             advantages = self.advantage_fn(grouped, scale_rewards=a.scale_rewards, weights=self.rewards.weights,
-                                           components=components.view(-1, g, components.shape[-1])).reshape(-1)
+                                           components=components.view(-1, g, components.shape[-1]),
+                                           mask=mask.view(-1, g)).reshape(-1)
+            advantages = torch.where(mask, advantages, torch.zeros_like(advantages))  # estimators ignoring `mask`
         return advantages.clamp(-a.adv_clip_max, a.adv_clip_max), zero_std
 
     def train_step(self) -> dict:
@@ -177,8 +185,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         rollout_time = time.perf_counter() - started
         metrics = self.rewards.metrics(components, total, valid)
         total = torch.where(valid, total, torch.zeros_like(total))
-        advantages, zero_std = self._advantages(records, total, components)
-        advantages = torch.where(valid, advantages, torch.zeros_like(advantages))
+        advantages, zero_std = self._advantages(records, total, components, counted(components, valid))
         metrics["zero_std_ratio"] = zero_std
         metrics["advantage_abs_mean"] = float(advantages.abs().mean())
         metrics.update(self._update(rollouts, advantages))
