@@ -12,7 +12,12 @@ class RewardError(RlgenError):
 def show_value(value: object, limit: int = 200) -> str:
     """repr() of a user-supplied value for an error message, cut to `limit` characters so that a huge
     (or maliciously expanded) value cannot flood the terminal or the log."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for Python to print (over 4300 digits)
+        if isinstance(value, int):
+            return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+        return "<a value holding an integer too long to print>"
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"

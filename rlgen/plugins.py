@@ -124,6 +124,13 @@ def load_dotted(path: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise RlgenError(f"cannot import module '{module_name}' for '{path}': {exc}") from None
+    except SyntaxError as exc:  # the user's file (or one it imports) is not valid Python
+        where = f"{exc.filename}:{exc.lineno}" if exc.filename else f"line {exc.lineno}"
+        raise RlgenError(f"cannot import module '{module_name}' for '{path}': {where}: syntax error "
+                         f"({' '.join(str(exc.msg).split())[:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - importing runs the user's code; any failure is theirs
+        raise RlgenError(f"cannot import module '{module_name}' for '{path}': importing it raised "
+                         f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from None
     finally:
         sys.path[:] = saved_path
     try:

@@ -77,3 +77,52 @@ def test_reno_does_not_lose_reward_and_keeps_its_best_iterate(model):
     assert (_brightness(improved) >= _brightness(start) - 1e-6).all()
     assert _brightness(improved).mean() > _brightness(start).mean()
     assert all(p.requires_grad for p in model.denoiser.parameters())  # the model is left trainable as found
+
+
+# --- option ranges: checked before any model loads (review round 2, F6) ---
+
+@pytest.mark.parametrize("name, options, words", [
+    ("reno", {"lr": -1}, ["'reno'", "lr = -1", "> 0"]),
+    ("reno", {"lr": 0.0}, ["lr = 0"]),
+    ("reno", {"lr": float("inf")}, ["lr = inf"]),
+    ("reno", {"reg": float("nan")}, ["reg = nan"]),
+    ("reno", {"reg": -1.0}, ["reg = -1", ">= 0"]),
+    ("reno", {"iterations": -3}, ["iterations = -3", "integer >= 1"]),
+    ("reno", {"iterations": 0}, ["iterations = 0"]),
+    ("reno", {"grad_clip": 0.0}, ["grad_clip = 0"]),
+    ("fk-steering", {"lam": float("nan")}, ["'fk-steering'", "lam = nan"]),
+    ("fk-steering", {"lam": float("-inf")}, ["lam = -inf"]),
+    ("fk-steering", {"ess_threshold": float("nan")}, ["ess_threshold = nan"]),
+    ("fk-steering", {"ess_threshold": 5}, ["ess_threshold = 5", "[0, 1]"]),
+    ("fk-steering", {"particles": 0}, ["particles = 0"]),
+    ("fk-steering", {"resample_every": 0}, ["resample_every = 0"]),
+    ("best-of-n", {"n": 0}, ["'best-of-n'", "n = 0"]),
+])
+def test_image_sampler_options_out_of_range_are_one_line_errors(name, options, words):
+    from rlgen.errors import RlgenError
+    from rlgen.plugins import registry
+    from rlgen.rollout.samplers import check_sampler
+
+    fn = registry("image-sampler").get(name)
+    with pytest.raises(RlgenError) as info:
+        check_sampler(name, fn, options, has_guide=True)
+    assert all(word in str(info.value) for word in words), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_image_sampler_option_error_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from rlgen.diffusion import pipeline
+    from rlgen.cli.app import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(pipeline, "load_diffusion_model", no_load)
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--model", "tiny-digits", "--task", "digits", "--limit", "1", "--num-steps", "2", "--sampler",
+              "reno", "--sampler-reward", "digit-classifier", "--sampler-opt", "iterations=-3",
+              "--image-dir", str(tmp_path / "x1"), "--out", str(tmp_path / "o.jsonl")])
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == "", err
+    assert err.strip().startswith("rlgen: error: sampler 'reno': --sampler-opt iterations = -3") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x1").exists()

@@ -357,3 +357,89 @@ def test_read_failure_is_one_line(capsys):
     # /proc/self/mem opens but its first read fails (EIO: address 0 is not mapped), for root too
     assert_one_line_error(run_main(["score", "-r", "exact-match", "/proc/self/mem"], capsys),
                           "/proc/self/mem", "cannot read")
+
+
+# --- round 2: data findings (F1 JSONL part, F2, pairs --margin, eval reward types) -------------------------
+
+def test_integer_beyond_conversion_limit_is_one_line(tmp_path, capsys):
+    data = tmp_path / "big.jsonl"
+    data.write_bytes(b'{"prompt":"1+1=","completion":"2","x":' + b"9" * 5000 + b"}\n")
+    assert_one_line_error(run_main(["score", "-r", "length", data], capsys), "big.jsonl, line 1", "digits")
+    assert_one_line_error(run_main(["eval", data], capsys), "big.jsonl, line 1", "digits")
+
+
+@pytest.mark.parametrize("line", [rb'{"prompt":"\ud800","completion":"2"}',
+                                  rb'{"prompt":"p","completion":"2","m":[{"\uDC00":1}]}'])
+def test_lone_surrogate_is_refused_on_reading(tmp_path, capsys, line):
+    data = tmp_path / "sur.jsonl"
+    data.write_bytes(jsonl_bytes(GOOD, line))
+    field = "'prompt'" if b"prompt\":\"\\" in line else "'m'"
+    assert_one_line_error(run_main(["score", "-r", "length", data], capsys),
+                          "sur.jsonl, line 2", field, "lone surrogate")
+
+
+def test_surrogate_pair_is_ordinary_text(tmp_path):
+    data = tmp_path / "pair.jsonl"
+    data.write_bytes(b'{"prompt":"\\ud83d\\ude00","completion":"2"}\n')
+    assert read_records(str(data))[0]["prompt"] == "\U0001F600"
+
+
+@pytest.mark.parametrize("margin", ["nan", "inf", "-1"])
+def test_pairs_margin_must_be_finite_and_not_negative(tmp_path, capsys, margin):
+    data = tmp_path / "scored.jsonl"
+    data.write_bytes(jsonl_bytes({"prompt": "a", "completion": "x", "reward": 1},
+                                 {"prompt": "a", "completion": "y", "reward": 0}))
+    assert_one_line_error(run_main(["pairs", "--margin", margin, data], capsys), "--margin")
+
+
+@pytest.mark.parametrize("value", ["1", True, [1]])
+def test_eval_reward_field_must_be_a_number_or_null(capsys, monkeypatch, value):
+    stdin = jsonl_bytes({"prompt": "a", "completion": "x", "reward": None},
+                        {"prompt": "a", "completion": "y", "reward": value})
+    assert_one_line_error(run_main(["eval", "-"], capsys, monkeypatch, stdin=stdin),
+                          "<stdin>, line 2", "'reward'", "number or null")
+
+
+# --- a model with NaN weights, usage errors ---
+
+@pytest.mark.parametrize("temperature", ["1.0", "0"])
+def test_sampling_from_a_model_with_nan_weights_is_one_line(tiny_model_dir, tmp_path, capsys, temperature):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nanm"
+    shutil.copytree(tiny_model_dir, model)
+    weights = load_file(str(model / "model.safetensors"))
+    name = next(k for k in sorted(weights) if k.endswith("mlp.gate_proj.weight"))
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    result = run_main(["sample", "--model", model, "--task", "arithmetic", "--limit", 1, "--temperature", temperature,
+                       "--quiet"], capsys)
+    assert_one_line_error(result, "non-finite logits", str(model))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["sample", "--limit", "abc"], ["'--limit'", "'rlgen sample --help'"]),
+    (["sample", "--no-such-option"], ["--no-such-option", "'rlgen sample --help'"]),
+    (["sample", "--limit", "9" * 10000], ["'--limit'"]),
+    (["no-such-command"], ["no-such-command", "'rlgen --help'"]),
+])
+def test_usage_errors_are_one_line(capsys, args, expected):
+    line = assert_one_line_error(run_main(args, capsys), *expected)
+    assert "Usage:" not in line and len(line) < 600
+
+
+@pytest.mark.parametrize("args", [[], ["train"]])
+def test_no_arguments_still_print_the_help(capsys, args):
+    code, out, err = run_main(args, capsys)
+    assert "Usage:" in out + err and "rlgen: error" not in out + err
+
+
+def test_show_value_survives_integers_too_long_to_print():
+    from rlgen.errors import show_value
+
+    assert show_value(10**5000) == "<an integer of about 5000 digits>"  # repr() itself raises ValueError here
+    assert show_value([10**5000]) == "<a value holding an integer too long to print>"
+    assert show_value("x" * 500).endswith("... (502 characters)")

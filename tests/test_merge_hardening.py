@@ -186,3 +186,89 @@ def test_rescale_norm_from_a_config_file(tmp_path):
         delta, kept = tuned[name] - tensors[name], merged[name] - tensors[name]
         assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-4)
         assert (kept != 0).sum().item() == delta.numel() // 2
+
+
+# --------------------------------------------------------------------------- round 2: over-long integers,
+# duplicate keys, non-finite merged tensors
+
+_DIGITS = "9" * 5000
+_HEX = "0x" + "f" * 5000
+
+
+@pytest.mark.parametrize("param", [f"weight={_DIGITS}", f"weight={_HEX}", f"weight=[0, {_DIGITS}]"])
+def test_integers_too_long_to_print_in_params_are_one_line(tmp_path, capsys, param):
+    err = run_error(capsys, ["no/such/a", "no/such/b", "--method", "linear", "--param", param,
+                             "--out", tmp_path / "out"])
+    assert "--param weight: an integer too long" in err and len(err) < 400, err
+
+
+LONG_INT_CONFIGS = {
+    "seed.yml": f"merge_method: linear\nseed: {_DIGITS}\nmodels: [{{model: no/such/a}}]\n",
+    "hex.yml": f"merge_method: linear\nmodels: [{{model: no/such/a, parameters: {{weight: {_HEX}}}}}]\n",
+    "hexkey.yml": f"merge_method: linear\nmodels: [{{model: no/such/a}}]\n? {_HEX}\n: 1\n",
+    "weight.toml": f'merge_method = "linear"\n[[models]]\nmodel = "no/such/a"\nparameters = {{weight = {_DIGITS}}}\n',
+    "hexseed.toml": f'merge_method = "linear"\nseed = {_HEX}\n[[models]]\nmodel = "no/such/a"\n',
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_INT_CONFIGS))
+def test_integers_too_long_to_print_in_config_files_are_one_line(tmp_path, capsys, name):
+    (tmp_path / name).write_text(LONG_INT_CONFIGS[name])
+    err = run_error(capsys, ["--config", tmp_path / name, "--out", tmp_path / "out"])
+    assert f"{name}: bad {'TOML' if name.endswith('toml') else 'YAML'} (" in err and "too long" in err, err
+    assert len(err) < 400, err
+
+
+def test_duplicate_keys_in_a_merge_yaml_are_an_error(tmp_path, capsys):
+    from rlgen.merging.config import load_config
+
+    for text, key in (("merge_method: linear\nmodels: [{model: no/such/a}]\nmerge_method: slerp\n", "merge_method"),
+                      ("merge_method: linear\nmodels: [{model: no/such/a, parameters: {weight: 1, weight: 2}}]\n",
+                       "weight")):
+        (tmp_path / "dup.yml").write_text(text)
+        err = run_error(capsys, ["--config", tmp_path / "dup.yml", "--out", tmp_path / "out"])
+        assert "dup.yml: bad YAML (line" in err and f"duplicate key '{key}'" in err, err
+    # a `<<` merge key may still be overridden
+    (tmp_path / "anchors.yml").write_text("merge_method: linear\nmodels:\n  - {model: no/such/a, parameters: &p "
+                                          "{weight: 1}}\n  - {model: no/such/b, parameters: {<<: *p, weight: 2}}\n")
+    assert load_config(str(tmp_path / "anchors.yml")).models[1].parameters == {"weight": 2}
+
+
+def _raw_safetensors(path: Path, header: bytes) -> None:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+
+
+def test_safetensors_header_with_a_long_integer_or_a_duplicate_key(tmp_path):
+    from rlgen.errors import RlgenError
+    from rlgen.merging.safetensors_io import read_header
+
+    _raw_safetensors(tmp_path / "long.safetensors",
+                     b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, ' + _DIGITS.encode() + b"]}}")
+    with pytest.raises(RlgenError, match="not a safetensors file .*integer too long"):
+        read_header(tmp_path / "long.safetensors")
+    entry = b'{"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}'
+    _raw_safetensors(tmp_path / "dup.safetensors", b'{"a": ' + entry + b', "a": ' + entry + b"}")
+    with pytest.raises(RlgenError, match="not a safetensors file .*'a' appears twice"):
+        read_header(tmp_path / "dup.safetensors")
+    _raw_safetensors(tmp_path / "ok.safetensors", b'{"a": ' + entry + b"}")
+    assert list(read_header(tmp_path / "ok.safetensors")[0]) == ["a"]
+
+
+def test_a_nan_in_an_input_fails_the_merge_and_leaves_no_output(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    arith = Path(__file__).resolve().parent.parent / "rlgen" / "builtin_models" / "tiny-arith"
+    nan_model = tmp_path / "nanm"
+    shutil.copytree(arith, nan_model)
+    tensors = load_file(str(arith / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(nan_model / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "merged" / "m"
+    err = run_error(capsys, [nan_model, "tiny-arith", "--method", "linear", "--out", out])
+    assert f"tensor '{name}': the merged values are not finite" in err and str(nan_model) in err, err
+    assert not (tmp_path / "merged").exists()  # no output, no temp dir, not even the parent made for it

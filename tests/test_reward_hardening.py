@@ -328,3 +328,45 @@ def test_image_trainers_leave_images_without_reward_out_of_the_statistics():
     got, _ = DiffusionPolicyGradientTrainer._advantages(_image_trainer(3, tracker), records, total, components, mask)
     assert tracker.history["p"] == deque([1.0, 3.0])
     assert got.tolist() == pytest.approx([-1 / (1 + 1e-6), 0.0, 1 / (1 + 1e-6)], abs=1e-5)  # numpy std of {1, 3} = 1
+
+
+# --- round 2: reward findings (F3, F7, weights, hidden `_line`) ------------------------------------------
+
+@pytest.mark.parametrize("big", [1e308, 3.5e38, -1e300])
+def test_reward_beyond_float32_range_is_a_non_finite_reward(big):
+    spec = RewardSpec("give", options={"value": lambda s: [big] + [1.0] * (len(s) - 1)})
+    rewards = RewardSet.__new__(RewardSet)
+    rewards.specs, rewards.functions, rewards.on_error = [spec], [give], "raise"
+    samples = [{"prompt": "p", "completion": "a"}, {"prompt": "p", "completion": "b"}]
+    with pytest.raises(RewardError, match="beyond the float32 range"):
+        rewards.compute(samples)
+    rewards.on_error = "skip"
+    components, valid = rewards.compute(samples)
+    assert valid.tolist() == [False, True] and math.isnan(components[0, 0]) and components[1, 0] == 1.0
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("def f(:\n", r"rlgen_synerr_mod\.py:1: syntax error"),
+    ("raise ValueError('boom')\n", "importing it raised ValueError: boom"),
+])
+def test_reward_module_failing_at_import_is_one_error(reward_dir, source, expected):
+    (reward_dir / "rlgen_synerr_mod.py").write_text(source)
+    try:
+        with pytest.raises(RlgenError, match=expected) as info:
+            RewardSet([RewardSpec("rlgen_synerr_mod:f")])
+        assert "cannot import module 'rlgen_synerr_mod'" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        sys.modules.pop("rlgen_synerr_mod", None)
+
+
+@pytest.mark.parametrize("text", ["length:nan", "length:1e999", "length:-inf"])
+def test_non_finite_weight_is_an_error_naming_the_weight(text):
+    with pytest.raises(RlgenError, match=r"weight '.*' is not a finite number"):
+        RewardSpec.parse(text)
+    assert RewardSpec.parse(text + ":2").name == text  # a function named like it still works with a weight
+
+
+def test_missing_field_error_hides_the_line_bookkeeping():
+    with pytest.raises(RlgenError) as info:
+        RewardSet([RewardSpec("exact-match")]).check_fields([{"prompt": "p", "_line": 1}], "d.jsonl")
+    assert "_line" not in str(info.value) and "'prompt'" in str(info.value)

@@ -262,16 +262,20 @@ def test_resume_skips_a_damaged_newest_checkpoint(checkpointed, tmp_path):
     assert same_weights(weights(checkpointed / "final"), weights(run / "final"))  # as if never interrupted
 
 
-def test_resume_with_every_checkpoint_damaged_is_one_line(checkpointed, tmp_path):
+@pytest.mark.parametrize("damaged_file, content, problem", [
+    ("trainer_state.json", "nonsense", ""),             # caught by the soundness check before any set-up
+    ("optimizer.json", '{"x": 1}', "does not restore"),  # parses, but the state does not restore
+])
+def test_resume_with_every_checkpoint_damaged_is_one_line(checkpointed, tmp_path, damaged_file, content, problem):
     run = tmp_path / "run"
     shutil.copytree(checkpointed, run)
     for step in (1, 2):
-        (run / "checkpoints" / f"step-{step}" / "trainer_state.json").write_text("nonsense")
+        (run / "checkpoints" / f"step-{step}" / damaged_file).write_text(content)
     code, err = rlgen("train", "sft", "--resume", run, "--quiet")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and lines[-1].startswith("rlgen: error: no usable checkpoint in "), err
-    assert len(lines) == 3  # two warnings, one error
-    assert (run / "checkpoints" / "step-1" / "trainer_state.json").read_text() == "nonsense"  # nothing deleted
+    assert problem in lines[-1] and len(lines) == 3, err  # two warnings, one error
+    assert (run / "checkpoints" / "step-1" / damaged_file).read_text() == content  # nothing deleted
 
 
 # --- 12. non-finite steps ---
@@ -380,3 +384,53 @@ def test_an_update_that_makes_weights_non_finite_stops_the_run(tiny_model_dir, t
         line = one_line_error(*sft(tiny_model_dir, run, "--set", "optim.adam_eps=0"))
     assert "step 1: the optimizer update made weights non-finite" in line
     assert not (run / "final").exists()
+
+
+# --- 11b. checkpoints whose files parse but whose state does not restore ---
+
+def _drop_one_optimizer_tensor(c: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(c / "optimizer.safetensors"))
+    tensors.pop(sorted(k for k in tensors if k.endswith("exp_avg"))[0])
+    save_file(tensors, str(c / "optimizer.safetensors"))
+
+
+def _edit_json(c: Path, name: str, edit) -> None:
+    state = json.loads((c / name).read_text())
+    edit(state)
+    (c / name).write_text(json.dumps(state))
+
+
+def _shrink_one_optimizer_tensor(c: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(c / "optimizer.safetensors"))
+    key = sorted(k for k in tensors if k.endswith("exp_avg"))[0]
+    tensors[key] = tensors[key].flatten()[:1].clone()
+    save_file(tensors, str(c / "optimizer.safetensors"))
+
+
+UNRESTORABLE = {
+    "scheduler-not-a-dict": lambda c: _edit_json(c, "trainer_state.json", lambda s: s.update(scheduler="x")),
+    "sampler-missing": lambda c: _edit_json(c, "trainer_state.json", lambda s: s.pop("sampler")),
+    "optimizer-skeleton": lambda c: (c / "optimizer.json").write_text('{"x": 1}'),
+    "optimizer-tensor-dropped": _drop_one_optimizer_tensor,
+    "optimizer-tensor-shape": _shrink_one_optimizer_tensor,
+    "rng-not-a-tensor": lambda c: (c / "rng.json").write_text('{"__dict__": [["torch", 1], ["generator", 2], ["python", 3]]}'),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNRESTORABLE))
+def test_resume_skips_a_newest_checkpoint_whose_state_does_not_restore(checkpointed, tmp_path, kind):
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed, run)
+    shutil.rmtree(run / "final")
+    UNRESTORABLE[kind](run / "checkpoints" / "step-2")
+    err = ok("train", "sft", "--resume", run, "--quiet")
+    warnings = [line for line in err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("rlgen: warning: skipping damaged checkpoint "), err
+    assert str(run / "checkpoints" / "step-2") in warnings[0] and "does not restore" in warnings[0]
+    assert steps_of(run) == [1, 2, 3]
+    # nothing of the damaged checkpoint was kept: the run goes on exactly as if never interrupted
+    assert same_weights(weights(checkpointed / "final"), weights(run / "final"))

@@ -309,3 +309,40 @@ def test_cli_eval_with_best_of_n_beats_greedy(cli_runs):
     assert best["sampler_options"] == {"n": 8} and best["sampler_reward"] == ["exact-match"]
     assert best["num_problems"] == greedy["num_problems"] == 50
     assert best["accuracy"] > greedy["accuracy"]
+
+
+# --- option ranges are checked before any model loads or any progress shows (review round 2, F6) ---
+
+@pytest.mark.parametrize("name, options, words", [
+    ("smc", {"particles": 0}, ["'smc'", "particles = 0", ">= 1"]),
+    ("smc", {"block_size": -2}, ["block_size = -2"]),
+    ("smc", {"ess_threshold": 1.5}, ["ess_threshold = 1.5", "[0, 1]"]),
+    ("smc", {"ess_threshold": math.nan}, ["ess_threshold = nan"]),
+    ("smc", {"lam": math.inf}, ["lam = inf", "finite"]),
+    ("best-of-n", {"n": 0}, ["'best-of-n'", "n = 0", ">= 1"]),
+])
+def test_check_sampler_rejects_out_of_range_options(name, options, words):
+    from rlgen.plugins import registry
+
+    with pytest.raises(RlgenError) as info:
+        check_sampler(name, registry("sampler").get(name), options, has_guide=True)
+    assert all(word in str(info.value) for word in words), str(info.value)
+    check_sampler(name, registry("sampler").get(name), {key: 1 for key in options}, has_guide=True)  # in range
+
+
+@pytest.mark.parametrize("opt", ["particles=0", "ess_threshold=nan"])
+def test_cli_sampler_option_range_error_comes_before_any_progress(opt, capsys, monkeypatch):
+    from rlgen.models import causal_lm
+    from rlgen.cli.app import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(causal_lm, "load_policy", no_load)
+    with pytest.raises(SystemExit) as info:
+        main(["sample", "--model", "tiny-arith", "--task", "arithmetic", "--limit", "1", "--sampler", "smc",
+              "--sampler-opt", opt, "--sampler-reward", "exact-match"])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert info.value.code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("rlgen: error: sampler 'smc': --sampler-opt"), err

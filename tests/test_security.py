@@ -552,3 +552,31 @@ def test_an_input_truncated_before_the_merge_is_one_line(tmp_path, capsys):
     err = run_error(capsys, ["tiny-arith", other, "--out", tmp_path / "out"])
     assert "model.safetensors" in err and "file size" in err
     assert no_output(tmp_path)
+
+
+# --- an adapter saved by peft alone (no tokenizer files) takes its base's tokenizer (review round 2) ---
+
+def test_adapter_without_tokenizer_files_uses_the_base_tokenizer(tmp_path, capsys):
+    base = resolve_model_path("tiny-arith")
+    adapter = lora_adapter(tmp_path / "adapter", base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (adapter / name).unlink()  # as peft's save_pretrained writes it
+    assert load_tokenizer(adapter).encode("1+2=") == load_tokenizer(base).encode("1+2=")
+    try:
+        main(["sample", "--model", str(adapter), "--task", "arithmetic", "--limit", "1", "--quiet", "--max-new-tokens", "4"])
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert json.loads(out.splitlines()[0])["prompt"]
+
+
+def test_adapter_without_tokenizer_files_naming_a_hub_base_fails_naming_the_key(tmp_path, capsys):
+    base = resolve_model_path("tiny-arith")
+    adapter = lora_adapter(tmp_path / "adapter", base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (adapter / name).unlink()
+    edit_json(adapter / "adapter_config.json", base_model_name_or_path="someorg/somemodel")
+    with pytest.raises(RlgenError, match=r"adapter_config.json: key 'base_model_name_or_path' is 'someorg/somemodel'"):
+        load_tokenizer(adapter)
+    code, out, err = cli(["sample", "--model", adapter, "--task", "arithmetic", "--limit", "1"], capsys)
+    assert_one_line_error(code, out, err, "adapter_config.json", "base_model_name_or_path", "never downloads")

@@ -74,6 +74,17 @@ def one_line(text: str, limit: int = 1000) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _usage_line(exc) -> str:
+    """Click's message of a usage error (bad option value, unknown option ...) as one line, with where to look."""
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "rlgen"
+    try:
+        message = exc.format_message()
+    except Exception:  # noqa: BLE001 - a message that cannot be formatted still gets its line
+        message = type(exc).__name__
+    return f"{one_line(message, limit=300)} (see '{path} --help')"
+
+
 def _quiet_broken_pipe() -> None:
     """The reader of stdout went away (`rlgen ... | head`): that is a normal end, exit 0 in silence. Point
     stdout at /dev/null so that Python's own flush at shutdown cannot fail (and print) again."""
@@ -116,8 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     except usage_types as exc:
         if debug:
             raise
-        exc.show()
-        sys.exit(exc.exit_code if type(exc).__name__ == "NoArgsIsHelpError" else 2)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `rlgen`, `rlgen train`: the help, as asked
+            exc.show()
+            sys.exit(exc.exit_code)
+        sys.stderr.write(f"rlgen: error: {_usage_line(exc)}\n")
+        sys.exit(2)
     except RlgenError as exc:
         if debug:
             raise

@@ -263,14 +263,13 @@ def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:
 
 def _eval_samples(source: str, similarity: str = "auto") -> dict:
     from rlgen.data.records import read_records
-    from rlgen.evaluation.metrics import reward_stats
+    from rlgen.evaluation.metrics import reward_column, reward_stats
 
     records = read_records(source)
     fields = sorted({key for r in records for key in r if key == "reward" or key.startswith("reward_")})
     result: dict = {"num_samples": len(records)}
     for field in fields:
-        values = [r.get(field) for r in records]
-        result[field] = reward_stats([v for v in values if isinstance(v, (int, float))])
+        result[field] = reward_stats(reward_column(records, field, "<stdin>" if source == "-" else source))
     correctness = [f for f in fields if f in ("reward_exact-match", "reward_numeric-match", "reward_countdown")]
     if correctness:
         result["accuracy"] = result[correctness[0]].get("mean")

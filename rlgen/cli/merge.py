@@ -43,7 +43,7 @@ def _params(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise RlgenError(f"--param must be KEY=VALUE, got {show_value(item)}")
-        params[key.strip()] = parse_value(value.strip())
+        params[key.strip()] = parse_value(value.strip(), f"--param {key.strip()[:200]}")
     return params
 
 

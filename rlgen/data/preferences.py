@@ -96,6 +96,8 @@ def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "rewa
     """
     if mode not in ("best-worst", "all"):
         raise RlgenError(f"unknown pairing mode '{mode}' (known: best-worst, all)")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise RlgenError(f"--margin must be a finite number >= 0, got {show_value(margin)}")
     groups: OrderedDict[str, list[dict]] = OrderedDict()
     for record in records:
         if group_by not in record:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -48,6 +49,10 @@ def parse_json(text: str, where: str) -> object:
         raise RlgenError(f"{where}: malformed JSON ({exc.msg})") from None
     except _DuplicateKey as exc:
         raise RlgenError(f"{where}: duplicate key {show_value(exc.key)} in a JSON object") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        if "digits" in str(exc) and hasattr(sys, "get_int_max_str_digits"):
+            raise RlgenError(f"{where}: an integer with more than {sys.get_int_max_str_digits()} digits") from None
+        raise RlgenError(f"{where}: unreadable JSON value ({' '.join(str(exc).split())[:200]})") from None
     except RecursionError:
         value = None
         depth = MAX_NESTING + 1
@@ -93,10 +98,37 @@ def _iter_jsonl(handle: IO[bytes] | IO[str], source: str) -> Iterator[dict]:
             record = parse_json(line, where)
             if not isinstance(record, dict):
                 raise RlgenError(f"{where}: expected a JSON object, got {_json_type(record)}")
+            if _SURROGATE_ESCAPE.search(line):
+                _check_unicode(record, where)
             record.setdefault("_line", lineno)
             yield record
     except OSError as exc:
         raise RlgenError(f"{source}: cannot read ({exc.strerror or exc})") from None
+
+
+# A JSON escape in the UTF-16 surrogate range: only these can put a lone surrogate into a decoded string
+# (UTF-8 decoding refuses them); a valid pair decodes to one character and passes `_check_unicode`.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(record: dict, where: str) -> None:
+    """Refuse strings holding a lone surrogate (`"\\ud800"`): they are not text, and encoding them later
+    (writing output, tokenizing) fails far from the input."""
+    for key, value in record.items():
+        stack = [key, value]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                stack.extend(node.keys())
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+            elif isinstance(node, str):
+                try:
+                    node.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise RlgenError(f"{where}: field {show_value(key)} "
+                                     "is not valid Unicode text (a lone surrogate)") from None
 
 
 def _json_type(value: object) -> str:

@@ -2,7 +2,8 @@
 
 Every image sampler has the LM samplers' calling convention, `fn(engine, prompts, params, generator, *,
 records, rewards=None, stats=None, **options)`, where `engine` is the DiffusionModel and `params` the
-DiffusionSamplingParams, and returns one sample dict (record + `image`) per prompt. They all drive
+DiffusionSamplingParams, and returns one sample dict (record + `image`) per prompt. Option ranges are
+`Annotated[type, Bounds]` annotations, checked by rlgen.rollout.samplers.check_sampler before any model loads. They all drive
 rlgen.diffusion.sampling.sample, the sampler the trainers use.
 """
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
+from rlgen.config import COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY
 from rlgen.diffusion.generate import rollout
 from rlgen.diffusion.sampling import initial_noise, sample
 from rlgen.errors import RlgenError, show_value
@@ -40,7 +42,8 @@ def plain(engine, prompts, params, generator=None, *, records=None, **_):
     return rollout(engine, _records(prompts, records), params, generator, keep_trajectory=False).samples
 
 
-def best_of_n(engine, prompts, params, generator=None, *, rewards, records=None, n: int = 8, stats=None):
+def best_of_n(engine, prompts, params, generator=None, *, rewards, records=None, n: Annotated[int, COUNT] = 8,
+              stats=None):
     """n images per prompt; keep the one the guide scores highest."""
     if n < 1:
         raise RlgenError("--sampler-opt n must be >= 1")
@@ -61,8 +64,9 @@ def chi_norm_penalty(noise: torch.Tensor) -> torch.Tensor:
     return 0.5 * norm**2 - (d - 1) * torch.log(norm)
 
 
-def reno(engine, prompts, params, generator=None, *, rewards, records=None, iterations: int = 10, lr: float = 1.0,
-         reg: float = 0.01, grad_clip: float = 0.1, stats=None):
+def reno(engine, prompts, params, generator=None, *, rewards, records=None, iterations: Annotated[int, COUNT] = 10,
+         lr: Annotated[float, POSITIVE] = 1.0, reg: Annotated[float, NON_NEGATIVE] = 0.01,
+         grad_clip: Annotated[float, POSITIVE] = 0.1, stats=None):
     """ReNO: gradient ascent on the initial noise against the guide's differentiable form, through the
     whole (deterministic) sampling chain with per-step checkpointing; keeps the best iterate per image.
     The loss per image is -reward + reg * chi_norm_penalty(noise) (ReNO's form and default weight 0.01)."""
@@ -165,8 +169,9 @@ def add_log_potentials(log_weights: torch.Tensor, log_g: torch.Tensor) -> torch.
     return torch.where(hopeless, torch.zeros_like(updated), updated)
 
 
-def fk_steering(engine, prompts, params, generator=None, *, rewards, records=None, particles: int = 8, lam: float = 10.0,
-                resample_every: int = 2, ess_threshold: float = 0.5, potential: FKPotential = "difference", stats=None):
+def fk_steering(engine, prompts, params, generator=None, *, rewards, records=None, particles: Annotated[int, COUNT] = 8,
+                lam: float = 10.0, resample_every: Annotated[int, COUNT] = 2,
+                ess_threshold: Annotated[float, PROBABILITY] = 0.5, potential: FKPotential = "difference", stats=None):
     """Feynman-Kac steering: `particles` trajectories per prompt; at every `resample_every`-th step each
     particle's weight is multiplied by its potential G_t (see fk_log_potentials: `difference`, `max` or
     `sum` of the guide's rewards r_t of the step's predicted clean images), and the particles are resampled

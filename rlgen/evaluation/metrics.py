@@ -57,6 +57,24 @@ def reward_stats(values: list[float]) -> dict:
     }
 
 
+def reward_column(records: list[dict], field: str, source: str) -> list[float]:
+    """The numbers in `field` of the records that have one (null / missing: left out); a string, list,
+    boolean ... there is one RlgenError naming the file and line, as `rlgen pairs` reports it."""
+    values = []
+    for index, record in enumerate(records):
+        value = record.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            where = f"{source}, line {record['_line']}" if "_line" in record else f"{source}, record {index + 1}"
+            raise RlgenError(f"{where}: reward field {show_value(field)} must be a number or null, got {show_value(value)}")
+        try:
+            values.append(float(value))
+        except OverflowError:  # an integer beyond float's range
+            values.append(math.copysign(math.inf, value))
+    return values
+
+
 def correctness_rewards(task_rewards) -> RewardSet:
     return RewardSet([RewardSpec(name) for name in task_rewards])
 

@@ -127,7 +127,54 @@ def _bounded_yaml_loader():
             _expanded_size(node)
             return super().construct_document(node)
 
+        def construct_yaml_int(self, node):
+            try:
+                value = super().construct_yaml_int(node)
+            except ValueError:  # more than 4300 decimal digits
+                value = None
+            if value is None or _too_long(value):
+                raise yaml.YAMLError(f"line {node.start_mark.line + 1}: {TOO_LONG}")
+            return value
+
+        def construct_mapping(self, node, deep=False):
+            # a key given twice is an error, not "the last one wins" (`<<` merge keys may still be overridden)
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        duplicate = key in seen
+                        seen.add(key)
+                    except TypeError:  # an unhashable key: reported by the base class
+                        continue
+                    if duplicate:
+                        raise yaml.YAMLError(f"line {key_node.start_mark.line + 1}: duplicate key {show_value(key)}")
+            return super().construct_mapping(node, deep=deep)
+
+    BoundedLoader.add_constructor("tag:yaml.org,2002:int", BoundedLoader.construct_yaml_int)
     return BoundedLoader
+
+
+# Integers past this many bits have more than ~4200 decimal digits: Python refuses to print them (and to
+# read decimal ones), so a config holding one is refused when read, like bad syntax.
+MAX_INT_BITS = 14_000
+TOO_LONG = "an integer too long to read (more than 4000 digits)"
+
+
+def _too_long(value) -> bool:
+    return isinstance(value, int) and value.bit_length() > MAX_INT_BITS
+
+
+def _long_int(data) -> bool:
+    """Whether a parsed TOML value holds an integer too long to print (TOML's hex / octal / binary
+    integers are read whatever their length)."""
+    if isinstance(data, dict):
+        return any(_long_int(v) for v in data.values())
+    if isinstance(data, list):
+        return any(_long_int(v) for v in data)
+    return _too_long(data)
 
 
 def _expanded_size(root) -> int:
@@ -188,8 +235,12 @@ def load_config(path: str) -> MergeConfig:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise RlgenError(f"{path}: bad TOML ({exc})") from None
+        except ValueError:  # a decimal integer of more than 4300 digits
+            raise RlgenError(f"{path}: bad TOML ({TOO_LONG})") from None
         except RecursionError:
             raise RlgenError(f"{path}: bad TOML (nested too deeply)") from None
+        if _long_int(data):
+            raise RlgenError(f"{path}: bad TOML ({TOO_LONG})")
     else:
         raise RlgenError(f"{path}: a merge config must be .toml, .yml or .yaml")
     if not isinstance(data, dict):
@@ -255,12 +306,20 @@ def check_dtype(source: str, key: str, value) -> str | None:
     return DTYPE_NAMES[str(value).lower()]
 
 
-def parse_value(text: str):
-    """A --param value as TOML (0.5, true, [0, 0.5, 1], [{filter="mlp", value=0.3}, {value=0.5}])."""
+def parse_value(text: str, flag: str = "--param"):
+    """A --param value as TOML (0.5, true, [0, 0.5, 1], [{filter="mlp", value=0.3}, {value=0.5}]); `flag`
+    names it in errors."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word: reported by validation if the parameter wants a number
+    except ValueError:  # a decimal integer of more than 4300 digits
+        value = None
+    except RecursionError:
+        raise RlgenError(f"{flag}: nested too deeply, got {show_value(text)}") from None
+    if value is None or _long_int(value):
+        raise RlgenError(f"{flag}: {TOO_LONG}, got {show_value(text)}")
+    return value
 
 
 def from_flags(models: list[str], *, method: str, base: str | None = None, weights: list[float] | None = None,

@@ -279,8 +279,10 @@ def _record_dtype(weights_dir: Path, dtype: str | None) -> None:
 
 def _stream(template: Source, entries: list[tuple], produce: Callable[[str], torch.Tensor],
             release: Callable[[str], None], out: str, *, max_shard_size: int, progress: Progress | None,
-            dtype: str | None) -> dict:
-    """Write produce(name) for every planned (name, dtype, shape) into OUT (atomically); a summary."""
+            dtype: str | None, culprit: Callable[[str], str | None] | None = None) -> dict:
+    """Write produce(name) for every planned (name, dtype, shape) into OUT (atomically); a summary. A
+    produced tensor holding NaN / inf is an error (nothing written), naming culprit(name) when it names
+    the input that holds them."""
     from rlgen.models.causal_lm import replace_dir
 
     target, tmp, created, lock = _prepare_out(out)
@@ -294,6 +296,11 @@ def _stream(template: Source, entries: list[tuple], produce: Callable[[str], tor
             progress(0, total)
         for done, (name, _, _) in enumerate(entries, 1):
             merged = produce(name)
+            if not all_finite(merged):
+                source = culprit(name) if culprit else None
+                raise RlgenError(f"tensor {show_value(name)}: the merged values are not finite (NaN or inf)"
+                                 + (f"; {show_value(source)} holds non-finite values in it" if source else "")
+                                 + f"; nothing written to {out}")
             writer.write(name, merged)
             del merged
             release(name)
@@ -315,6 +322,19 @@ def _stream(template: Source, entries: list[tuple], produce: Callable[[str], tor
     finally:
         lock.close()
     return {"out": str(target), "tensors": len(entries), "shards": len(files["files"]), "bytes": files["bytes"]}
+
+
+_FINITE_CHUNK = 1 << 24  # elements checked at a time (a 16 MB bool mask)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN / inf (any other dtype: True), in chunks."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    if flat.element_size() == 1:  # float8: isfinite is not implemented for it everywhere
+        flat = flat.to(torch.float16)
+    return all(bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
 
 
 def _peak_rss_mb() -> float:
@@ -371,8 +391,14 @@ def merge_models(config: MergeConfig, out: str, progress: Progress | None = None
             for source in opened.values():
                 source.checkpoint.release(name)
 
+        def culprit(name: str) -> str | None:
+            for spec, source in opened.items():
+                if not all_finite(source.checkpoint.tensor(name)):
+                    return spec
+            return None
+
         summary = _stream(template, entries, produce, release, out, max_shard_size=config.max_shard_size,
-                          progress=progress, dtype=config.dtype)
+                          progress=progress, dtype=config.dtype, culprit=culprit)
     finally:
         for source in opened.values():
             source.checkpoint.close()

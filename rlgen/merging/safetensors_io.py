@@ -76,9 +76,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict | None, int]:
     except OSError as exc:
         raise RlgenError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RlgenError(f"{path}: not a safetensors file (bad header JSON: {exc})") from None
+    except _DuplicateKey as exc:
+        raise RlgenError(f"{path}: not a safetensors file (key {show_value(exc.args[0])} appears twice in an "
+                         "object of the header JSON)") from None
+    except ValueError:  # json reads integers with Python's int(): at most 4300 digits
+        raise RlgenError(f"{path}: not a safetensors file (its header JSON holds an integer too long to "
+                         "read)") from None
     except RecursionError:
         raise RlgenError(f"{path}: not a safetensors file (its header JSON is nested too deeply)") from None
     if not isinstance(header, dict):
@@ -102,6 +108,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict | None, int]:
         entries.append((name, info))
     entries.sort(key=lambda item: item[1].start)
     return dict(entries), metadata, size
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object as a dict, refusing a key given twice (json.loads keeps the last one silently)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
 
 
 def _is_count(value) -> bool:

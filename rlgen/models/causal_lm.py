@@ -69,16 +69,36 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+# Files that hold (part of) a tokenizer: a directory with none of them has no tokenizer of its own.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def tokenizer_dir(path: Path) -> Path:
+    """Where a model directory's tokenizer is: the directory itself, except for a LoRA adapter saved
+    without tokenizer files (peft's save_pretrained writes none), whose base model's tokenizer it uses.
+    An adapter's base is resolved first, so a Hub id there fails at once naming the key."""
+    path = Path(path)
+    if not (path / "adapter_config.json").is_file():
+        return path
+    from rlgen.models.safe_load import adapter_base_path
+
+    base = adapter_base_path(path)
+    return path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
+
+
 def load_tokenizer(path: Path):
-    """The directory's tokenizer, with an EOS token and a pad id inside the model's vocabulary."""
+    """The directory's tokenizer (an adapter's base's when the adapter has none), with an EOS token and a
+    pad id inside the model's vocabulary."""
     from transformers import AutoTokenizer
 
     from rlgen.models.safe_load import check_no_custom_code, load_errors, no_download_kwargs
 
     quiet_transformers()
-    check_no_custom_code(path)
-    with load_errors(f"cannot load a tokenizer from {path}"):
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **no_download_kwargs())
+    source = tokenizer_dir(Path(path))
+    check_no_custom_code(source)
+    with load_errors(f"cannot load a tokenizer from {source}"):
+        tokenizer = AutoTokenizer.from_pretrained(str(source), **no_download_kwargs())
     _settle_special_tokens(tokenizer, Path(path))
     return tokenizer
 

@@ -44,6 +44,9 @@ class RewardSpec:
                 weight = None
             if weight is not None and math.isfinite(weight):
                 return cls(head, weight)
+            if weight is not None:  # 'length:nan', 'length:1e999': a weight, but not a usable one
+                raise RlgenError(f"reward {show_value(text)}: weight {show_value(tail)} is not a finite number "
+                                 f"(a function named like it: give a weight too, '{text}:1')")
         return cls(text)
 
 
@@ -117,6 +120,9 @@ def reward_values(name: str, returned: Any, count: int) -> list:
     return values
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def reward_number(value: Any) -> float | None:
     """One returned entry as a float (NaN/inf kept for the caller to report), None for "does not apply";
     TypeError for anything else. int, float, bool (True = 1.0, as torch.tensor converts it in TRL) and numpy
@@ -161,7 +167,7 @@ class RewardSet:
         for spec, fn in zip(self.specs, self.functions):
             for name in getattr(fn, "required_fields", ()):
                 if not any(record.get(name) is not None for record in records):
-                    fields = show_value(sorted({str(key) for record in records[:100] for key in record}))
+                    fields = show_value(sorted({str(key) for record in records[:100] for key in record if key != "_line"}))
                     raise RlgenError(f"reward '{spec.name}' needs the field '{name}', but no record of {source} has "
                                      f"one (its fields: {fields})")
         if self.shaping is not None and self.shaping.needs_reference:
@@ -208,6 +214,10 @@ class RewardSet:
                 number = float("nan")
             elif not math.isfinite(number):
                 self._fail(spec, samples[i], i, valid, "returned a non-finite value")
+                number = float("nan")
+            elif abs(number) > _FLOAT32_MAX:  # finite, but infinite once stored as float32
+                self._fail(spec, samples[i], i, valid, f"returned {show_value(number)}, beyond the float32 range "
+                           "(a non-finite value)")
                 number = float("nan")
             out[i] = number
         return out

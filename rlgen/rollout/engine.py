@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 from rlgen.models.causal_lm import unwrap_peft
 
 
@@ -74,6 +74,15 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_logits(logits: torch.Tensor, model) -> None:
+    """One line instead of multinomial's RuntimeError (or argmax's silent garbage) when the model's next-token
+    logits hold NaN or +inf, or a row is all -inf: nothing can be sampled from them."""
+    if bool(torch.isnan(logits).any() | torch.isposinf(logits).any() | (logits.amax(-1) == float("-inf")).any()):
+        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        where = f"the model {show_value(str(name))}" if name else "the model"
+        raise RlgenError(f"{where} produced non-finite logits (NaN/inf weights?): nothing can be sampled from them")
 
 
 def context_limit(model) -> int | None:
@@ -213,6 +222,7 @@ class HFEngine:
             stop_ids = self.stop_ids
             keyword = cache_keyword(model) or "past_key_values"
             for step in range(steps):
+                check_logits(logits, model)
                 token = choose_tokens(logits, params, generator)
                 token = token.masked_fill(finished, self.pad_id)
                 completion_ids[:, step] = token

@@ -12,6 +12,9 @@ names are reserved and passed by the caller instead:
 - `records`: the input records aligned with `prompts`, so the guide sees fields such as `answer`.
 - `stats`: a dict the sampler may fill with diagnostics (counts; the CLI sums them over batches).
 
+An option annotated `Annotated[int, Bounds(...)]` (rlgen.config's COUNT, PROBABILITY ...) has its range
+checked by `check_sampler` before any model loads; every numeric option must be finite.
+
 A catch-all `**_` means "ignore what I do not use" (so `plain` takes no options); a catch-all with any
 other name accepts every key.
 """
@@ -20,10 +23,11 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 
+from rlgen.config import ANY, COUNT, PROBABILITY, Bounds
 from rlgen.errors import RlgenError, show_value
 from rlgen.hookspecs import hookimpl
 from rlgen.rollout.engine import Rollouts, SamplingParams, pad_tokens
@@ -90,7 +94,7 @@ def best_rows(scores: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(scores.float(), nan=-math.inf).argmax(dim=1)  # argmax returns the first maximum
 
 
-def best_of_n(engine, prompts, params, generator=None, *, rewards, records=None, n: int = 8):
+def best_of_n(engine, prompts, params, generator=None, *, rewards, records=None, n: Annotated[int, COUNT] = 8):
     """Draw n samples per prompt (one batched call, each prompt repeated n times so the engine prefills
     it once) and keep the one the guide scores highest (ties -> the first drawn)."""
     _need_guide("best-of-n", rewards)
@@ -146,9 +150,9 @@ def resample_indices(log_weights: torch.Tensor, generator: torch.Generator | Non
 SMC_PICKS = ("sample", "best")
 
 
-def smc(engine, prompts, params, generator=None, *, rewards, records=None, particles: int = 8, block_size: int = 4,
-        ess_threshold: float = 0.5, lam: float = 1.0, pick: Literal["sample", "best"] = "sample",
-        stats: dict | None = None):
+def smc(engine, prompts, params, generator=None, *, rewards, records=None, particles: Annotated[int, COUNT] = 8,
+        block_size: Annotated[int, COUNT] = 4, ess_threshold: Annotated[float, PROBABILITY] = 0.5, lam: float = 1.0,
+        pick: Literal["sample", "best"] = "sample", stats: dict | None = None):
     """Reward-guided sequential Monte Carlo: `particles` partial completions per prompt, extended
     `block_size` tokens at a time at the sampling params' temperature, reweighted by exp(lam * increase of
     the guide score of the prefix) and multinomially resampled when ESS / particles < ess_threshold.
@@ -282,6 +286,21 @@ def parse_sampler_options(items: list[str] | None) -> dict:
     return options
 
 
+def _option_bounds(fn: Callable) -> dict[str, Bounds]:
+    """{option: range} for options annotated `Annotated[type, Bounds(...)]`."""
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:  # noqa: BLE001 - a plugin's annotations may not resolve: then it checks its own options
+        return {}
+    out = {}
+    for key, hint in hints.items():
+        if typing.get_origin(hint) is Annotated:
+            found = [m for m in hint.__metadata__ if isinstance(m, Bounds)]
+            if found:
+                out[key] = found[0]
+    return out
+
+
 def _option_choices(fn: Callable) -> dict[str, tuple]:
     """{option: allowed values} for options annotated `Literal[...]` (a sampler's named choices)."""
     try:
@@ -292,9 +311,11 @@ def _option_choices(fn: Callable) -> dict[str, tuple]:
 
 
 def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool) -> None:
-    """Unknown or reserved option keys, and a missing guide, as one-line errors (before any model is loaded)."""
+    """Unknown or reserved option keys, values of the wrong type or out of range (every number must be finite),
+    and a missing guide, as one-line errors (before any model is loaded)."""
     named, open_ended = sampler_parameters(fn)
     choices = _option_choices(fn)
+    ranges = _option_bounds(fn)
     for key, value in options.items():
         if key in RESERVED:
             hint = " (use --sampler-reward)" if key == "rewards" else ""
@@ -313,6 +334,12 @@ def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool) -> No
         if key in choices and value not in choices[key]:
             allowed = ", ".join(str(c) for c in choices[key])
             raise RlgenError(f"--sampler-opt {key} expects one of {allowed}, got {show_value(value)}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            bounds = ranges.get(key, ANY)
+            if not bounds.holds(value):
+                integer = isinstance(default, int) if isinstance(default, (int, float)) else isinstance(value, int)
+                raise RlgenError(f"sampler '{name}': --sampler-opt {key} = {show_value(value)}: "
+                                 f"must be {bounds.describe(integer)}")
     guide = named.get("rewards")
     if guide is not None and guide.default is inspect.Parameter.empty and not has_guide:
         raise RlgenError(f"sampler '{name}' needs a guide reward: give --sampler-reward NAME")

@@ -162,12 +162,18 @@ class RunDir:
         found = [(int(m.group(1)), child) for child in self.checkpoints.iterdir() if (m := CHECKPOINT.match(child.name))]
         return sorted(found, reverse=True)
 
-    def latest_checkpoint(self, warn: Callable[[str], None] | None = None) -> Path | None:
+    def latest_checkpoint(self, warn: Callable[[str], None] | None = None,
+                          skip: dict[Path, str] | None = None) -> Path | None:
         """The newest checkpoint that passes a cheap soundness check; damaged newer ones are skipped with a
-        warning. None when there is no checkpoint at all; an error when every one is damaged."""
+        warning. `skip` maps checkpoints already found damaged (their state did not restore; warned about
+        then) to their problem. None when there is no checkpoint at all; an error when every one is damaged."""
         candidates = self._checkpoint_dirs()
         damaged = []
+        skip = skip or {}
         for step, path in candidates:
+            if path in skip:
+                damaged.append(f"{path.name}: {skip[path]}")
+                continue
             problem = checkpoint_problem(path, step)
             if problem is None:
                 return path

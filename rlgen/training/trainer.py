@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from rlgen import kernels
 from rlgen.data.records import read_records
@@ -118,6 +119,24 @@ class Trainer:
 
     # --- setup ---
     def setup(self) -> None:
+        """Set up, and on resume restore the newest sound checkpoint. A checkpoint whose files parse but whose
+        state does not restore (hand-edited, wrong content) is skipped with a warning, and the whole set-up
+        runs again for the one before it, so that nothing half-restored is kept."""
+        damaged: dict[Path, str] = {}
+        while True:
+            checkpoint = self._setup(damaged)
+            if checkpoint is None:
+                return
+            try:
+                self._restore(checkpoint)
+                return
+            except RESTORE_ERRORS as exc:
+                problem = f"its state does not restore: {_describe(exc)}"
+            _warn(f"skipping damaged checkpoint {checkpoint} ({problem})")
+            damaged[checkpoint] = problem
+            self.step = 0
+
+    def _setup(self, damaged: dict[Path, str]) -> Path | None:
         cfg = self.config
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -129,7 +148,7 @@ class Trainer:
         random.seed(cfg.run.seed)
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
         self.prepare_data()  # bad data or rewards fail here, before the (slow) model load
-        checkpoint = self.run.latest_checkpoint(warn=_warn) if self.resume else None
+        checkpoint = self.run.latest_checkpoint(warn=_warn, skip=damaged) if self.resume else None
         if self.resume and checkpoint is None:
             self.reporter.log(f"no checkpoint in {self.run.root}: starting from step 0")
         self.model, self.tokenizer, self.base_path = self._load_model(checkpoint)
@@ -139,8 +158,7 @@ class Trainer:
         self.optimizer = make_adamw(params, o)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.lr_scheduler, o.warmup_steps, cfg.run.steps))
         self.prepare()
-        if checkpoint is not None:
-            self._restore(checkpoint)
+        return checkpoint
 
     def _load_model(self, checkpoint: Path | None):
         cfg = self.config.model
@@ -196,6 +214,7 @@ class Trainer:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         self.step = state["step"]
         self.optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+        _check_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(load_state(checkpoint, "rng"), self.generator)
         self.restore_extra_state(state)
@@ -308,6 +327,26 @@ class Trainer:
         result = evaluate_model(self.engine, self.eval_records, correctness_rewards(self.eval_task_rewards()), self.eval_max_new_tokens)
         self.model.train()
         return {"eval/accuracy": result["metrics"]["accuracy"]}
+
+
+# What restoring a checkpoint whose files parse but hold the wrong content raises (a missing key, a value of
+# the wrong type or shape); SafetensorError too, for a tensor file whose data does not load.
+RESTORE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SafetensorError)
+
+
+def _describe(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 160 else text[:160] + "..."
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's moments must match their parameters: a wrong shape would only fail at the first step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != param.shape):
+                    raise ValueError(f"optimizer state '{name}' does not match its parameter's shape")
 
 
 def _warn(message: str) -> None:
