@@ -26,7 +26,7 @@ DEFAULT_PLUGINS = (
     "rlgen.algorithms.builtin",
     "rlgen.models.builtin",
     "rlgen.rollout.samplers",
-    "rlgen.diffusion.search",
+    "rlgen.rollout.image_search",
     "rlgen.merging.methods",
     "rlgen.evaluation.metrics",
 )

@@ -9,11 +9,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from rlgen.algorithms.diffusion.dpo import DiffusionDPOAlgoConfig, DiffusionDPOConfig, DiffusionDPOTrainer
 from rlgen.algorithms.diffusion.sft import DiffusionSFTAlgoConfig, DiffusionSFTConfig, DiffusionSFTTrainer
-from rlgen.diffusion import search
+from rlgen.rollout import image_search as search
 from rlgen.diffusion.objectives import diffusion_dpo_loss, noised, sample_times
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams, make_schedule, sample
-from rlgen.diffusion.search import FKState, add_log_potentials, chi_norm_penalty, fk_log_potentials, fk_steering
+from rlgen.rollout.image_search import FKState, add_log_potentials, chi_norm_penalty, fk_log_potentials, fk_steering
 from rlgen.diffusion.steps import flow_sde_step
 from rlgen.errors import RlgenError
 from rlgen.rewards.base import RewardSet, RewardSpec

@@ -8,7 +8,7 @@ import torch
 
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
-from rlgen.diffusion.search import best_of_n, chi_norm_penalty, fk_steering, plain, reno
+from rlgen.rollout.image_search import best_of_n, chi_norm_penalty, fk_steering, plain, reno
 from rlgen.rewards.base import RewardSet, RewardSpec
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from test_e2e_hf import hf_dirs, run_cli  # noqa: F401 - fixture reused
 from test_shared_prefix import make_batch
 
 from rlgen import kernels
-from rlgen.algorithms.logprobs import Head, completion_logprobs
+from rlgen.models.logprobs import Head, completion_logprobs
 from rlgen.algorithms.losses import LossContext, dapo, policy_loss
 from rlgen.models.lm_head import split_head
 

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from rlgen.cli.app import app, main
 from rlgen.errors import RlgenError
-from rlgen.merging.sweep import hypervolume_reference, objectives, simplex_grid
+from rlgen.api.merge_sweep import hypervolume_reference, objectives, simplex_grid
 from rlgen.rewards.base import RewardSpec
 
 runner = CliRunner()
@@ -47,7 +47,7 @@ def fake_sweep_points(monkeypatch):
     """run_sweep with the merge and the evaluation replaced: each grid point's rewards are a function of
     its weights (w = the first model's weight), so the hypervolume can be worked out by hand."""
     import rlgen.merging.merge as merge_module
-    import rlgen.merging.sweep as sweep_module
+    import rlgen.api.merge_sweep as sweep_module
 
     table = {1.0: {"exact-match": 0.2, "length": 2.0}, 0.5: {"exact-match": 0.5, "length": 5.0},
              0.0: {"exact-match": 0.8, "length": 8.0}}

@@ -222,7 +222,7 @@ def test_tiny_arith_rm_loads_with_plain_transformers(subprocess_runs, root):
     assert rlgen_scores(final, prompts, completions) == pytest.approx(plain, abs=1e-5)  # padded batch == one by one
     assert all(plain[i] > plain[i + 1] for i in range(0, len(plain), 2))
     # without `subset` fields there is no per-subset breakdown
-    from rlgen.algorithms.reward_modeling import pair_accuracy
+    from rlgen.evaluation.reward_models import pair_accuracy
 
     model, tokenizer = load_reward_model(final)
     model.train()
@@ -269,7 +269,7 @@ def test_eval_rm_needs_data(capsys, tmp_path):
 def test_rewardbench_section_scores_by_hand(monkeypatch):
     """Section scores weight subsets by RewardBench's example counts (alpacaeval-easy 100, mt-bench-easy 28,
     math-prm 984, hep-python 164); `section_weighted` is the plain mean of the sections present."""
-    import rlgen.algorithms.reward_modeling as rm
+    import rlgen.evaluation.reward_models as rm
 
     def fake_scores(model, tokenizer, prompts, completions):  # "good" outscores "bad"
         return torch.tensor([1.0 if c == "good" else 0.0 for c in completions])

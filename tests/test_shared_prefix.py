@@ -7,14 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlgen.algorithms.logprobs import Head, completion_logprobs
-from rlgen.rollout.engine import (
-    HFEngine,
-    SamplingParams,
-    consecutive_runs,
-    prefix_runs,
-    supports_shared_prefix,
-)
+from rlgen.models.logprobs import Head, completion_logprobs
+from rlgen.rollout.engine import HFEngine, SamplingParams
+from rlgen.models.sequences import consecutive_runs, prefix_runs, supports_shared_prefix
 
 PAD, EOS = 0, 2
 RUNS = [3, 1, 4, 2]  # group sizes: uneven on purpose, including a group of one

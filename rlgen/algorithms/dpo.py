@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlgen.algorithms.logprobs import completion_logprobs
+from rlgen.models.logprobs import completion_logprobs
 from rlgen.algorithms.preference_losses import PairScores, PreferenceOptions, needs_reference
 from rlgen.data.preferences import read_pairs
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig, is_peft, load_model
 from rlgen.plugins import registry
-from rlgen.rollout.engine import HFEngine, pad_tokens
+from rlgen.rollout.engine import HFEngine
+from rlgen.models.sequences import pad_tokens
 from rlgen.training.data import PromptSampler
 from rlgen.training.trainer import OptimConfig, RunConfig, Trainer
 
@@ -63,14 +64,6 @@ class DPOConfig:
     algorithm: PreferenceAlgoConfig = field(default_factory=PreferenceAlgoConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))  # TRL's DPO default
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/dpo", steps=100))
-
-
-def interleave(pairs: list[dict]) -> tuple[list[str], list[str]]:
-    """(prompts, completions) with rows [chosen_0, rejected_0, chosen_1, ...]: each pair's two rows share
-    a prompt and sit next to each other, so the prompt is run once for both."""
-    prompts = [p["prompt"] for p in pairs for _ in range(2)]
-    completions = [text for p in pairs for text in (p["chosen"], p["rejected"])]
-    return prompts, completions
 
 
 def sequence_logps(model, inputs, temperature: float = 1.0, shared_prefix: bool = True):

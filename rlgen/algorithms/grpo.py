@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlgen.algorithms.logprobs import completion_logprobs
+from rlgen.models.logprobs import completion_logprobs
 from rlgen.algorithms.losses import KL_ESTIMATORS, LossContext, policy_loss
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig, is_peft, load_model
@@ -329,7 +329,7 @@ def _micro_batches(model, rollouts, accumulation_steps: int, shared: bool):
     """(row indices of each micro-batch, number of micro-batches). When the prompt forward is shared
     (`shared` and the model supports it), micro-batches hold whole groups of identical prompts, so no
     group's prompt is run twice; otherwise rows are chunked as before."""
-    from rlgen.rollout.engine import prefix_runs, supports_shared_prefix
+    from rlgen.models.sequences import prefix_runs, supports_shared_prefix
 
     rows = rollouts.prompt_ids.shape[0]
     if shared and supports_shared_prefix(model):

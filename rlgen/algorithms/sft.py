@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlgen.algorithms.logprobs import completion_logprobs
+from rlgen.models.logprobs import completion_logprobs
 from rlgen.data.records import check_text
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig

@@ -247,7 +247,7 @@ def _sampler_setup(sampler, sampler_opt, sampler_reward):
 
 
 def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:
-    from rlgen.algorithms.reward_modeling import pair_accuracy
+    from rlgen.evaluation.reward_models import pair_accuracy
     from rlgen.data.preferences import read_pairs
     from rlgen.models.causal_lm import resolve_model_path
     from rlgen.models.reward_model import load_reward_model

@@ -140,7 +140,7 @@ def merge(
 
 
 def _sweep(reporter, config, out, **settings) -> None:
-    from rlgen.merging.sweep import SweepSettings, run_sweep
+    from rlgen.api.merge_sweep import SweepSettings, run_sweep
 
     summary = run_sweep(config, SweepSettings(grid=settings["grid"], task=settings["task"], data=settings["data"],
                                               limit=settings["limit"], rewards=list(settings["reward"] or []),

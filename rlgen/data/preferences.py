@@ -141,3 +141,11 @@ def _pair(best: dict, worst: dict, field: str, gap: float) -> dict:
     base = {k: v for k, v in best.items() if k not in _SAMPLE_FIELDS and k != field and not k.startswith("reward")}
     return {**base, "chosen": _content(best), "rejected": _content(worst),
             "chosen_score": float(best[field]), "rejected_score": float(worst[field]), "margin": gap}
+
+
+def interleave(pairs: list[dict]) -> tuple[list[str], list[str]]:
+    """(prompts, completions) with rows [chosen_0, rejected_0, chosen_1, ...]: each pair's two rows share
+    a prompt and sit next to each other, so the prompt is run once for both."""
+    prompts = [p["prompt"] for p in pairs for _ in range(2)]
+    completions = [text for p in pairs for text in (p["chosen"], p["rejected"])]
+    return prompts, completions

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from rlgen.errors import RlgenError
+from rlgen.models.locate import is_diffusion_dir, is_image_model, model_dir  # noqa: F401 - re-exported
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INFO_FILE = "rlgen_diffusion.json"  # rlgen's notes on a pipeline: class names, recommended sampling
@@ -43,23 +44,6 @@ class DiffusionModelConfig:
             raise RlgenError(f"config key 'model.dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.lora_r < 0:
             raise RlgenError("config key 'model.lora_r' must be >= 0")
-
-
-def is_diffusion_dir(path: Path) -> bool:
-    return (Path(path) / "model_index.json").is_file()
-
-
-def model_dir(name_or_path: str) -> Path:
-    """A built-in model's directory, or the path as given (which may not exist)."""
-    from rlgen.plugins import registry
-
-    models = registry("model")
-    return Path(models.get(name_or_path)) if name_or_path in models else Path(name_or_path)
-
-
-def is_image_model(name_or_path: str | None) -> bool:
-    """Whether a --model value names a diffusers pipeline (built-in name or directory)."""
-    return bool(name_or_path) and is_diffusion_dir(model_dir(name_or_path))
 
 
 def resolve_pipeline_path(name_or_path: str) -> Path:

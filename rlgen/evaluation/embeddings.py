@@ -96,14 +96,3 @@ def embedding_similarity(texts: Sequence[str]) -> torch.Tensor:
     K = E @ E.T
     K.fill_diagonal_(1.0)
     return K
-
-
-def text_similarity(texts: Sequence[str], similarity: str = "auto", n: int = 2, unit: str = "word") -> tuple[torch.Tensor, str]:
-    """(K, "minilm" | "ngram"): sentence-embedding cosine similarity when available (see
-    `resolve_similarity`), else the cosine similarity of n-gram count vectors."""
-    kind = resolve_similarity(similarity)
-    if kind == "minilm":
-        return embedding_similarity(texts), kind
-    from rlgen.evaluation.diversity import ngram_similarity
-
-    return ngram_similarity(texts, n, unit), kind

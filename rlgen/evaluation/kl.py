@@ -10,13 +10,13 @@ The estimates of KL(p || q) are the means over sequences of these per-sequence s
 when the completions were sampled from p itself at temperature 1 (e.g. `rlgen eval --model P -k K
 --temperature 1 --ref Q`). On other completions (greedy ones) they are only the log-ratio statistics of
 those completions. The per-token log-probs come from the trainers' own code
-(`rlgen.algorithms.logprobs.completion_logprobs`, the fused log-prob kernels), at temperature 1.
+(`rlgen.models.logprobs.completion_logprobs`, the fused log-prob kernels), at temperature 1.
 """
 from __future__ import annotations
 
 import torch
 
-from rlgen.algorithms.logprobs import completion_logprobs
+from rlgen.models.logprobs import completion_logprobs
 
 
 def kl_estimates(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

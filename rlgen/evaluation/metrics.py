@@ -132,8 +132,8 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
 def rm_pair_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 64) -> dict:
     """Pairwise accuracy of a reward model on preference pairs, RewardBench's convention (chosen must
     score strictly higher; a tie is wrong), overall and per `subset`
-    (rlgen.algorithms.reward_modeling.pair_accuracy)."""
-    from rlgen.algorithms.reward_modeling import pair_accuracy
+    (rlgen.evaluation.reward_models.pair_accuracy)."""
+    from rlgen.evaluation.reward_models import pair_accuracy
 
     return pair_accuracy(model, tokenizer, pairs, batch_size)
 

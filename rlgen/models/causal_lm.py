@@ -50,7 +50,7 @@ def resolve_model_path(name_or_path: str) -> Path:
     from rlgen.plugins import registry
 
     models = registry("model")
-    from rlgen.diffusion.pipeline import is_image_model
+    from rlgen.models.locate import is_image_model
 
     if is_image_model(name_or_path):
         raise RlgenError(f"'{name_or_path}' is a diffusers pipeline, not a causal LM: use it with a diffusion algorithm "

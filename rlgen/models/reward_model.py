@@ -98,7 +98,7 @@ def _load(cls, path: Path, dtype: str):
 
 def encode_texts(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and mask of prompt + completion (one text, tokenised together)."""
-    from rlgen.rollout.engine import pad_tokens
+    from rlgen.models.sequences import pad_tokens
 
     return pad_tokens(tokenizer([p + c for p, c in zip(prompts, completions)]).input_ids, tokenizer.pad_token_id, left=False)
 

@@ -30,7 +30,8 @@ import torch
 from rlgen.config import ANY, COUNT, PROBABILITY, Bounds
 from rlgen.errors import RlgenError, show_value
 from rlgen.hookspecs import hookimpl
-from rlgen.rollout.engine import Rollouts, SamplingParams, pad_tokens
+from rlgen.rollout.engine import Rollouts, SamplingParams
+from rlgen.models.sequences import pad_tokens
 
 RESERVED = ("rewards", "records", "stats")
 _POSITIONAL = ("engine", "prompts", "params", "generator")

@@ -5,8 +5,7 @@ import torch
 
 from rlgen import kernels
 from rlgen.models.lm_head import split_head
-from rlgen.rollout.engine import (cache_keyword, expand_cache, new_expandable_cache, prefix_runs, repeat_rows,
-                                  returned_cache)
+from rlgen.models.sequences import cache_keyword, expand_cache, new_expandable_cache, prefix_runs, repeat_rows, returned_cache
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
