@@ -74,14 +74,13 @@ def median(values):
 
 
 def load_task_records(task: str, split: str) -> list[dict]:
-    from rlgen.plugins import registry
+    from rlgen.api import task_records
 
-    return registry("task").get(task).split(split)
+    return task_records(task, split)
 
 
 def resolve_model(name: str):
-    from rlgen.errors import RlgenError
-    from rlgen.models.causal_lm import resolve_model_path
+    from rlgen.api import RlgenError, resolve_model_path
 
     try:
         return resolve_model_path(name)
@@ -97,7 +96,7 @@ def pad_vocabulary(model_path, vocab: int, out_dir: str):
     """A copy of the model whose embedding and lm_head have `vocab` rows (the extra ids are never produced
     by the tokenizer, and decode to nothing): the log-prob cost of a real tokenizer's vocabulary on the
     same small network. New rows are drawn like fresh weights (std = initializer_range)."""
-    from rlgen.models.causal_lm import load_model, load_tokenizer
+    from rlgen.api import load_model, load_tokenizer
 
     model = load_model(model_path, "float32")
     model.resize_token_embeddings(vocab, mean_resizing=False)
@@ -107,7 +106,7 @@ def pad_vocabulary(model_path, vocab: int, out_dir: str):
 
 
 def count_params(model_path) -> int:
-    from rlgen.models.causal_lm import load_model
+    from rlgen.api import load_model
 
     return sum(p.numel() for p in load_model(model_path, "float32").parameters())
 
@@ -196,30 +195,26 @@ def require_positive(p, args, names) -> None:
 
 # --------------------------------------------------------------------------- rlgen
 
-def build_rlgen(config_cls, trainer_cls, model_path, out_dir, sections: dict, *, steps: int, seed: int, kernels: str):
-    """An rlgen trainer (not yet set up) for `model_path` in fp32, writing to `out_dir`, that neither
-    evaluates nor saves and leaves torch's thread count alone; `sections` gives the other config sections."""
-    from rlgen.cli.report import Reporter
-    from rlgen.config import from_dict
-    from rlgen.training.run_dir import RunDir
+def build_rlgen(algorithm: str, model_path, out_dir, sections: dict, *, steps: int, seed: int, kernels: str):
+    """An rlgen trainer for `algorithm` (not yet set up) on `model_path` in fp32, writing to `out_dir`, that
+    neither evaluates nor saves and leaves torch's thread count alone; `sections` gives the other config
+    sections. Exactly these settings: the model's recommended ones (rlgen_defaults.toml) are left out."""
+    from rlgen.api import build_trainer
 
-    cfg = from_dict(
-        config_cls,
-        {
-            "model": {"path": str(model_path), "dtype": "float32"},
-            **sections,
-            "run": {
-                "out": str(out_dir),
-                "steps": steps,
-                "seed": seed,
-                "eval_every": 0,
-                "save_every": 0,
-                "threads": 0,  # leave torch's thread count as this script set it
-                "kernels": kernels,
-            },
+    config = {
+        "model": {"path": str(model_path), "dtype": "float32"},
+        **sections,
+        "run": {
+            "out": str(out_dir),
+            "steps": steps,
+            "seed": seed,
+            "eval_every": 0,
+            "save_every": 0,
+            "threads": 0,  # leave torch's thread count as this script set it
+            "kernels": kernels,
         },
-    )
-    return trainer_cls(cfg, RunDir(out_dir), Reporter(quiet=True))
+    }
+    return build_trainer(algorithm, config, model_defaults=False)
 
 
 class SteppedSide:
@@ -336,7 +331,7 @@ def new_trl_trainer(trainer_cls, model_path, config, **kwargs):
     the end-of-training summary to stdout."""
     from transformers.trainer_callback import PrinterCallback
 
-    from rlgen.models.causal_lm import load_model, load_tokenizer
+    from rlgen.api import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, "float32")

@@ -12,7 +12,7 @@ Configurations (one subprocess each, so that every one gets its own peak-RSS rec
   diffusion-dpo               Diffusion-DPO on image pairs that the worker makes first from the same model
                               (sample, score with the reward, pair best / worst per prompt, PNGs + pairs.jsonl)
 
-Each trainer is built through the normal config path (`rlgen.cli.train.build_config` with the algorithm's
+Each trainer is built through the normal config path (`rlgen.build_trainer` with the algorithm's
 preset, the model's recommended settings and the flags / --set values below), set up (`trainer.setup()`),
 then stepped with `trainer.train_step()` as `Trainer.fit()` does: `--warmup` untimed steps, `--steps` timed
 steps, medians; `--repeats R` repeats that with a fresh trainer in the same worker. Defaults: 2 prompts x 4
@@ -102,12 +102,12 @@ def config_sets(args, spec: dict, num_steps: int | None) -> list[str]:
     sets = ["run.eval_every=0", "run.save_every=0", "run.threads=0", "data.eval_samples=0"]
     algo = spec["algorithm"]
     if algo in ("ddpo", "flow-grpo"):
-        sets += [f"rollout.prompts_per_step={p}", f"rollout.images_per_prompt={g}", f"rollout.batch_size={p * g}",
+        sets += [f"rollout.prompts_per_step={p}", f"rollout.num_generations={g}", f"rollout.batch_size={p * g}",
                  f"algorithm.train_batch_size={p * g}"]
         if algo == "flow-grpo":
             sets.append(f"algorithm.beta={args.kl_beta}")
     elif algo == "reward-backprop":
-        sets += [f"algorithm.prompts_per_step={p}", f"algorithm.images_per_prompt={g}",
+        sets += [f"rollout.prompts_per_step={p}", f"rollout.num_generations={g}",
                  f"algorithm.backprop_steps={num_steps if spec['backprop_steps'] == 'all' else spec['backprop_steps']}",
                  f"algorithm.gradient_checkpointing={'true' if spec['checkpointing'] else 'false'}",
                  "algorithm.backprop_strategy=fixed"]
@@ -315,33 +315,23 @@ def make_image_pairs(model_path: str, reward: str, out_dir: str, images_per_prom
     """Sample `images_per_prompt` images for each of the digits task's training prompts from the model
     (deterministic DDIM), score them with `reward`, pair the best and the worst of each prompt; PNGs and
     pairs.jsonl (paths relative to it) in out_dir. Returns {"path", "pairs", "images", "seconds"}."""
-    from rlgen.data.preferences import make_pairs
-    from rlgen.diffusion.generate import generate_images
-    from rlgen.diffusion.images import save_png
-    from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
-    from rlgen.diffusion.sampling import DiffusionSamplingParams
-    from rlgen.plugins import registry
-    from rlgen.rewards.base import RewardSet, RewardSpec
+    import rlgen
 
     started = time.perf_counter()
-    model = load_diffusion_model(DiffusionModelConfig(path=model_path))
-    model.eval()
-    records = registry("task").get("digits").split("train")
-    samples = generate_images(model, records, images_per_prompt, DiffusionSamplingParams(num_steps, 1.0, 0.0, 0.0), seed=seed)
-    _, valid, total = RewardSet([RewardSpec.parse(reward)]).score(samples)
-    scored = []
-    for i, (sample, ok, score) in enumerate(zip(samples, valid.tolist(), total.tolist())):
-        name = f"img/{i:05d}.png"
-        save_png(sample["image"], os.path.join(out_dir, name))
-        scored.append({k: v for k, v in sample.items() if k != "image"} | {"image": name, "reward": score if ok else None})
-    pairs = make_pairs(scored, "best-worst", field="reward")
+    samples_path = os.path.join(out_dir, "samples.jsonl")
+    samples = rlgen.sample(model_path, task="digits", split="train", n=images_per_prompt, num_steps=num_steps,
+                           eta=0.0, seed=seed, out=samples_path, image_dir=os.path.join(out_dir, "img"))
+    with open(samples_path, "w") as fh:
+        for sample in samples:
+            fh.write(json.dumps(sample) + "\n")
+    pairs = rlgen.pairs(rlgen.score(samples_path, [reward]), mode="best-worst", field="reward", source=samples_path,
+                        out=os.path.join(out_dir, "pairs.jsonl"))
     if not pairs:
         raise RuntimeError(f"no image pairs: every prompt's {images_per_prompt} images got the same '{reward}' score")
     path = os.path.join(out_dir, "pairs.jsonl")
     with open(path, "w") as fh:
         for pair in pairs:
-            fh.write(json.dumps(pair) + "\n")
-    del model
+            fh.write(json.dumps({k: v for k, v in pair.items() if not k.startswith("_")}) + "\n")
     gc.collect()
     return {"path": path, "pairs": len(pairs), "images": len(samples), "seconds": time.perf_counter() - started}
 
@@ -349,27 +339,17 @@ def make_image_pairs(model_path: str, reward: str, out_dir: str, images_per_prom
 # --------------------------------------------------------------------------- worker: one configuration
 
 def build_trainer(job: dict, run_dir: str):
-    from rlgen.cli.report import Reporter
-    from rlgen.cli.train import build_config
-    from rlgen.plugins import registry
-    from rlgen.rewards.base import RewardSpec
-    from rlgen.training.run_dir import RunDir
+    import rlgen
 
-    from dataclasses import asdict
-
-    algorithm = registry("algorithm").get(job["algorithm"])
     flags = {"model.path": job["model"], "run.out": run_dir, "run.steps": 10**6, "run.seed": job["seed"],
-             "rewards": [asdict(RewardSpec.parse(job["reward"]))], "data.path": job.get("data_path")}
-    cfg = build_config(algorithm, None, job["sets"], flags, None)
-    return algorithm.trainer_cls(cfg, RunDir(run_dir), Reporter(quiet=True))
+             "rewards": [job["reward"]], "data.path": job.get("data_path")}
+    return rlgen.build_trainer(job["algorithm"], None, sets=job["sets"], **flags)
 
 
 def images_per_step(trainer, algorithm: str) -> int:
     c = trainer.config
-    if algorithm in ("ddpo", "flow-grpo"):
-        return c.rollout.prompts_per_step * c.rollout.images_per_prompt
-    if algorithm == "reward-backprop":
-        return c.algorithm.prompts_per_step * c.algorithm.images_per_prompt
+    if algorithm in ("ddpo", "flow-grpo", "reward-backprop"):
+        return c.rollout.prompts_per_step * c.rollout.num_generations
     return 2 * c.algorithm.batch_size  # diffusion-dpo: chosen + rejected
 
 
@@ -552,8 +532,7 @@ def argparse_suppress():
 
 
 def resolve_pipeline(name: str, option: str) -> str:
-    from rlgen.diffusion.pipeline import resolve_pipeline_path
-    from rlgen.errors import RlgenError
+    from rlgen.api import RlgenError, resolve_pipeline_path
 
     try:
         return str(resolve_pipeline_path(name).resolve())
@@ -709,11 +688,9 @@ def main(argv=None) -> dict:
 def resolved_num_steps(model_path: str) -> int:
     """sampling.num_steps of reward-backprop for this model through the normal config path (preset, the
     model's recommended settings)."""
-    from rlgen.cli.train import build_config
-    from rlgen.plugins import registry
+    import rlgen
 
-    cfg = build_config(registry("algorithm").get("reward-backprop"), None, [], {"model.path": model_path}, None)
-    return cfg.sampling.num_steps
+    return rlgen.load_config("reward-backprop", model=model_path).sampling.num_steps
 
 
 def versions() -> dict:

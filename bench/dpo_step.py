@@ -112,8 +112,6 @@ def pairs_needed(args) -> int:
 # --------------------------------------------------------------------------- rlgen
 
 def build_rlgen_trainer(args, model_path, pairs_path: str, out_dir: str, precompute: bool, batch_size: int):
-    from rlgen.algorithms.dpo import DPOConfig, PreferenceTrainer
-
     sections = {
         "data": {"path": pairs_path},
         "algorithm": {
@@ -125,8 +123,8 @@ def build_rlgen_trainer(args, model_path, pairs_path: str, out_dir: str, precomp
         },
         "optim": {"lr": args.lr, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant"},
     }
-    return common.build_rlgen(DPOConfig, PreferenceTrainer, model_path, out_dir, sections,
-                       steps=args.warmup + args.steps + 2, seed=args.seed, kernels=args.kernels)
+    return common.build_rlgen("dpo", model_path, out_dir, sections,
+                              steps=args.warmup + args.steps + 2, seed=args.seed, kernels=args.kernels)
 
 
 class RlgenSide(common.SteppedSide):
@@ -458,7 +456,7 @@ def main(argv=None) -> dict:
     data_dir = tempfile.TemporaryDirectory(prefix="rlgen-dpo-bench-data-")
     pairs_path = write_jsonl(pairs, os.path.join(data_dir.name, "pairs.jsonl"))
 
-    from rlgen.models.causal_lm import load_tokenizer
+    from rlgen.api import load_tokenizer
 
     n_params = common.count_params(model_path)
     tok = load_tokenizer(model_path)

@@ -65,8 +65,6 @@ def summarize(steps: list[dict]) -> dict:
 # --------------------------------------------------------------------------- rlgen
 
 def build_rlgen_trainer(args, model_path, out_dir, kernels_mode: str = "auto"):
-    from rlgen.algorithms.grpo import GRPOConfig, GRPOTrainer
-
     sections = {
         "data": {"task": args.task, "split": "train"},
         "rollout": {
@@ -79,8 +77,8 @@ def build_rlgen_trainer(args, model_path, out_dir, kernels_mode: str = "auto"):
         "optim": {"lr": args.lr, "gradient_accumulation_steps": 1},
         "rewards": [{"name": "exact-match"}],
     }
-    trainer = common.build_rlgen(GRPOConfig, GRPOTrainer, model_path, out_dir, sections,
-                          steps=args.warmup + args.steps + 1, seed=args.seed, kernels=kernels_mode)
+    trainer = common.build_rlgen("grpo", model_path, out_dir, sections,
+                                 steps=args.warmup + args.steps + 1, seed=args.seed, kernels=kernels_mode)
     trainer.setup()
     return trainer
 

@@ -355,7 +355,7 @@ def read_probe(flat):
     import torch
 
     try:
-        from rlgen import _native
+        from rlgen.api import native as _native
     except ImportError:
         return lambda: float(flat.sum())
     return lambda: _native.read_sum(flat, torch.get_num_threads())
@@ -376,7 +376,7 @@ def bandwidth_worker(spec: dict) -> dict:
     buf = torch.ones(elements)  # touches every page before timing
     probes = {"torch.sum": lambda: float(buf.sum())}
     try:
-        from rlgen import _native  # noqa: F401
+        from rlgen.api import native as _native  # noqa: F401
 
         probes["rlgen._native.read_sum"] = read_probe(buf)
     except ImportError as exc:
@@ -653,7 +653,7 @@ def provenance() -> dict:
         changed = git("status", "--porcelain", "--", "rlgen/kernels", "native", "CMakeLists.txt")
         out["kernel_sources_modified"] = bool(changed)
     try:
-        from rlgen import _native
+        from rlgen.api import native as _native
 
         path = _native.__file__
         out["native_file"] = path
@@ -703,7 +703,7 @@ def best_bandwidth(bandwidth: list[dict]) -> tuple[float | None, dict]:
 
 def report(result: dict) -> None:
     m, c = result["machine"], result["config"]
-    print(f"# bench/logprob.py: per-token log-probs + entropy, forward + backward (fp32, CPU)\n")
+    print("# bench/logprob.py: per-token log-probs + entropy, forward + backward (fp32, CPU)\n")
     print(f"- machine: {m['cpu']}, {m['cpus']} CPUs, torch threads: {m['threads']} for every implementation; "
           f"{m['mem_total_gib']:.1f} GiB RAM ({m['mem_available_gib']:.1f} GiB available at start); "
           f"transparent hugepages: {m['transparent_hugepages']}")

@@ -79,7 +79,7 @@ def make_models(work: Path, spec: dict, noise: float, shard_size: int, count: in
     """base + `count` fine-tunes under work/models (reused when their recorded spec matches)."""
     from transformers import LlamaConfig
 
-    from rlgen.merging.safetensors_io import ShardedWriter
+    from rlgen.api import ShardedWriter
 
     root = work / "models"
     names = ["base"] + [f"ft{k}" for k in range(1, count + 1)]
@@ -190,7 +190,7 @@ def compare_ties(a: Path, b: Path, dirs: dict[str, Path], density: float) -> dic
     """Largest |a - b| over the tensors both outputs have (float32), the names only one has, and how many
     differing elements sit on a tie at TIES' magnitude cut (some model's |delta| equals its k-th largest,
     so which of the equal entries is kept is up to the sort's tie-breaking)."""
-    from rlgen.merging.safetensors_io import Checkpoint
+    from rlgen.api import SafetensorsCheckpoint as Checkpoint
 
     left, right = Checkpoint(a), Checkpoint(b)
     base, tuned = Checkpoint(dirs["base"]), [Checkpoint(d) for n, d in dirs.items() if n != "base"]
@@ -249,7 +249,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from rlgen.merging.safetensors_io import parse_size
+    from rlgen.api import parse_size
 
     args = parse_args(argv)
     work = Path(args.work).resolve()

@@ -210,6 +210,9 @@ _rlgen_eval() {
         --data)
             _rlgen_files
             return ;;
+        --metric)
+            _rlgen_files
+            return ;;
         -m|--model)
             _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
@@ -252,10 +255,10 @@ _rlgen_eval() {
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--data --debug --eta --guidance-scale --help --json --limit --max-new-tokens --model --num-steps --plot --plot-dir --quiet --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -h -k -m -q -r -t"
+        _rlgen_words "--data --debug --eta --guidance-scale --help --json --limit --max-new-tokens --metric --model --num-steps --plot --plot-dir --quiet --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -h -k -m -q -r -t"
         return
     fi
-    _rlgen_npos "--data --eta --guidance-scale --limit --max-new-tokens --model --num-steps --plot --plot-dir --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -k -m -r -t"
+    _rlgen_npos "--data --eta --guidance-scale --limit --max-new-tokens --metric --model --num-steps --plot --plot-dir --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -k -m -r -t"
     case $npos in
         *)
             _rlgen_files
@@ -273,6 +276,24 @@ _rlgen_plugins() {
 _rlgen_env() {
     if [[ $cur == -* ]]; then
         _rlgen_words "--debug --help --json -h"
+        return
+    fi
+}
+
+_rlgen_example_hello() {
+    case $prev in
+        --name)
+            return ;;
+    esac
+    if [[ $cur == -* ]]; then
+        _rlgen_words "--debug --help --name -h"
+        return
+    fi
+}
+
+_rlgen_config() {
+    if [[ $cur == -* ]]; then
+        _rlgen_words "--debug --help -h"
         return
     fi
 }
@@ -311,11 +332,13 @@ _rlgen() {
             if [[ $cur == -* ]]; then
                 _rlgen_words "--debug --help --version -h"
             else
-                _rlgen_words "env eval merge pairs plugins sample score train"
+                _rlgen_words "config env eval example-hello merge pairs plugins sample score train"
             fi
             ;;
+        config) _rlgen_config ;;
         env) _rlgen_env ;;
         eval) _rlgen_eval ;;
+        example-hello) _rlgen_example_hello ;;
         merge) _rlgen_merge ;;
         pairs) _rlgen_pairs ;;
         plugins) _rlgen_plugins ;;

@@ -116,14 +116,20 @@ complete -c rlgen -f
 complete -c rlgen -n 'not __rlgen_subcommand' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
 complete -c rlgen -n 'not __rlgen_subcommand' -s h -l help -d 'Show this message and exit.'
 complete -c rlgen -n 'not __rlgen_subcommand' -l version -d 'Print the version and exit.'
+complete -c rlgen -n 'not __rlgen_subcommand' -a config -d 'Inspect training configs'
 complete -c rlgen -n 'not __rlgen_subcommand' -a env -d 'Versions, devices and the active kernel backend: paste this into bug reports'
 complete -c rlgen -n 'not __rlgen_subcommand' -a eval -d 'Evaluate a model on a task (greedy or --sampler accuracy, pass@k), summarise scored JSONL, plot a run, or compare runs'
+complete -c rlgen -n 'not __rlgen_subcommand' -a example-hello -d 'Print a JSON greeting: an example of a plugin command'
 complete -c rlgen -n 'not __rlgen_subcommand' -a merge -d 'Merge models of one architecture (Hugging Face causal LMs, diffusers pipelines or denoisers), or fold a LoRA adapter into its base. Tensors are streamed one at a time from memory-mapped safetensors, so memory stays at a few tensors whatever the model size; the output is written atomically'
 complete -c rlgen -n 'not __rlgen_subcommand' -a pairs -d 'Turn scored samples (from `rlgen score`) into preference pairs: prompt, chosen, rejected'
 complete -c rlgen -n 'not __rlgen_subcommand' -a plugins -d 'List every registered item by kind with the package that provides it'
 complete -c rlgen -n 'not __rlgen_subcommand' -a sample -d 'Generate completions for a task\'s prompts or a prompts file; JSONL on stdout (or --out FILE)'
 complete -c rlgen -n 'not __rlgen_subcommand' -a score -d 'Score JSONL samples (fields `prompt`, `completion`, plus e.g. `answer`) with rewards'
 complete -c rlgen -n 'not __rlgen_subcommand' -a train -d 'Train a model with ALGO (sft, grpo, rloo, dapo, ..., dpo, simpo, rpo, orpo, kto, online-dpo, rm; see `rlgen plugins`)'
+
+# rlgen config
+complete -c rlgen -n '__rlgen_using config' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
+complete -c rlgen -n '__rlgen_using config' -s h -l help -d 'Show this message and exit.'
 
 # rlgen env
 complete -c rlgen -n '__rlgen_using env' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
@@ -140,6 +146,7 @@ complete -c rlgen -n '__rlgen_using eval' -l json -d 'Print a machine-readable J
 complete -c rlgen -n '__rlgen_using eval' -s k -x -d 'Samples per problem for pass@k (k > 1 samples at --temperature).'
 complete -c rlgen -n '__rlgen_using eval' -l limit -x -d 'Evaluate only the first N problems.'
 complete -c rlgen -n '__rlgen_using eval' -l max-new-tokens -x -d 'Maximum completion length in tokens.'
+complete -c rlgen -n '__rlgen_using eval' -l metric -r -F -d 'A registered metric (see `rlgen plugins`) on the evaluated samples: NAME or NAME:key=value,... (TOML values), e.g. distinct-n:n=2, pass@k:k=4; repeatable. Results under `metrics`.'
 complete -c rlgen -n '__rlgen_using eval' -s m -l model -x -a '(__rlgen_complete_model; __fish_complete_directories)' -d 'Built-in model name or local Hugging Face model directory.'
 complete -c rlgen -n '__rlgen_using eval' -l num-steps -x -d 'Image models: denoising steps.'
 complete -c rlgen -n '__rlgen_using eval' -l plot -r -F -d 'With a run directory: write the metric curves to this PNG.'
@@ -158,6 +165,11 @@ complete -c rlgen -n '__rlgen_using eval' -l split -x -a 'test train' -d 'Task s
 complete -c rlgen -n '__rlgen_using eval' -s t -l task -x -a '(__rlgen_complete_task)' -d 'Built-in or plugin task (see `rlgen plugins`).'
 complete -c rlgen -n '__rlgen_using eval' -l temperature -x -d 'Temperature of the pass@k samples and of --sampler.'
 complete -c rlgen -n '__rlgen_using eval' -F -d 'Scored JSONL file, \'-\' (stdin), or a run directory; or `compare RUN_A RUN_B ...` to compare runs.'
+
+# rlgen example-hello
+complete -c rlgen -n '__rlgen_using example-hello' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
+complete -c rlgen -n '__rlgen_using example-hello' -s h -l help -d 'Show this message and exit.'
+complete -c rlgen -n '__rlgen_using example-hello' -l name -x -d 'Who to greet.'
 
 # rlgen merge
 complete -c rlgen -n '__rlgen_using merge' -l base -x -a '(__rlgen_complete_model; __fish_complete_directories)' -d 'Base model (needed by every method but linear).'

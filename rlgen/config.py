@@ -1,8 +1,14 @@
-"""Typed configs: dataclasses loaded from TOML, with `--set a.b=c` overrides, validated by key."""
+"""Typed configs: dataclasses loaded from TOML, with `--set a.b=c` overrides, validated by key.
+
+Every TOML text rlgen reads goes through `loads_toml` / `read_toml` (tomllib, or tomli on Python 3.10).
+Config fields carry a one-line doc (`setting(default, doc)`, read by `field_doc`), which `rlgen config
+show` prints; renamed keys are listed once in `RENAMED_KEYS` and upgraded with a warning by `upgrade_keys`.
+"""
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import sys
 import typing
@@ -17,25 +23,44 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+class TomlError(RlgenError):
+    """Text that is not TOML rlgen reads. `kind`: syntax | too_long (an integer past Python's 4300-digit
+    limit) | too_deep; `reason`: the detail without the source, for callers that word their own message."""
+
+    def __init__(self, source: str, kind: str, reason: str):
+        super().__init__(f"bad TOML in {source}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+def loads_toml(text: str, source: str = "<string>") -> dict:
+    """Parse TOML text; every failure is a TomlError naming `source`."""
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise TomlError(source, "too_deep", "arrays or tables nested too deeply") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TomlError(source, "syntax", str(exc)) from None
+    except ValueError as exc:  # an integer too long to convert
+        raise TomlError(source, "too_long", str(exc)) from None
+
+
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RlgenError(f"config file not found: {path}")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise RlgenError(f"bad TOML in {path}: not UTF-8 text (byte {exc.start})") from None
-    except RecursionError:
-        raise RlgenError(f"bad TOML in {path}: arrays or tables nested too deeply") from None
-    except ValueError as exc:  # TOMLDecodeError, or an integer too long to convert
-        raise RlgenError(f"bad TOML in {path}: {exc}") from None
+    return loads_toml(text, str(path))
 
 
 def parse_value(text: str) -> Any:
     """A `--set` value is read as a TOML value; anything that is not valid TOML is a plain string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except (ValueError, RecursionError):  # TOMLDecodeError, an over-long integer, deep nesting
+        return loads_toml(f"v = {text}")["v"]
+    except TomlError:  # bad syntax, an over-long integer, deep nesting
         return text
 
 
@@ -52,14 +77,14 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = parse_value(value.strip())
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(type_name(a) for a in get_args(tp))
     if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
+        return f"list of {type_name(get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "table"
     return getattr(tp, "__name__", str(tp))
@@ -72,7 +97,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise RlgenError(f"config key '{key}' must be one of {_type_name(tp)}, got {show_value(value)}")
+        raise RlgenError(f"config key '{key}' must be one of {type_name(tp)}, got {show_value(value)}")
     if origin is Union or type(tp).__name__ == "UnionType":
         args = get_args(tp)
         if value is None and type(None) in args:
@@ -85,7 +110,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except RlgenError as exc:
                 errors.append(exc)
-        raise RlgenError(f"config key '{key}' must be {_type_name(tp)}, got {show_value(value)}")
+        raise RlgenError(f"config key '{key}' must be {type_name(tp)}, got {show_value(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -116,10 +141,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise RlgenError(f"config key '{key}' must be {_type_name(tp)}, got {show_value(value)}")
+    raise RlgenError(f"config key '{key}' must be {type_name(tp)}, got {show_value(value)}")
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    if not prefix:
+        data = upgrade_keys(cls, data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -143,6 +170,145 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     if check:
         check()
     return obj
+
+
+# --- field docs: every config key has a one-line doc, which `rlgen config show` prints ---
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None, bounds: Bounds | None = None):
+    """A config field with its doc: `lr: float = setting(1e-5, "learning rate")`; `factory` for mutable
+    defaults; `bounds` overrides the shared FIELD_BOUNDS range for this field."""
+    metadata: dict[str, Any] = {"doc": doc}
+    if bounds is not None:
+        metadata["bounds"] = bounds
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def section(cls: type, doc: str, **defaults: Any):
+    """A config section field: a `cls` table, with this config's own defaults for some of its keys."""
+    return dataclasses.field(default_factory=functools.partial(cls, **defaults) if defaults else cls, metadata={"doc": doc})
+
+
+# Docs of fields declared in modules whose dataclasses carry no doc metadata ("ClassName.field"); a
+# subclass inherits its bases' docs, so a field re-declared only for a new default needs none.
+FIELD_DOCS: dict[str, str] = {
+    "ModelConfig.path": "a built-in model name or a local Hugging Face / diffusers directory",
+    "ModelConfig.dtype": "weights' dtype while training",
+    "ModelConfig.lora_r": "LoRA rank; 0 = full fine-tuning, > 0 trains a peft LoRA adapter",
+    "ModelConfig.lora_alpha": "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)",
+    "ModelConfig.lora_dropout": "dropout on the LoRA adapter's input",
+    "ModelConfig.lora_target_modules": "module names (or 'all-linear') that get LoRA adapters",
+    "ModelConfig.lora_merge_on_save": "final/ holds merged weights; false keeps the adapter beside the base",
+    "DiffusionModelConfig.path": "a built-in image model name or a local diffusers pipeline directory",
+    "DiffusionModelConfig.dtype": "the denoiser's dtype while training",
+    "DiffusionModelConfig.lora_r": "LoRA rank on the denoiser; 0 = full fine-tuning of the denoiser",
+    "DiffusionModelConfig.lora_target_modules": "denoiser module names that get LoRA adapters",
+    "RewardSpec.name": "a registered reward, module:function, or rm:PATH (a trained reward model)",
+    "RewardSpec.weight": "the reward's weight in the combined reward",
+    "RewardSpec.options": "keyword options passed to the reward function",
+}
+
+
+def field_doc(cls: type, name: str) -> str:
+    """The doc of field `name` of config class `cls` (its own, a base class's, or FIELD_DOCS'); "" if none."""
+    for klass in getattr(cls, "__mro__", (cls,)):
+        found = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if found is not None and found.metadata.get("doc"):
+            return found.metadata["doc"]
+        if f"{klass.__name__}.{name}" in FIELD_DOCS:
+            return FIELD_DOCS[f"{klass.__name__}.{name}"]
+    return ""
+
+
+# --- renamed keys: old name -> new name, the one table. One concept has one name across text and image
+# trainers (TRL's names); a whole section may be renamed ("sft" -> "algorithm"). Old names keep working
+# everywhere a config comes from, with one warning line each, so old configs and run dirs still load. ---
+
+RENAMED_KEYS: dict[str, str] = {
+    "sft": "algorithm",  # SFT's section, named like every other trainer's
+    "rollout.images_per_prompt": "rollout.num_generations",  # the image trainers' group size
+    "eval.images_per_prompt": "eval.num_generations",  # images per held-out prompt
+    "algorithm.clip_range": "algorithm.epsilon",  # the PPO clip of the image policy-gradient trainers
+    "algorithm.prompts_per_step": "rollout.prompts_per_step",  # reward-backprop's batch shape, in [rollout]
+    "algorithm.images_per_prompt": "rollout.num_generations",
+}
+
+
+def field_type(cls: type, dotted: str) -> Any:
+    """The type of key `dotted` ("section.key") in config class `cls`, or None when it is not a key."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = typing.get_type_hints(tp)[part]
+    return tp
+
+
+def _lookup(data: dict, dotted: str) -> tuple[dict | None, str]:
+    """The table holding `dotted`'s last part (None when a table on the way is missing) and that part."""
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return (node if isinstance(node, dict) else None), last
+
+
+def _renamed_pairs(cls: type, old: str, new: str, value: Any) -> list[tuple[str, str]] | None:
+    """The (old key, new key) pairs that renaming `old` (a key or a whole section) to `new` gives in `cls`;
+    None when the rename does not apply to it (the old name is still a key there, or the new one is not)."""
+    if field_type(cls, old) is not None:
+        return None
+    if dataclasses.is_dataclass(field_type(cls, new)) and isinstance(value, dict):
+        # a section: renamed when it is this config's (one of its keys is known under the new name), so
+        # that a stray key in it is then reported under the new name
+        pairs = [(f"{old}.{key}", f"{new}.{key}") for key in value]
+        return pairs if any(field_type(cls, n) is not None for _, n in pairs) else None
+    return [(old, new)] if field_type(cls, new) is not None else None
+
+
+def _tables_on_the_way(data: dict, dotted: str) -> bool:
+    node: Any = data
+    for part in dotted.split(".")[:-1]:
+        node = node.get(part, {})
+        if not isinstance(node, dict):
+            return False
+    return True
+
+
+def upgrade_keys(cls: type, data: dict, source: str = "") -> dict:
+    """`data` (one source's config dict for config class `cls`) with RENAMED_KEYS' old names moved to the
+    new ones: one warning line per old name; an old and a new name given different values is an error.
+    Keys that are no config key of `cls` under either name are left for from_dict to report."""
+    out = copy.deepcopy(data)
+    where = f" (in {source})" if source else ""
+    for old, new in RENAMED_KEYS.items():
+        holder, last = _lookup(out, old)
+        if holder is None or last not in holder:
+            continue
+        pairs = _renamed_pairs(cls, old, new, holder[last])
+        if pairs is None or not all(_tables_on_the_way(out, n) for _, n in pairs):
+            continue  # left for from_dict to report (an unknown key, or a value where a table belongs)
+        value = holder.pop(last)
+        for old_key, new_key in pairs:
+            moved = value[old_key.rsplit(".", 1)[1]] if old_key != old else value
+            target, key = _lookup(out, new_key)
+            if target is None:  # create the new key's tables on the way
+                target = out
+                for part in new_key.split(".")[:-1]:
+                    target = target.setdefault(part, {})
+            if key in target and target[key] != moved:
+                raise RlgenError(f"config keys '{old_key}' (deprecated) and '{new_key}'{where} have different values: "
+                                 f"give only '{new_key}'")
+            target[key] = moved
+            _warn(f"config key '{old_key}'{where} is deprecated, use '{new_key}'")
+    return out
+
+
+def _warn(message: str) -> None:
+    """One stderr line, as rlgen's other warnings."""
+    sys.stderr.write(f"rlgen: warning: {message}\n")
+    sys.stderr.flush()
 
 
 # --- value ranges: every config (TOML, flags, --set, a model's rlgen_defaults.toml) goes through them ---
@@ -206,7 +372,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "max_new_tokens": COUNT, "temperature": NON_NEGATIVE, "top_p": Bounds(0, 1, low_open=True), "top_k": NON_NEGATIVE,
     "num_steps": COUNT, "eta": NON_NEGATIVE, "noise_level": NON_NEGATIVE,
     # batch shapes
-    "batch_size": COUNT, "prompts_per_step": COUNT, "num_generations": COUNT, "images_per_prompt": COUNT,
+    "batch_size": COUNT, "prompts_per_step": COUNT, "num_generations": COUNT,
     "train_batch_size": COUNT, "num_iterations": COUNT, "num_inner_epochs": COUNT, "updates_per_step": COUNT,
     "backprop_steps": COUNT, "stat_buffer_size": COUNT, "stat_min_count": NON_NEGATIVE,
     "max_resample_rounds": NON_NEGATIVE, "ref_update_every": NON_NEGATIVE,
@@ -214,7 +380,7 @@ FIELD_BOUNDS: dict[str, Bounds] = {
     "beta": NON_NEGATIVE, "epsilon": NON_NEGATIVE, "epsilon_high": NON_NEGATIVE, "delta": Bounds(1, low_open=True),
     "overlong_buffer": Bounds(-1), "overlong_penalty": NON_NEGATIVE, "label_smoothing": Bounds(0, 0.5, high_open=True),
     "rpo_alpha": NON_NEGATIVE, "desirable_weight": NON_NEGATIVE, "undesirable_weight": NON_NEGATIVE,
-    "center_rewards_coefficient": NON_NEGATIVE, "clip_range": POSITIVE, "adv_clip_max": POSITIVE,
+    "center_rewards_coefficient": NON_NEGATIVE, "adv_clip_max": POSITIVE,
     "timestep_fraction": Bounds(0, 1, low_open=True), "cond_dropout": DROPOUT,
     "DiffusionDPOAlgoConfig.beta": POSITIVE,  # beta 0 makes the Diffusion-DPO loss a constant
     # LoRA
@@ -279,7 +445,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 # --- a small TOML writer (the resolved config is saved in the run dir) ---
 
-def _toml_scalar(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -294,36 +460,38 @@ def _toml_scalar(value: Any) -> str:
         escaped = "".join(f"\\u{ord(ch):04X}" if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in escaped)
         return f'"{escaped}"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_scalar(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {show_value(value)} as TOML")
 
 
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_scalar(key)
+def toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else toml_value(key)
 
 
 def dumps_toml(data: dict, prefix: str = "") -> str:
     scalars, tables, arrays = [], [], []
     for key, value in data.items():
-        if value is None:
-            continue  # TOML has no null: an absent key means the default (None)
+        if value is None:  # TOML has no null: listed as a comment, so that every key shows
+            scalars.append(f"# {toml_key(key)} = ... (unset)")
+            continue
         if isinstance(value, dict) and value:
             tables.append((key, value))
         elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             arrays.append((key, value))
         else:
-            scalars.append(f"{_toml_key(key)} = {_toml_scalar(value)}")
+            scalars.append(f"{toml_key(key)} = {toml_value(value)}")
     out = "\n".join(scalars) + ("\n" if scalars else "")
     for key, value in tables:
-        name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+        name = f"{prefix}.{toml_key(key)}" if prefix else toml_key(key)
         out += f"\n[{name}]\n" + dumps_toml(value, name)
     for key, items in arrays:
-        name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+        name = f"{prefix}.{toml_key(key)}" if prefix else toml_key(key)
         for item in items:
             flat = {k: v for k, v in item.items()}
             out += f"\n[[{name}]]\n" + "\n".join(
-                f"{_toml_key(k)} = {_toml_scalar(v)}" for k, v in flat.items() if v is not None
+                f"{toml_key(k)} = {toml_value(v)}" if v is not None else f"# {toml_key(k)} = ... (unset)"
+                for k, v in flat.items()
             ) + "\n"
     return out

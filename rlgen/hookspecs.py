@@ -1,6 +1,9 @@
 """Hook specifications: every extension point of rlgen, built-ins included.
 
-Each hook receives a `register(name, item, description="")` callable; a plugin calls it once per item.
+Each hook receives a `register(name, item, description="")` callable; a plugin calls it once per item
+(`register_commands` receives the typer app instead). Names are unique per kind: built-ins come first,
+then plugins by distribution name, and a later item whose name is taken is dropped with a warning.
+docs/plugins.md gives every hook's contract; plugins/rlgen-example implements one item of each.
 """
 import pluggy
 
@@ -48,17 +51,18 @@ def register_reward_shapings(register):
 
 @hookspec
 def register_backbones(register):
-    """Model backbones: loaders for a model family (e.g. causal-lm)."""
+    """Model backbones: the object that resolves, loads and saves one model family (e.g. causal-lm)."""
 
 
 @hookspec
 def register_models(register):
-    """Built-in model names resolving to a local directory."""
+    """Model names resolving to a local directory (`--model NAME`): register(name, Path)."""
 
 
 @hookspec
 def register_samplers(register):
-    """Sampling strategies for `rlgen sample --sampler NAME`."""
+    """Sampling strategies for `rlgen sample --sampler NAME`: functions (engine, prompts, params,
+    generator=None, **options) -> Rollouts (rlgen.rollout.samplers)."""
 
 
 @hookspec
@@ -69,12 +73,14 @@ def register_image_samplers(register):
 
 @hookspec
 def register_mergers(register):
-    """Weight-merge methods for `rlgen merge --method NAME`."""
+    """Weight-merge methods for `rlgen merge --method NAME`: rlgen.merging.methods.MergeMethod objects."""
 
 
 @hookspec
 def register_metrics(register):
-    """Evaluation metrics for `rlgen eval`."""
+    """Evaluation metrics for `rlgen eval --metric NAME`: callables (samples: list[dict], **options) ->
+    dict[str, float | None] over scored samples (rlgen.evaluation.metric_contract, which adapts the
+    built-in building blocks)."""
 
 
 @hookspec
@@ -84,4 +90,6 @@ def register_tasks(register):
 
 @hookspec
 def register_commands(app):
-    """Extra CLI subcommands: add them to the typer `app`."""
+    """Extra CLI subcommands: add them to the typer `app` (`app.command("NAME")(fn)`). They are listed in
+    `rlgen --help` and `rlgen plugins`; a name that a built-in or an earlier plugin holds is dropped with
+    a warning."""

@@ -1,9 +1,22 @@
-"""Plugin manager: built-ins and third-party packages register through the same pluggy hooks."""
+"""Plugin manager: built-ins and third-party packages register through the same pluggy hooks.
+
+A third-party plugin can fail in three ways, none of which stops rlgen (each is ONE warning line on
+stderr, printed once per process, and `rlgen plugins` shows it):
+- importing it raises (a missing dependency, a syntax error ...): the plugin is "broken" and contributes
+  nothing;
+- one of its hooks raises: the plugin is "broken" and everything it registered (in any hook) is dropped;
+- it registers a name that is already taken in that kind: built-ins come first, then plugins in the
+  order of their distribution names; the first keeps the name, the later item is dropped ("clash").
+Using a clashed name is not an error: it resolves to the item that kept the name.
+"""
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import sys
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import pluggy
 
@@ -12,6 +25,7 @@ from rlgen.errors import RlgenError
 from rlgen.registry import Registry, describe
 
 ENTRY_POINT_GROUP = "rlgen"
+BUILTIN_PROVIDER = "rlgen"
 
 # Built-in plugins: modules with hookimpls, registered exactly like entry-point plugins.
 DEFAULT_PLUGINS = (
@@ -25,6 +39,7 @@ DEFAULT_PLUGINS = (
     "rlgen.rewards.combine",
     "rlgen.algorithms.builtin",
     "rlgen.models.builtin",
+    "rlgen.rollout.backbones",
     "rlgen.rollout.samplers",
     "rlgen.rollout.image_search",
     "rlgen.merging.methods",
@@ -48,53 +63,227 @@ KINDS = {
     "register_metrics": "metric",
     "register_tasks": "task",
 }
+COMMAND_KIND = "command"  # register_commands(app): CLI subcommands, collected by rlgen.cli.app
 
 
-def _make_manager() -> pluggy.PluginManager:
+@dataclass
+class PluginInfo:
+    """One third-party plugin: an entry point of the "rlgen" group, or an object registered in-process."""
+
+    name: str  # the entry point's name (or the in-process registration name)
+    distribution: str  # the package that provides it ("" for in-process plugins)
+    version: str = ""
+    error: str | None = None  # why it is broken; None when it works
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else "broken"
+
+    @property
+    def provider(self) -> str:
+        """The name items are attributed to: the distribution, else the registration name."""
+        return self.distribution or self.name
+
+    def label(self) -> str:
+        dist = f"{self.distribution} {self.version}".strip() or "registered in-process"
+        return f"plugin '{self.name}' (distribution '{dist}')"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "distribution": self.distribution, "version": self.version,
+                "status": self.status, "error": self.error}
+
+
+@dataclass(frozen=True)
+class Clash:
+    kind: str
+    name: str
+    kept: str  # provider whose item keeps the name
+    dropped: str  # provider whose item was dropped
+
+    def message(self) -> str:
+        return (f"{self.kind} '{self.name}' is registered twice: by package '{self.kept}' (kept) and by "
+                f"package '{self.dropped}' (dropped)")
+
+
+@dataclass
+class _State:
+    """What loading plugins found; filled by plugin_manager(), registries() and rlgen.cli.app."""
+
+    plugins: list[PluginInfo] = field(default_factory=list)
+    clashes: list[Clash] = field(default_factory=list)
+    commands: Registry | None = None
+
+
+_state = _State()
+_warned: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """One `rlgen: warning: ...` line on stderr, at most once per process for the same message."""
+    message = " ".join(message.split())
+    if message in _warned:
+        return
+    _warned.add(message)
+    sys.stderr.write(f"rlgen: warning: {message}\n")
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}".rstrip(": ")
+
+
+def _mark_broken(info: PluginInfo, error: str) -> None:
+    if info.error is None:
+        info.error = error
+        warn(f"{info.label()} failed to load: {error}")
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    # Sorted by distribution, then entry point name: which plugin keeps a clashed name must not depend
+    # on the order of sys.path.
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+    def key(ep):
+        dist = getattr(ep, "dist", None)
+        return ((dist.metadata["Name"] or "") if dist is not None else "", ep.name)
+
+    return sorted(found, key=key)
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> list[PluginInfo]:
+    loaded = []
+    for ep in _entry_points():
+        dist = getattr(ep, "dist", None)
+        info = PluginInfo(ep.name, (dist.metadata["Name"] or "") if dist is not None else "",
+                          (dist.version or "") if dist is not None else "")
+        if any(other.name == ep.name for other in loaded):
+            continue  # the same distribution seen twice on sys.path
+        loaded.append(info)
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)  # validates the hookimpls' names and arguments
+        except Exception as exc:  # noqa: BLE001 - importing runs the plugin's code; any failure is its own
+            _mark_broken(info, _error_text(exc))
+    return loaded
+
+
+@lru_cache(maxsize=1)
+def third_party_manager() -> pluggy.PluginManager:
+    """The entry-point plugins alone: loading them imports no built-in module (torch ...), so the CLI can
+    list plugin commands in `rlgen --help` at the cost of importing the plugins only."""
     pm = pluggy.PluginManager("rlgen")
     pm.add_hookspecs(hookspecs)
-    for name in DEFAULT_PLUGINS:
-        pm.register(importlib.import_module(name), name=name)
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    _state.plugins = _load_entry_points(pm)
     return pm
 
 
 @lru_cache(maxsize=1)
 def plugin_manager() -> pluggy.PluginManager:
-    return _make_manager()
+    """Built-ins first, then the entry-point plugins that loaded."""
+    third_party = third_party_manager()
+    pm = pluggy.PluginManager("rlgen")
+    pm.add_hookspecs(hookspecs)
+    for name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    for name, plugin in third_party.list_name_plugin():
+        if plugin is not None and pm.get_plugin(name) is None:
+            pm.register(plugin, name=name)
+    return pm
 
 
-def _providers(pm: pluggy.PluginManager) -> dict[int, str]:
-    """Map each plugin object to the distribution (package) that provides it.
-
-    Built-ins are "rlgen"; entry-point plugins are their distribution's name; plugins registered
-    in-process (pm.register(obj, name=...)) are their registration name.
-    """
-    providers = {}
-    for plugin in pm.get_plugins():
-        name = pm.get_name(plugin)
-        providers[id(plugin)] = "rlgen" if name in DEFAULT_PLUGINS else name
-    for plugin, dist in pm.list_plugin_distinfo():
-        providers[id(plugin)] = dist.metadata["name"] or dist.project_name
-    return providers
+def plugin_infos() -> list[PluginInfo]:
+    """Every third-party plugin, broken ones included, and those registered in-process on plugin_manager()
+    (while it is cached)."""
+    third_party_manager()
+    known = {info.name for info in _state.plugins}
+    if plugin_manager.cache_info().currsize:
+        for name, _ in plugin_manager().list_name_plugin():
+            if name not in known and name not in DEFAULT_PLUGINS:
+                _state.plugins.append(PluginInfo(name, ""))
+                known.add(name)
+    return list(_state.plugins)
 
 
-@lru_cache(maxsize=1)
+def _info_for(plugin_name: str) -> PluginInfo | None:
+    return next((info for info in plugin_infos() if info.name == plugin_name), None)
+
+
+def hook_calls(hook_name: str, make_kwargs: Callable[[PluginInfo | None], dict],
+               manager: pluggy.PluginManager | None = None) -> list[tuple[PluginInfo | None, Any]]:
+    """Call each implementation of one hook separately, in registration order (built-ins first, with None
+    as their PluginInfo), so that every result is attributed to its plugin. A third-party hook that raises
+    marks its plugin broken (one warning line) and is left out; a built-in one is a bug and propagates."""
+    pm = manager or plugin_manager()
+    order = {name: index for index, (name, _) in enumerate(pm.list_name_plugin())}
+    impls = sorted(getattr(pm.hook, hook_name).get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, len(order)))
+    results: list[tuple[PluginInfo | None, Any]] = []
+    for impl in impls:
+        if impl.plugin_name in DEFAULT_PLUGINS:
+            kwargs = make_kwargs(None)
+            results.append((None, impl.function(**{name: kwargs[name] for name in impl.argnames if name in kwargs})))
+            continue
+        info = _info_for(impl.plugin_name) or PluginInfo(impl.plugin_name, "")
+        if info.error is not None:
+            continue
+        kwargs = make_kwargs(info)
+        try:
+            results.append((info, impl.function(**{name: kwargs[name] for name in impl.argnames if name in kwargs})))
+        except Exception as exc:  # noqa: BLE001 - the plugin's own code
+            _mark_broken(info, f"hook {hook_name} raised {_error_text(exc)}")
+    return results
+
+
+def _snapshot() -> tuple[str, ...]:
+    return tuple(name for name, _ in plugin_manager().list_name_plugin())
+
+
+_registries_cache: dict[tuple[str, ...], dict[str, Registry]] = {}
+
+
 def registries() -> dict[str, Registry]:
-    pm = plugin_manager()
-    providers = _providers(pm)
-    result: dict[str, Registry] = {}
+    """Every kind's registry. Rebuilt when the set of registered plugins changes (a plugin registered
+    in-process with plugin_manager().register(...) is seen at once)."""
+    snapshot = _snapshot()
+    if snapshot not in _registries_cache:
+        _registries_cache.clear()
+        _registries_cache[snapshot] = _build_registries()
+    return _registries_cache[snapshot]
+
+
+registries.cache_clear = lambda: _registries_cache.clear()  # type: ignore[attr-defined]  # older callers
+
+
+def _build_registries() -> dict[str, Registry]:
+    # Stage every plugin's items first: a plugin found broken by a later hook loses all of them.
+    staged: list[tuple[str, PluginInfo | None, list[tuple[str, Any, str]]]] = []
     for hook_name, kind in KINDS.items():
-        registry: Registry = Registry(kind)
-        # Call each implementation separately so every item is attributed to its package.
-        for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            provider = providers.get(id(impl.plugin), impl.plugin_name)
+        def make_kwargs(info, _staged=staged, _kind=kind):
+            items: list[tuple[str, Any, str]] = []
+            _staged.append((_kind, info, items))
 
-            def register(name: str, item: Any, description: str = "", _p=provider, _r=registry):
-                _r.add(name, item, _p, description or describe(item))
+            def register(name: str, item: Any, description: str = ""):
+                if not isinstance(name, str) or not name:
+                    raise RlgenError(f"{_kind} names must be non-empty strings, got {name!r}")
+                items.append((name, item, description))
 
-            impl.function(register=register)
-        result[kind] = registry
+            return {"register": register}
+
+        hook_calls(hook_name, make_kwargs)
+    result = {kind: Registry(kind) for kind in KINDS.values()}
+    clashes = [c for c in _state.clashes if c.kind == COMMAND_KIND]
+    for kind, info, items in staged:
+        if info is not None and info.error is not None:
+            continue
+        provider = BUILTIN_PROVIDER if info is None else info.provider
+        registry = result[kind]
+        for name, item, description in items:
+            if name in registry:
+                clash = Clash(kind, name, registry.entry(name).provider, provider)
+                if clash not in clashes:
+                    clashes.append(clash)
+                    warn(clash.message())
+                continue
+            registry.add(name, item, provider, description or describe(item))
+    _state.clashes = clashes
     return result
 
 
@@ -102,10 +291,34 @@ def registry(kind: str) -> Registry:
     return registries()[kind]
 
 
+def clashes() -> list[Clash]:
+    """Every name clash found so far (item kinds once registries() ran; commands once the CLI added them)."""
+    return list(_state.clashes)
+
+
+def record_commands(commands: Registry, command_clashes: list[Clash]) -> None:
+    """rlgen.cli.app hands over the commands it registered (built-in and plugin) and the clashes it found."""
+    _state.commands = commands
+    for clash in command_clashes:
+        if clash not in _state.clashes:
+            _state.clashes.append(clash)
+            warn(clash.message())
+
+
+def commands() -> Registry | None:
+    """The CLI's commands, or None when the CLI did not load plugin commands in this process."""
+    return _state.commands
+
+
 def reset() -> None:
     """Forget loaded plugins (tests register extra plugins then reset)."""
     plugin_manager.cache_clear()
-    registries.cache_clear()
+    third_party_manager.cache_clear()
+    _registries_cache.clear()
+    _state.plugins = []
+    _state.clashes = []
+    _state.commands = None
+    _warned.clear()
 
 
 def load_dotted(path: str) -> Any:
@@ -116,7 +329,6 @@ def load_dotted(path: str) -> Any:
     if not module_name or not attr:
         raise RlgenError(f"'{path}' is not a 'module:function' path")
     import os
-    import sys
 
     saved_path = list(sys.path)
     sys.path.insert(0, os.getcwd())

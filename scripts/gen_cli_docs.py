@@ -6,7 +6,10 @@
 
 The completion scripts are static: completing never starts Python. Value lists (algorithms, tasks,
 rewards, models, samplers, merge methods) are the built-in registry entries only (provider "rlgen"),
-so the output does not depend on which third-party plugins are installed. The output is deterministic:
+so the output does not depend on which third-party plugins are installed. Commands are the built-in
+ones plus those of the plugins kept in this repository (DOCUMENTED_PLUGINS: rlgen-example, which the
+test install and CI install), each man page naming its package; other installed plugins are left out
+unless --all-plugins is given (to generate completions for your own installation into --dir). The output is deterministic:
 no dates, no terminal-width-dependent rendering (the click parameters are read directly).
 """
 from __future__ import annotations
@@ -36,6 +39,9 @@ BUILTIN_PROVIDER = "rlgen"
 HELP_TEXT = "Show this message and exit."
 # `main()` strips --debug wherever it appears, so every subcommand accepts it too.
 DEBUG_EVERYWHERE = True
+# Plugins whose commands the checked-in files document: the repository's own (plugins/*), so that the
+# output is the same wherever the test install ran.
+DOCUMENTED_PLUGINS = ("rlgen-example",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +143,7 @@ class Command:
     help: str
     options: list[Param] = field(default_factory=list)
     arguments: list[Param] = field(default_factory=list)
+    provider: str = BUILTIN_PROVIDER  # the package that provides the command
 
     @property
     def prog(self) -> str:
@@ -246,7 +253,28 @@ def _param(command: str, param) -> Param | None:
                  param.default, metavar, values, nargs=param.nargs)
 
 
-def read_cli() -> tuple[Command, list[Command]]:
+class MissingPlugin(Exception):
+    pass
+
+
+def add_plugin_commands(all_plugins: bool) -> dict[str, str]:
+    """Add plugin commands to the app (those of DOCUMENTED_PLUGINS, or every installed plugin's);
+    command name -> providing package. A documented plugin that is not installed is an error: the
+    output would silently lose its pages."""
+    from rlgen import plugins
+    from rlgen.cli.app import add_plugin_commands as add
+
+    installed = {info.distribution for info in plugins.plugin_infos() if info.status == "ok"}
+    missing = [name for name in DOCUMENTED_PLUGINS if name not in installed]
+    if missing and not all_plugins:
+        raise MissingPlugin(f"plugin package(s) {', '.join(missing)} not installed: pip install -e "
+                            + " -e ".join(f"plugins/{name}" for name in missing))
+    commands = add(None if all_plugins else set(DOCUMENTED_PLUGINS))
+    return {entry.name: entry.provider for entry in commands}
+
+
+def read_cli(providers: dict[str, str] | None = None) -> tuple[Command, list[Command]]:
+    providers = providers or {}
     root_cmd = typer.main.get_command(app)
     ctx = root_cmd.make_context(PROG, [], resilient_parsing=True)
     help_opts = sorted(ctx.help_option_names, key=lambda o: (o.startswith("--"), o))
@@ -270,6 +298,7 @@ def read_cli() -> tuple[Command, list[Command]]:
         if sub is None or getattr(sub, "hidden", False):
             continue
         command = build(name, sub)
+        command.provider = providers.get(name, BUILTIN_PROVIDER)
         if DEBUG_EVERYWHERE and debug and not any("--debug" in p.opts for p in command.options):
             command.options.insert(len(command.options) - 1, debug)
         subs.append(command)
@@ -738,10 +767,15 @@ def gen_man(cmd: Command, root: Command, subs: list[Command]) -> str:
         if i:
             out.append(".PP")
         out += _lines(roff(paragraph))
+    if cmd.provider != BUILTIN_PROVIDER:
+        out.append(".PP")
+        out += _lines(roff(f"This command is provided by the plugin package `{cmd.provider}`; it exists only "
+                           "while that package is installed."))
     if not cmd.name:
         out.append(".SH COMMANDS")
         for sub in subs:
-            out += [".TP", _line(f"\\fB{_roff_plain(sub.page)}\\fR(1)"), *_lines(roff(sub.summary) + ".")]
+            origin = "" if sub.provider == BUILTIN_PROVIDER else f" (plugin `{sub.provider}`)"
+            out += [".TP", _line(f"\\fB{_roff_plain(sub.page)}\\fR(1)"), *_lines(roff(sub.summary + origin) + ".")]
     if cmd.arguments:
         out.append(".SH ARGUMENTS")
         for a in cmd.arguments:
@@ -772,9 +806,9 @@ def gen_man(cmd: Command, root: Command, subs: list[Command]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def render() -> dict[str, str]:
+def render(all_plugins: bool = False) -> dict[str, str]:
     """Relative path -> content of every generated file."""
-    root, subs = read_cli()
+    root, subs = read_cli(add_plugin_commands(all_plugins))
     names = builtin_names()
     files = {
         "completions/rlgen.bash": gen_bash(root, subs, names),
@@ -799,9 +833,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the files on disk; exit 1 if any is stale")
     parser.add_argument("--dir", type=Path, default=REPO, help="root holding completions/ and man/ (default: the repo)")
+    parser.add_argument("--all-plugins", action="store_true",
+                        help="document the commands of every installed plugin, not only the repository's own")
     args = parser.parse_args(argv)
     base: Path = args.dir
-    files = render()
+    try:
+        files = render(args.all_plugins)
+    except MissingPlugin as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.check:
         stale = []
         for rel, content in files.items():

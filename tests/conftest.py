@@ -1,6 +1,7 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,37 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+HF_RECORDS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)}
+              for a, b in [(1, 2), (3, 4), (5, 5), (2, 7), (8, 1), (6, 3), (4, 4), (9, 0)]]
+
+
+def _save_pretrained(model, tokenizer, out: Path) -> Path:
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict:
+    """A random GPT-2 and a random Llama with rlgen's char tokenizer, saved as plain HF directories, and a
+    JSONL dataset of 8 sums (`records` holds them as written)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from rlgen.models.char_tokenizer import build_char_tokenizer
+
+    root = tmp_path_factory.mktemp("e2e-hf")
+    tokenizer = build_char_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2, **ids))
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **ids))
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in HF_RECORDS))
+    return {"gpt2": _save_pretrained(gpt2, tokenizer, root / "gpt2"),
+            "llama": _save_pretrained(llama, tokenizer, root / "llama"), "data": data, "records": HF_RECORDS}

@@ -53,6 +53,7 @@ def init_pipelines(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_reward_backprop_smoke_checkpointing_saves_less(init_pipelines, tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+# Checkpoints written, merged and timed end to end: the full tier (CI).
+pytestmark = pytest.mark.slow
 
 
 def load_bench():

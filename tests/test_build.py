@@ -16,6 +16,7 @@ from rlgen import kernels
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_wheel_builds_without_a_compiler(tmp_path):
     env = {**os.environ, "CXX": "/nonexistent/c++", "CC": "/nonexistent/cc", "CUDACXX": "/nonexistent/nvcc"}
     proc = subprocess.run(
@@ -46,6 +47,7 @@ def test_cuda_extension_compiled_when_nvcc_exists():
     assert hasattr(module, "softmax_stats") and hasattr(module, "softmax_grad")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_kernel_math_in_host_emulation(tmp_path):
     """No GPU here: the CUDA kernels' per-thread math is compiled as host code and checked against a

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlgen.cli.app import main
+from cli_helpers import rlgen_ok
 from rlgen.plugins import registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,19 +43,15 @@ def test_ddpo_preset_keeps_the_models_timestep_fraction():
 
 
 def _sft(tmp_path, out):
-    code = None
-    try:
-        main(["train", "diffusion-sft", "--model", str(tmp_path / "init" / "tiny-digits"), "--out", str(out), "--steps", "3",
-              "--quiet", "--set", "algorithm.batch_size=16", "--set", "data.eval_samples=0", "--set", "data.label_noise=0.3",
-              "--set", "run.threads=1"])
-    except SystemExit as exc:
-        code = exc.code
-    assert code in (None, 0)
+    rlgen_ok("train", "diffusion-sft", "--model", tmp_path / "init" / "tiny-digits", "--out", out, "--steps", 3,
+             "--quiet", "--set", "algorithm.batch_size=16", "--set", "data.eval_samples=0", "--set", "data.label_noise=0.3",
+             "--set", "run.threads=1")
     from safetensors.torch import load_file
 
     return load_file(str(out / "final" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_recipe_is_reproducible(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "recipes/tiny-digits/make_init.py"), str(tmp_path / "init")], check=True,
                    capture_output=True)
@@ -76,15 +72,10 @@ def test_sloppy_labels_are_a_fixed_fraction_of_wrong_classes():
 def test_flow_grpo_with_gdpo_and_two_rewards(tmp_path):
     import json
 
-    code = None
-    try:
-        main(["train", "flow-grpo", "--out", str(tmp_path / "run"), "--steps", "1", "--quiet",
-              "-r", "digit-classifier", "-r", "brightness:0.5", "--set", "algorithm.advantage=gdpo",
-              "--set", "rollout.prompts_per_step=2", "--set", "rollout.images_per_prompt=3",
-              "--set", "sampling.num_steps=3", "--set", "data.eval_samples=0", "--set", "run.threads=1"])
-    except SystemExit as exc:
-        code = exc.code
-    assert code in (None, 0)
+    rlgen_ok("train", "flow-grpo", "--out", tmp_path / "run", "--steps", 1, "--quiet",
+             "-r", "digit-classifier", "-r", "brightness:0.5", "--set", "algorithm.advantage=gdpo",
+             "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=3",
+             "--set", "sampling.num_steps=3", "--set", "data.eval_samples=0", "--set", "run.threads=1")
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"rewards/digit-classifier/mean", "rewards/brightness/mean", "kl", "zero_std_ratio"} <= metrics.keys()
     assert metrics["trained_samples"] == 6 and metrics["onpolicy/first_ratio_max_dev"] == 0.0

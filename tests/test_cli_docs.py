@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gen_cli_docs.py"
 
@@ -19,6 +21,7 @@ def test_generated_files_are_up_to_date():
     assert proc.returncode == 0, f"{proc.stderr}\n(regenerate with: python scripts/gen_cli_docs.py)"
 
 
+@pytest.mark.slow  # regenerates every file in a fresh interpreter
 def test_check_detects_a_stale_file(tmp_path):
     for folder in ("completions", "man"):
         shutil.copytree(REPO / folder, tmp_path / folder)

@@ -7,30 +7,15 @@ fixture (each pays the torch/transformers import, which dominates); each test wa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import rlgen_process
+
 GOOD_RECORDS = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(4)]
-
-
-def cli_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RLGEN_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def run_cli(args, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rlgen", *map(str, args)],
-        input=stdin if stdin is not None else "",
-        capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=180,
-    )
 
 
 @dataclass
@@ -107,7 +92,7 @@ def error_runs(request, tmp_path_factory, tiny_model_dir):
     def run_case(name, case):
         cwd = root / name
         cwd.mkdir()
-        return case, cwd, run_cli(case.args, cwd, case.stdin)
+        return case, cwd, rlgen_process(*case.args, cwd=cwd, stdin=case.stdin, timeout=180)
 
     # All cases start now, two at a time; each test waits only for its own result.
     pool = ThreadPoolExecutor(max_workers=2)
@@ -118,9 +103,12 @@ def error_runs(request, tmp_path_factory, tiny_model_dir):
 
 
 CASE_NAMES = list(build_cases(Path("x"), "m"))
+# Each case pays a fresh interpreter: the fast tier keeps two, the full tier runs them all.
+FAST_CASES = {"missing-data-file", "score-stdin-malformed-line"}
 
 
-@pytest.mark.parametrize("name", CASE_NAMES)
+@pytest.mark.parametrize("name", [name if name in FAST_CASES else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in CASE_NAMES])
 def test_bad_input_gives_one_line_error(error_runs, name):
     case, cwd, proc = error_runs[name].result(timeout=300)
     detail = f"args={case.args}\nstdout={proc.stdout!r}\nstderr={proc.stderr!r}"
@@ -138,21 +126,23 @@ def test_bad_input_gives_one_line_error(error_runs, name):
     assert leftovers == [], f"files left behind: {leftovers}\n{detail}"
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path, tiny_model_dir):
     # the same bad input as 'wrong-type-via-set', with --debug before the subcommand: a traceback
-    proc = run_cli(["--debug", *_train(str(tiny_model_dir), "--task", "arithmetic", "--set", "run.steps=abc")], tmp_path)
+    proc = rlgen_process("--debug", *_train(str(tiny_model_dir), "--task", "arithmetic", "--set", "run.steps=abc"),
+                         cwd=tmp_path)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
     assert "RlgenError" in proc.stderr and "run.steps" in proc.stderr
     assert not (tmp_path / "run").exists()
     # --debug is also accepted after the subcommand
-    proc = run_cli(["train", "no-such-algo", "--out", "run", "--debug"], tmp_path)
+    proc = rlgen_process("train", "no-such-algo", "--out", "run", "--debug", cwd=tmp_path)
     assert "Traceback" in proc.stderr and "no-such-algo" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_usage_error_is_exit_2_without_traceback(tmp_path):
-    proc = run_cli(["train", "grpo", "--no-such-option", "--out", "run"], tmp_path)
+    proc = rlgen_process("train", "grpo", "--no-such-option", "--out", "run", cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "--no-such-option" in proc.stderr

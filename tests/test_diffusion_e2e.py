@@ -31,7 +31,7 @@ from cli_helpers import rlgen
 from rlgen.diffusion.testing import build_tiny_text_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_PG = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.images_per_prompt=2",
+TINY_PG = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2",
            "--set", "sampling.num_steps=3", "--set", "data.eval_samples=0", "--set", "run.threads=1"]
 TIMING_FIELDS = {"step_time", "rollout_time", "images_per_s"}
 FROZEN = ("text_encoder", "vae", "tokenizer", "scheduler")
@@ -110,7 +110,8 @@ def train_args(work: Path, algorithm: str, lora_r: int, out: Path, *extra) -> li
 
 @pytest.fixture(scope="module")
 def runs(work) -> dict:
-    """One uninterrupted 2-step run per (algorithm, lora_r), checkpointing after step 1."""
+    """One uninterrupted 2-step run per (algorithm, lora_r), checkpointing after step 1 (the tests that read
+    them are slow: the fast tier trains images in test_builtin_digits)."""
     out = {}
     for algorithm, lora_r in VARIANTS:
         run = work / f"run-{algorithm}-r{lora_r}"
@@ -121,6 +122,7 @@ def runs(work) -> dict:
 
 # --- 1. training: final/ loads, only the unet changed ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,lora_r", VARIANTS)
 def test_train_final_loads_and_only_the_unet_changed(work, runs, algorithm, lora_r):
     from diffusers import UNet2DConditionModel
@@ -145,6 +147,7 @@ def test_train_final_loads_and_only_the_unet_changed(work, runs, algorithm, lora
         assert any("conv" in k for k in changed), changed[:5]
 
 
+@pytest.mark.slow
 def test_ddim_final_runs_as_stable_diffusion_pipeline(runs):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -156,6 +159,7 @@ def test_ddim_final_runs_as_stable_diffusion_pipeline(runs):
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
 def test_flow_final_components_load(runs):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -173,6 +177,7 @@ def test_flow_final_components_load(runs):
     assert velocity.shape == (1, 4, 8, 8) and image.shape == (1, 3, 16, 16)
 
 
+@pytest.mark.slow
 def test_lora_kept_unmerged_loads_as_the_merged_weights(work, runs):
     """lora_merge_on_save=false: final/unet is the base unet, the adapter sits in final/unet_lora, and rlgen
     loads the pair as the same weights the merged run saved."""
@@ -192,6 +197,7 @@ def test_lora_kept_unmerged_loads_as_the_merged_weights(work, runs):
 
 # --- 2. the on-policy invariant ---
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,lora_r", VARIANTS)
 def test_first_ratio_is_exactly_one_in_metrics(runs, algorithm, lora_r):
     rows = read_jsonl(runs[algorithm, lora_r] / "metrics.jsonl")
@@ -199,6 +205,7 @@ def test_first_ratio_is_exactly_one_in_metrics(runs, algorithm, lora_r):
     assert rows[0]["ratio_mean"] == 1.0 and rows[0]["grad_norm"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,lora_r", [("ddpo", 0), ("flow-grpo", 4)])
 def test_first_ratio_is_exactly_one_unrounded(work, tmp_path, algorithm, lora_r):
     """metrics.jsonl rounds to 6 decimals; the trainer's own value must be exactly 0 before the first update
@@ -249,6 +256,7 @@ def assert_same_unet(dir_a: Path, dir_b: Path) -> None:
     assert not [k for k in want if not torch.equal(want[k], got[k])], "resumed weights differ"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,lora_r", [("ddpo", 4), ("flow-grpo", 0)])
 def test_interrupted_run_resumes_bit_identically(work, runs, algorithm, lora_r):
     """A run that dies in step 2, after its step-1 checkpoint; `--resume` ends with the uninterrupted run's
@@ -366,6 +374,7 @@ def digits(work) -> Path:
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipeline", ["tiny-digits", "tiny-digits-flow"])
 def test_diffusion_dpo_on_sampled_pairs(digits, pipeline):
     folder = digits / f"dpo-{pipeline}"

@@ -292,7 +292,7 @@ def test_fk_steering_never_resamples_a_particle_with_a_nan_reward(ddim_model, mo
     assert torch.isneginf(first[:, 0]).all() and torch.isfinite(first[:, 1:]).all()
 
 
-@pytest.mark.parametrize("potential", ["max", "sum"])
+@pytest.mark.parametrize("potential", ["max", pytest.param("sum", marks=pytest.mark.slow)])
 def test_fk_steering_with_max_and_sum_potentials_resamples_towards_the_reward(ddim_model, potential):
     rewards = RewardSet([RewardSpec("brightness")])
     records = [{"prompt": "three", "label": 3}, {"prompt": "seven", "label": 7}] * 2

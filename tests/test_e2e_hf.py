@@ -6,10 +6,8 @@ load every output back.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
-import sys
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,61 +16,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-RECORDS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (5, 5), (2, 7), (8, 1), (6, 3), (4, 4), (9, 0)]]
+from cli_helpers import cli_env, rlgen_command, rlgen_process
+
 GRPO_SETS = ["--set", "rollout.max_new_tokens=8", "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2", "--set", "run.eval_every=0",
              "--set", "run.threads=1"]
 METRIC_KEYS = {"reward", "entropy", "clip_ratio/low_mean", "frac_reward_zero_std", "completion_length", "step_time",
                "tokens_per_s"}
 
-
-def cli_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RLGEN_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def rlgen_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "rlgen", *map(str, args)]
-
-
-def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(rlgen_cmd(*args), capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=240,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, f"rlgen {' '.join(map(str, args))}\nstdout={proc.stdout}\nstderr={proc.stderr}"
-    return proc
+# Every test runs rlgen in fresh interpreters (training, a shell pipeline): the full tier, CI.
+pytestmark = pytest.mark.slow
 
 
 def run_cli_many(*commands, cwd: Path) -> list[subprocess.CompletedProcess]:
     """Independent rlgen runs side by side (each is mostly single-threaded startup)."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda args: run_cli(*args, cwd=cwd), commands))
-
-
-def _save(model, tokenizer, out: Path) -> Path:
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    """A random GPT-2 and a random Llama, saved as plain HF directories, and a JSONL dataset."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
-    from rlgen.models.char_tokenizer import build_char_tokenizer
-
-    root = tmp_path_factory.mktemp("e2e-hf")
-    tokenizer = build_char_tokenizer()
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2, **ids))
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, **ids))
-    data = root / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return {"gpt2": _save(gpt2, tokenizer, root / "gpt2"), "llama": _save(llama, tokenizer, root / "llama"), "data": data}
+        return list(pool.map(lambda args: rlgen_process(*args, cwd=cwd, check=True), commands))
 
 
 def load_back(path: Path):
@@ -105,8 +63,9 @@ def check_grpo_run(proc: subprocess.CompletedProcess, run: Path, data: Path, ste
 
 def test_grpo_on_local_gpt2_with_jsonl_and_exact_match(tmp_path, hf_dirs):
     run = tmp_path / "run"
-    proc = run_cli("train", "grpo", "--model", hf_dirs["gpt2"], "--data", hf_dirs["data"], "--reward", "exact-match",
-                   "--steps", 2, "--out", run, *GRPO_SETS, "--quiet", "--json", cwd=tmp_path)
+    proc = rlgen_process("train", "grpo", "--model", hf_dirs["gpt2"], "--data", hf_dirs["data"], "--reward",
+                         "exact-match", "--steps", 2, "--out", run, *GRPO_SETS, "--quiet", "--json", cwd=tmp_path,
+                         check=True)
     check_grpo_run(proc, run, hf_dirs["data"], 2, kl=False)
     model = load_back(run / "final")
     assert type(model).__name__ == "GPT2LMHeadModel"
@@ -114,8 +73,9 @@ def test_grpo_on_local_gpt2_with_jsonl_and_exact_match(tmp_path, hf_dirs):
 
 def test_grpo_on_local_llama_with_kl(tmp_path, hf_dirs):
     run = tmp_path / "run"
-    proc = run_cli("train", "grpo", "--model", hf_dirs["llama"], "--data", hf_dirs["data"], "--reward", "exact-match",
-                   "--steps", 2, "--out", run, *GRPO_SETS, "--set", "algorithm.beta=0.04", "--quiet", "--json", cwd=tmp_path)
+    proc = rlgen_process("train", "grpo", "--model", hf_dirs["llama"], "--data", hf_dirs["data"], "--reward",
+                         "exact-match", "--steps", 2, "--out", run, *GRPO_SETS, "--set", "algorithm.beta=0.04", "--quiet",
+                         "--json", cwd=tmp_path, check=True)
     check_grpo_run(proc, run, hf_dirs["data"], 2, kl=True)
     assert tomllib.loads((run / "config.toml").read_text())["algorithm"]["beta"] == 0.04
     model = load_back(run / "final")
@@ -163,7 +123,7 @@ def test_grpo_lora_merged_and_adapter(tmp_path, hf_dirs):
 def test_sample_score_eval_shell_pipeline(tmp_path, hf_dirs):
     """`rlgen sample ... | rlgen score -r exact-match | rlgen eval - --json`; tee keeps what sample printed."""
     def cmd(*args):
-        return " ".join(shlex.quote(a) for a in rlgen_cmd(*args))
+        return " ".join(shlex.quote(a) for a in rlgen_command(*args))
 
     samples = tmp_path / "samples.jsonl"
     pipeline = "set -o pipefail; " + " | ".join([
@@ -184,7 +144,7 @@ def test_sample_score_eval_shell_pipeline(tmp_path, hf_dirs):
         assert isinstance(row["completion"], str)
         assert not any(key.startswith("_") for key in row)
     assert sorted(r["sample_index"] for r in rows) == sorted([0, 1] * 8)
-    assert sorted(r["prompt"] for r in rows) == sorted(r["prompt"] for r in RECORDS for _ in range(2))
+    assert sorted(r["prompt"] for r in rows) == sorted(r["prompt"] for r in hf_dirs["records"] for _ in range(2))
 
     result = json.loads(proc.stdout)
     assert result["num_samples"] == 16
@@ -196,14 +156,15 @@ def test_sample_score_eval_shell_pipeline(tmp_path, hf_dirs):
 def test_sft_then_merge(tmp_path, hf_dirs):
     base = hf_dirs["gpt2"]
     sft_run = tmp_path / "sft"
-    run_cli("train", "sft", "--model", base, "--data", hf_dirs["data"], "--steps", 2, "--out", sft_run,
-            "--set", "run.threads=1", "--quiet", cwd=tmp_path)
+    rlgen_process("train", "sft", "--model", base, "--data", hf_dirs["data"], "--steps", 2, "--out", sft_run,
+                  "--set", "run.threads=1", "--quiet", cwd=tmp_path, check=True)
     rows = [json.loads(line) for line in (sft_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     load_back(sft_run / "final")
 
     merged = tmp_path / "merged"
-    run_cli("merge", base, sft_run / "final", "--weights", "0.5,0.5", "--out", merged, "--quiet", cwd=tmp_path)
+    rlgen_process("merge", base, sft_run / "final", "--weights", "0.5,0.5", "--out", merged, "--quiet", cwd=tmp_path,
+                  check=True)
     a = load_file(str(base / "model.safetensors"))
     b = load_file(str(sft_run / "final" / "model.safetensors"))
     m = load_file(str(merged / "model.safetensors"))

@@ -3,16 +3,12 @@ run directories and on one real tiny `rlgen train grpo` run; errors name the pat
 `rlgen eval samples.jsonl` reports diversity."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from cli_helpers import rlgen, rlgen_process
 from rlgen.evaluation.compare import algorithm_label, compare_runs, plot_file_names
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -100,22 +96,9 @@ def test_names_algorithm_labels_and_file_names(tmp_path):
                                                               "éval": "val.png"}
 
 
-def run_main(*args) -> tuple[int, str]:
-    from rlgen.cli.app import main
-
-    out = io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out):
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = exc.code
-    return code, out.getvalue()
-
-
 def test_cli_compare_json(hand_runs, tmp_path):
     a, b = hand_runs
-    code, stdout = run_main("eval", "compare", a, b, "--plot-dir", tmp_path / "p", "--json")
+    code, stdout, _ = rlgen("eval", "compare", a, b, "--plot-dir", tmp_path / "p", "--json")
     assert code == 0
     result = json.loads(stdout)
     assert [r["name"] for r in result["runs"]] == ["grpo", "dpo"]
@@ -128,25 +111,24 @@ def test_cli_compare_json(hand_runs, tmp_path):
     (lambda root: write_run(root / "bad", []) and (root / "bad" / "metrics.jsonl").write_text("{\n") and root / "bad",
      "line 1"),
 ])
-def test_cli_compare_errors_name_the_path(hand_runs, tmp_path, capsys, make, expect):
+def test_cli_compare_errors_name_the_path(hand_runs, tmp_path, make, expect):
     bad = make(tmp_path)
-    code, stdout = run_main("eval", "compare", hand_runs[0], bad, "--plot-dir", tmp_path / "never", "--json")
-    err = capsys.readouterr().err
+    code, stdout, err = rlgen("eval", "compare", hand_runs[0], bad, "--plot-dir", tmp_path / "never", "--json")
     assert code == 2 and stdout == ""
     assert err.startswith("rlgen: error: ") and str(bad) in err and expect in err
     assert not (tmp_path / "never").exists()  # nothing written before every run was read
 
 
-def test_cli_misuse(hand_runs, tmp_path, capsys):
+def test_cli_misuse(hand_runs, tmp_path):
     a, b = hand_runs
-    assert run_main("eval", a, b)[0] == 2
-    assert "eval compare" in capsys.readouterr().err
-    assert run_main("eval", "compare")[0] == 2
-    assert "at least one run" in capsys.readouterr().err
-    assert run_main("eval", a, "--plot-dir", tmp_path / "p")[0] == 2
-    assert "--plot-dir" in capsys.readouterr().err
+    code, _, err = rlgen("eval", a, b)
+    assert code == 2 and "eval compare" in err
+    code, _, err = rlgen("eval", "compare")
+    assert code == 2 and "at least one run" in err
+    code, _, err = rlgen("eval", a, "--plot-dir", tmp_path / "p")
+    assert code == 2 and "--plot-dir" in err
     # one run directory: the existing summary
-    code, stdout = run_main("eval", a, "--json", "--plot", tmp_path / "one.png")
+    code, stdout, _ = rlgen("eval", a, "--json", "--plot", tmp_path / "one.png")
     summary = json.loads(stdout)
     assert code == 0 and summary["steps"] == 3 and summary["eval_accuracy_last"] == 0.625
     assert (tmp_path / "one.png").read_bytes().startswith(PNG)
@@ -157,7 +139,7 @@ def test_cli_eval_samples_reports_diversity(tmp_path):
     rows = [{"prompt": "p1", "completion": "the cat sat"}, {"prompt": "p1", "completion": "the cat sat"},
             {"prompt": "p2", "completion": "a b", "reward": 1.0}, {"prompt": "p2", "completion": "c d", "reward": 0.0}]
     samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, stdout = run_main("eval", samples, "--similarity", "ngram", "--json")
+    code, stdout, _ = rlgen("eval", samples, "--similarity", "ngram", "--json")
     result = json.loads(stdout)
     assert code == 0 and result["num_samples"] == 4 and result["reward"]["count"] == 2
     d = result["diversity"]
@@ -168,20 +150,16 @@ def test_cli_eval_samples_reports_diversity(tmp_path):
     assert d["ngram-overlap"] == pytest.approx((1 + 0) / 2)
 
 
+@pytest.mark.slow  # a real training run in a fresh interpreter
 def test_real_tiny_run_against_a_hand_made_one(hand_runs, tmp_path):
     """One real `rlgen train grpo` run (2 steps of tiny-arith, held-out accuracy on 4 problems) compared with a
     hand-made run, end to end through the CLI."""
-    env = {k: v for k, v in os.environ.items() if k != "RLGEN_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     real = tmp_path / "real"
-    train = subprocess.run(
-        [sys.executable, "-m", "rlgen", "train", "grpo", "--model", "tiny-arith", "--task", "arithmetic", "--out", str(real),
-         "--steps", "2", "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2",
-         "--set", "rollout.max_new_tokens=5", "--set", "run.eval_every=1", "--set", "data.eval_samples=4",
-         "--set", "run.threads=1", "--quiet"],
-        capture_output=True, text=True, env=env, timeout=240, stdin=subprocess.DEVNULL)
-    assert train.returncode == 0, train.stderr
-    code, stdout = run_main("eval", "compare", real, hand_runs[0], "--plot-dir", tmp_path / "plots", "--json")
+    rlgen_process("train", "grpo", "--model", "tiny-arith", "--task", "arithmetic", "--out", real,
+                  "--steps", 2, "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2",
+                  "--set", "rollout.max_new_tokens=5", "--set", "run.eval_every=1", "--set", "data.eval_samples=4",
+                  "--set", "run.threads=1", "--quiet", check=True)
+    code, stdout, _ = rlgen("eval", "compare", real, hand_runs[0], "--plot-dir", tmp_path / "plots", "--json")
     assert code == 0
     result = json.loads(stdout)
     summary = result["runs"][0]

@@ -3,12 +3,12 @@ to a direct torch log_softmax computation for two different tiny models, on text
 and `rlgen eval --model M -k K --ref R` end to end (in-process)."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
 import torch
+
+from cli_helpers import rlgen, rlgen_ok
 
 PROMPTS = ["1+2=", "13+4=", "7+7=", "1+2="]
 COMPLETIONS = ["3", "17", "14 ", "4"]
@@ -126,33 +126,21 @@ def test_different_vocabularies_are_an_error(models):
         kl_to_reference(models["policy"], other, models["tokenizer"], PROMPTS, COMPLETIONS)
 
 
-def rlgen_inprocess(*args) -> str:
-    from rlgen.cli.app import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main([str(a) for a in args])
-    return out.getvalue()
-
-
 def test_cli_eval_with_ref_and_k(models):
     dirs = models["dirs"]
     common = ["eval", "--model", dirs["policy"], "--data", models["data"], "--max-new-tokens", 4, "--json", "--quiet"]
-    report = json.loads(rlgen_inprocess(*common, "-k", 3, "--ref", dirs["reference"], "--similarity", "ngram"))
+    report = json.loads(rlgen_ok(*common, "-k", 3, "--ref", dirs["reference"], "--similarity", "ngram").out)
     kl = report["kl_to_reference"]
     assert kl["num_sequences"] == 4 * 3 and "3 samples per problem" in kl["on"]
     assert kl["kl_k3"] > 0
     diversity = report["diversity"]
     assert diversity["similarity"] == "ngram" and diversity["groups"] == 3  # "1+2=" appears twice: one group of 6
     assert 1.0 <= diversity["vendi"] <= 6.0 and diversity["self-bleu"] is not None
-    itself = json.loads(rlgen_inprocess(*common, "--ref", dirs["policy"]))["kl_to_reference"]
+    itself = json.loads(rlgen_ok(*common, "--ref", dirs["policy"]).out)["kl_to_reference"]
     assert itself["kl_k1"] == 0.0 and itself["kl_k3"] == 0.0 and "greedy" in itself["on"]
 
 
-def test_cli_ref_needs_model(models, capsys):
-    from rlgen.cli.app import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", str(models["data"]), "--ref", str(models["dirs"]["reference"])])
-    assert exit_info.value.code == 2
-    assert "--ref" in capsys.readouterr().err
+def test_cli_ref_needs_model(models):
+    code, _, err = rlgen("eval", models["data"], "--ref", models["dirs"]["reference"])
+    assert code == 2
+    assert "--ref" in err

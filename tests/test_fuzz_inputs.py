@@ -4,21 +4,21 @@ stderr line `rlgen: error: ...`; never "internal error", never a traceback.
 
 Hypothesis runs derandomized (the same examples on every run, no example database written) and without its
 shrinking phase, so that the file stays well under a minute; a failure prints the input that broke a reader.
+The fuzzers run in the full tier (CI); the fast tier keeps the check that every seed input passes.
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from rlgen.cli.app import main
+from cli_helpers import rlgen
+
 
 # Fragments that tend to break parsers: structure, escapes, bad UTF-8, NUL, non-finite numbers, deep nesting,
 # YAML aliases and tags, TOML tables.
@@ -55,21 +55,6 @@ def mutations(draw, seed: bytes, max_edits: int = 4) -> bytes:
     return bytes(data)
 
 
-def run_main(args, capsys, stdin: bytes | None = None) -> tuple[int, str, str]:
-    old_stdin = sys.stdin
-    if stdin is not None:
-        sys.stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0
-    finally:
-        sys.stdin = old_stdin
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def assert_acceptable(result, data: bytes) -> None:
     code, out, err = result
     detail = f"input={data[:3000]!r}\nexit={code}\nstderr={err[-3000:]!r}"
@@ -96,24 +81,27 @@ SCORES = jsonl([{"prompt": "1+1=", "reward": 1.0, "reward_exact-match": 1}, {"pr
                 {"prompt": "3+3=", "reward": None, "answer": "6"}])
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=60)
 @given(data=mutations(SAMPLES))
-def test_fuzz_score_jsonl(tmp_path, capsys, data):
+def test_fuzz_score_jsonl(tmp_path, data):
     path = tmp_path / "samples.jsonl"
     path.write_bytes(data)
-    assert_acceptable(run_main(["score", "-r", "exact-match", "-r", "length:0.1", path], capsys), data)
+    assert_acceptable(rlgen("score", "-r", "exact-match", "-r", "length:0.1", path), data)
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=50)
 @given(data=mutations(SAMPLES))
-def test_fuzz_pairs_stdin(capsys, data):
-    assert_acceptable(run_main(["pairs", "--mode", "all"], capsys, stdin=data), data)
+def test_fuzz_pairs_stdin(data):
+    assert_acceptable(rlgen("pairs", "--mode", "all", stdin=data), data)
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=50)
 @given(data=mutations(SCORES))
-def test_fuzz_eval_stdin(capsys, data):
-    assert_acceptable(run_main(["eval", "-", "--json"], capsys, stdin=data), data)
+def test_fuzz_eval_stdin(data):
+    assert_acceptable(rlgen("eval", "-", "--json", stdin=data), data)
 
 
 TRAIN_TOML = b"""[run]
@@ -138,15 +126,16 @@ loss_type = "dapo"
 """
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=40)
 @given(data=mutations(TRAIN_TOML))
-def test_fuzz_train_config_toml(tmp_path, capsys, monkeypatch, data):
+def test_fuzz_train_config_toml(tmp_path, monkeypatch, data):
     """`--data` names a missing file, so a config that passes validation still stops before any model loads
     (exit 2, "file not found"); the fuzzed config decides how it gets there."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.toml").write_bytes(data)
-    result = run_main(["train", "grpo", "--model", "tiny-arith", "--config", "run.toml", "--data", "missing.jsonl",
-                       "--out", "run"], capsys)
+    result = rlgen("train", "grpo", "--model", "tiny-arith", "--config", "run.toml", "--data", "missing.jsonl",
+                   "--out", "run")
     assert_acceptable(result, data)
     assert result[0] == 2 and not (tmp_path / "run").exists()
 
@@ -200,27 +189,29 @@ model = "b"
 """
 
 
-def _merge_with_config(models: Path, capsys, name: str, data: bytes):
+def _merge_with_config(models: Path, name: str, data: bytes):
     (models / name).write_bytes(data)
     out = models / "out"
     try:
-        return run_main(["merge", "--config", models / name, "--out", out, "--quiet"], capsys)
+        return rlgen("merge", "--config", models / name, "--out", out, "--quiet")
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=50)
 @given(data=mutations(MERGE_YAML))
-def test_fuzz_merge_yaml(merge_models, capsys, monkeypatch, data):
+def test_fuzz_merge_yaml(merge_models, monkeypatch, data):
     monkeypatch.chdir(merge_models)  # the config names the models relative to here
-    assert_acceptable(_merge_with_config(merge_models, capsys, "merge.yml", data), data)
+    assert_acceptable(_merge_with_config(merge_models, "merge.yml", data), data)
 
 
+@pytest.mark.slow
 @settings(FUZZ_SETTINGS, max_examples=40)
 @given(data=mutations(MERGE_TOML))
-def test_fuzz_merge_toml(merge_models, capsys, monkeypatch, data):
+def test_fuzz_merge_toml(merge_models, monkeypatch, data):
     monkeypatch.chdir(merge_models)
-    assert_acceptable(_merge_with_config(merge_models, capsys, "merge.toml", data), data)
+    assert_acceptable(_merge_with_config(merge_models, "merge.toml", data), data)
 
 
 def _split_safetensors(path: Path) -> tuple[bytes, bytes]:
@@ -244,7 +235,8 @@ def safetensors_parts(merge_models) -> tuple[bytes, bytes]:
     return _split_safetensors(merge_models / "a" / "model.safetensors")
 
 
-def test_fuzz_safetensors_headers(merge_models, safetensors_parts, capsys, monkeypatch):
+@pytest.mark.slow
+def test_fuzz_safetensors_headers(merge_models, safetensors_parts, monkeypatch):
     monkeypatch.chdir(merge_models)
     header, body = safetensors_parts
     fuzzed = merge_models / "fuzzed"
@@ -258,7 +250,7 @@ def test_fuzz_safetensors_headers(merge_models, safetensors_parts, capsys, monke
         (fuzzed / "model.safetensors").write_bytes(data)
         out = merge_models / "out"
         try:
-            result = run_main(["merge", "fuzzed", "b", "--out", out, "--quiet"], capsys)
+            result = rlgen("merge", "fuzzed", "b", "--out", out, "--quiet")
         finally:
             shutil.rmtree(out, ignore_errors=True)
         assert_acceptable(result, data)
@@ -266,23 +258,23 @@ def test_fuzz_safetensors_headers(merge_models, safetensors_parts, capsys, monke
     check()
 
 
-def test_unmutated_seeds_pass_every_check(tmp_path, merge_models, capsys, monkeypatch):
+def test_unmutated_seeds_pass_every_check(tmp_path, merge_models, monkeypatch):
     """The fuzzers start from inputs that work: mutations then probe every later stage, not one early error."""
     (tmp_path / "samples.jsonl").write_bytes(SAMPLES)
-    assert run_main(["score", "-r", "exact-match", tmp_path / "samples.jsonl"], capsys)[0] == 0
-    code, out, _ = run_main(["pairs", "--mode", "all"], capsys, stdin=SAMPLES)
+    assert rlgen("score", "-r", "exact-match", tmp_path / "samples.jsonl")[0] == 0
+    code, out, _ = rlgen("pairs", "--mode", "all", stdin=SAMPLES)
     assert code == 0 and len(out.splitlines()) == 2
-    code, out, _ = run_main(["eval", "-", "--json"], capsys, stdin=SCORES)
+    code, out, _ = rlgen("eval", "-", "--json", stdin=SCORES)
     assert code == 0 and json.loads(out)["reward"]["count"] == 2
     (tmp_path / "run.toml").write_bytes(TRAIN_TOML)
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_main(["train", "grpo", "--model", "tiny-arith", "--config", "run.toml", "--data", "missing.jsonl",
-                             "--out", "run"], capsys)
+    code, _, err = rlgen("train", "grpo", "--model", "tiny-arith", "--config", "run.toml", "--data", "missing.jsonl",
+                         "--out", "run")
     assert code == 2 and "missing.jsonl" in err  # past the config's checks
     monkeypatch.chdir(merge_models)
     for name, seed in (("merge.yml", MERGE_YAML), ("merge.toml", MERGE_TOML)):
-        code, _, err = _merge_with_config(merge_models, capsys, name, seed)
+        code, _, err = _merge_with_config(merge_models, name, seed)
         assert code == 0, err
-    code, _, err = run_main(["merge", "a", "b", "--out", merge_models / "out", "--quiet"], capsys)
+    code, _, err = rlgen("merge", "a", "b", "--out", merge_models / "out", "--quiet")
     shutil.rmtree(merge_models / "out", ignore_errors=True)
     assert code == 0, err

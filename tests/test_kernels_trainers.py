@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
-from test_e2e_hf import hf_dirs, run_cli  # noqa: F401 - fixture reused
 from test_shared_prefix import make_batch
+
+from cli_helpers import rlgen_process
 
 from rlgen import kernels
 from rlgen.models.logprobs import Head, completion_logprobs
@@ -109,16 +110,17 @@ def test_head_that_cannot_be_split_falls_back():
     assert split_head(lora_elsewhere) is not None
 
 
-def test_sft_run_equal_on_kernels_and_reference(tmp_path, hf_dirs):  # noqa: F811
+@pytest.mark.slow
+def test_sft_run_equal_on_kernels_and_reference(tmp_path, hf_dirs):
     """Two SFT steps through the CLI with each kernel mode end with the same weights (deterministic data)."""
     from safetensors.torch import load_file
 
     finals = {}
     for mode in ("auto", "reference"):
         out = tmp_path / mode
-        run_cli("train", "sft", "--model", hf_dirs["llama"], "--data", hf_dirs["data"], "--steps", 2, "--out", out,
-                "--set", "run.threads=1", "--set", f"run.kernels={mode}", "--set", "optim.lr=1e-3", "--quiet",
-                cwd=tmp_path)
+        rlgen_process("train", "sft", "--model", hf_dirs["llama"], "--data", hf_dirs["data"], "--steps", 2, "--out", out,
+                      "--set", "run.threads=1", "--set", f"run.kernels={mode}", "--set", "optim.lr=1e-3", "--quiet",
+                      cwd=tmp_path, check=True)
         assert f'kernels = "{mode}"' in (out / "config.toml").read_text()
         finals[mode] = load_file(str(out / "final" / "model.safetensors"))
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -5,10 +5,7 @@ merge of tiny-digits, TOML / mergekit YAML configs with gradients and filters, a
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import merge_error as run_error
+from cli_helpers import rlgen_process
 from rlgen.merging.config import MergeConfig, ModelEntry, ParameterResolver, load_config, validate
 from rlgen.merging.kernels import reference_sparse_task_merge
 from rlgen.merging.merge import merge_models
@@ -25,13 +23,6 @@ REPO = Path(__file__).resolve().parent.parent
 ARITH = REPO / "rlgen" / "builtin_models" / "tiny-arith"
 DIGITS = REPO / "rlgen" / "builtin_models" / "tiny-digits"
 UNET_FILE = Path("unet") / "diffusion_pytorch_model.safetensors"
-
-
-def cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RLGEN_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "rlgen", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
 
 
 def perturbed_copy(src: Path, dst: Path, weights: Path, seed: int, scale: float, dtype=None) -> Path:
@@ -55,12 +46,13 @@ def leftovers(parent: Path, name: str) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}")] if parent.exists() else []
 
 
+@pytest.mark.slow
 def test_ties_merge_is_streamed_sharded_and_exact(tmp_path, finetunes):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    proc = cli("merge", *finetunes, "--method", "ties", "--base", "tiny-arith", "--density", "0.5,0.3",
-               "--param", "lambda=0.9", "--max-shard-size", "1MB", "--out", out, "--json")
+    proc = rlgen_process("merge", *finetunes, "--method", "ties", "--base", "tiny-arith", "--density", "0.5,0.3",
+                         "--param", "lambda=0.9", "--max-shard-size", "1MB", "--out", out, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["method"] == "ties" and summary["tensors"] == 38 and summary["shards"] >= 2
@@ -84,7 +76,7 @@ def test_ties_merge_is_streamed_sharded_and_exact(tmp_path, finetunes):
     name = "model.layers.2.mlp.up_proj.weight"
     torch.testing.assert_close(model.state_dict()[name], load_file_sharded(out)[name])
 
-    proc = cli("eval", "--model", out, "--task", "arithmetic", "--limit", "20", "--json")
+    proc = rlgen_process("eval", "--model", out, "--task", "arithmetic", "--limit", "20", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["accuracy"] <= 1.0
@@ -137,6 +129,7 @@ parameters = {{ weight = [{{ filter = "self_attn", value = [1.0, 0.5] }}, {{ val
 """
 
 
+@pytest.mark.slow
 def test_yaml_and_toml_configs_with_gradients_and_filters(tmp_path, finetunes):
     yml, toml = tmp_path / "merge.yml", tmp_path / "merge.toml"
     yml.write_text(YAML_CONFIG.format(ft1=finetunes[0], ft2=finetunes[1]))
@@ -155,7 +148,7 @@ def test_yaml_and_toml_configs_with_gradients_and_filters(tmp_path, finetunes):
     assert params[0]["weight"] == 0.0 and params[1]["weight"] == 0.75
 
     out = tmp_path / "merged"
-    proc = cli("merge", "--config", yml, "--out", out, "--quiet", "--json")
+    proc = rlgen_process("merge", "--config", yml, "--out", out, "--quiet", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["models"] == [str(f) for f in finetunes]  # the listed base is left out
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"  # config follows the output dtype
@@ -183,12 +176,13 @@ def test_gradient_outside_the_layers_follows_mergekit_pre_and_post_weights():
     assert layer_position("conv_out.weight", 0) == 0.0  # no numbered layers (a UNet): t = 0 throughout
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_merge_changes_only_the_unet(tmp_path):
     from diffusers import DiffusionPipeline
 
     other = perturbed_copy(DIGITS, tmp_path / "digits2", UNET_FILE, 5, 0.01)
     out = tmp_path / "merged"
-    proc = cli("merge", "tiny-digits", other, "--weights", "0.25,0.75", "--out", out, "--quiet")
+    proc = rlgen_process("merge", "tiny-digits", other, "--weights", "0.25,0.75", "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
     files = sorted(str(p.relative_to(DIGITS)) for p in DIGITS.rglob("*") if p.is_file())
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == files
@@ -238,43 +232,43 @@ CONFIG_ERRORS = {
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_ERRORS))
-def test_config_errors(tmp_path, capsys, finetunes, case):
+def test_config_errors(tmp_path, finetunes, case):
     text, expect = CONFIG_ERRORS[case]
     config = tmp_path / "bad.yml"
     config.write_text(text.format(ft1=finetunes[0], ft2=finetunes[1]))
-    err = run_error(capsys, ["--config", config, "--out", tmp_path / "out"])
+    err = run_error("--config", config, "--out", tmp_path / "out")
     for part in expect:
         assert part in err, (part, err)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
 
 
-def test_mismatched_models_are_named(tmp_path, capsys, finetunes):
+def test_mismatched_models_are_named(tmp_path, finetunes):
     shape = tmp_path / "shape"
     shutil.copytree(ARITH, shape)
     tensors = load_file(str(ARITH / "model.safetensors"))
     save_file({**tensors, "model.norm.weight": torch.ones(64)}, str(shape / "model.safetensors"))
-    err = run_error(capsys, [finetunes[0], shape, "--out", tmp_path / "out"])
+    err = run_error(finetunes[0], shape, "--out", tmp_path / "out")
     assert f"{shape}: tensor 'model.norm.weight' is float32 [64]" in err and "[128]" in err
 
     dtype = perturbed_copy(ARITH, tmp_path / "dtype", Path("model.safetensors"), 3, 0.0, torch.bfloat16)
-    err = run_error(capsys, ["--base", "tiny-arith", "--method", "ties", dtype, "--out", tmp_path / "out"])
+    err = run_error("--base", "tiny-arith", "--method", "ties", dtype, "--out", tmp_path / "out")
     assert f"{dtype}: tensor" in err and "bfloat16" in err and "float32" in err
 
     names = tmp_path / "names"
     shutil.copytree(ARITH, names)
     save_file({k: v for k, v in tensors.items() if k != "model.norm.weight"}, str(names / "model.safetensors"))
-    err = run_error(capsys, [finetunes[0], names, "--out", tmp_path / "out"])
+    err = run_error(finetunes[0], names, "--out", tmp_path / "out")
     assert f"{names} has no tensor 'model.norm.weight'" in err
 
-    err = run_error(capsys, [finetunes[0], "tiny-digits", "--out", tmp_path / "out"])
+    err = run_error(finetunes[0], "tiny-digits", "--out", tmp_path / "out")
     assert "diffusers" in err and "causal LM" in err
 
-    err = run_error(capsys, [finetunes[0], finetunes[1], "--weights", "0.2,0.3,0.5", "--out", tmp_path / "out"])
+    err = run_error(finetunes[0], finetunes[1], "--weights", "0.2,0.3,0.5", "--out", tmp_path / "out")
     assert "--weights: got 3 values for 2 models" in err
-    err = run_error(capsys, [finetunes[0], "--method", "ties", "--base", "tiny-arith", "--param", "lamda=2",
-                             "--out", tmp_path / "out"])
+    err = run_error(finetunes[0], "--method", "ties", "--base", "tiny-arith", "--param", "lamda=2",
+                    "--out", tmp_path / "out")
     assert "--param lamda: unknown parameter" in err
-    err = run_error(capsys, [finetunes[0], "no/such/model", "--out", tmp_path / "out"])
+    err = run_error(finetunes[0], "no/such/model", "--out", tmp_path / "out")
     assert "unknown model 'no/such/model'" in err
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path, "out")
 
@@ -315,10 +309,10 @@ def replace_weights(config: MergeConfig, first: float) -> MergeConfig:
     return replace(config, models=[replace(config.models[0], parameters={"weight": first}), *config.models[1:]])
 
 
-def test_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path, capsys, finetunes):
+def test_refuses_to_replace_a_directory_that_is_not_a_model(tmp_path, finetunes):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    err = run_error(capsys, [*finetunes, "--out", precious])
+    err = run_error(*finetunes, "--out", precious)
     assert "not a model directory" in err
     assert (precious / "notes.txt").read_text() == "keep me"

@@ -13,7 +13,7 @@ import torch
 
 from rlgen import kernels
 from cli_helpers import merge_error as run_error
-from rlgen.cli.app import main
+from cli_helpers import rlgen_ok
 from rlgen.merging.config import MergeConfig, ModelEntry, ParameterResolver, validate
 from rlgen.merging.kernels import (keep_mask, reference_keep_mask, reference_sparse_task_merge,
                                    sparse_task_merge)
@@ -51,8 +51,8 @@ FLAG_ERRORS = [
 
 
 @pytest.mark.parametrize("args, where, what", FLAG_ERRORS)
-def test_bad_numbers_from_flags_fail_before_any_model_is_read(tmp_path, capsys, args, where, what):
-    err = run_error(capsys, [*args, "--out", tmp_path / "out"])
+def test_bad_numbers_from_flags_fail_before_any_model_is_read(tmp_path, args, where, what):
+    err = run_error(*args, "--out", tmp_path / "out")
     assert f"{where}:" in err and what in err, err
     assert "unknown model" not in err
     assert not (tmp_path / "out").exists()
@@ -83,10 +83,10 @@ CONFIG_ERRORS = {
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_ERRORS))
-def test_bad_numbers_in_config_files_name_the_key(tmp_path, capsys, name):
+def test_bad_numbers_in_config_files_name_the_key(tmp_path, name):
     text, key = CONFIG_ERRORS[name]
     (tmp_path / name).write_text(text)
-    err = run_error(capsys, ["--config", tmp_path / name, "--out", tmp_path / "out"])
+    err = run_error("--config", tmp_path / name, "--out", tmp_path / "out")
     assert f"{name}: key {key}" in err and len(err) < 400, err
     assert not (tmp_path / "out").exists()
 
@@ -179,7 +179,7 @@ def test_rescale_norm_from_a_config_file(tmp_path):
     config = tmp_path / "merge.yml"
     config.write_text(f"merge_method: ties\nbase_model: tiny-arith\nparameters: {{rescale_norm: l1}}\n"
                       f"models:\n  - {{model: {ft}, parameters: {{weight: 1, density: 0.5}}}}\n")
-    main(["merge", "--config", str(config), "--out", str(tmp_path / "out"), "--quiet"])
+    rlgen_ok("merge", "--config", config, "--out", tmp_path / "out", "--quiet")
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     tuned = load_file(str(ft / "model.safetensors"))
     for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
@@ -196,9 +196,8 @@ _HEX = "0x" + "f" * 5000
 
 
 @pytest.mark.parametrize("param", [f"weight={_DIGITS}", f"weight={_HEX}", f"weight=[0, {_DIGITS}]"])
-def test_integers_too_long_to_print_in_params_are_one_line(tmp_path, capsys, param):
-    err = run_error(capsys, ["no/such/a", "no/such/b", "--method", "linear", "--param", param,
-                             "--out", tmp_path / "out"])
+def test_integers_too_long_to_print_in_params_are_one_line(tmp_path, param):
+    err = run_error("no/such/a", "no/such/b", "--method", "linear", "--param", param, "--out", tmp_path / "out")
     assert "--param weight: an integer too long" in err and len(err) < 400, err
 
 
@@ -212,21 +211,21 @@ LONG_INT_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", sorted(LONG_INT_CONFIGS))
-def test_integers_too_long_to_print_in_config_files_are_one_line(tmp_path, capsys, name):
+def test_integers_too_long_to_print_in_config_files_are_one_line(tmp_path, name):
     (tmp_path / name).write_text(LONG_INT_CONFIGS[name])
-    err = run_error(capsys, ["--config", tmp_path / name, "--out", tmp_path / "out"])
+    err = run_error("--config", tmp_path / name, "--out", tmp_path / "out")
     assert f"{name}: bad {'TOML' if name.endswith('toml') else 'YAML'} (" in err and "too long" in err, err
     assert len(err) < 400, err
 
 
-def test_duplicate_keys_in_a_merge_yaml_are_an_error(tmp_path, capsys):
+def test_duplicate_keys_in_a_merge_yaml_are_an_error(tmp_path):
     from rlgen.merging.config import load_config
 
     for text, key in (("merge_method: linear\nmodels: [{model: no/such/a}]\nmerge_method: slerp\n", "merge_method"),
                       ("merge_method: linear\nmodels: [{model: no/such/a, parameters: {weight: 1, weight: 2}}]\n",
                        "weight")):
         (tmp_path / "dup.yml").write_text(text)
-        err = run_error(capsys, ["--config", tmp_path / "dup.yml", "--out", tmp_path / "out"])
+        err = run_error("--config", tmp_path / "dup.yml", "--out", tmp_path / "out")
         assert "dup.yml: bad YAML (line" in err and f"duplicate key '{key}'" in err, err
     # a `<<` merge key may still be overridden
     (tmp_path / "anchors.yml").write_text("merge_method: linear\nmodels:\n  - {model: no/such/a, parameters: &p "
@@ -256,7 +255,7 @@ def test_safetensors_header_with_a_long_integer_or_a_duplicate_key(tmp_path):
     assert list(read_header(tmp_path / "ok.safetensors")[0]) == ["a"]
 
 
-def test_a_nan_in_an_input_fails_the_merge_and_leaves_no_output(tmp_path, capsys):
+def test_a_nan_in_an_input_fails_the_merge_and_leaves_no_output(tmp_path):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -269,6 +268,6 @@ def test_a_nan_in_an_input_fails_the_merge_and_leaves_no_output(tmp_path, capsys
     tensors[name][0, 0] = float("nan")
     save_file(tensors, str(nan_model / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "merged" / "m"
-    err = run_error(capsys, [nan_model, "tiny-arith", "--method", "linear", "--out", out])
+    err = run_error(nan_model, "tiny-arith", "--method", "linear", "--out", out)
     assert f"tensor '{name}': the merged values are not finite" in err and str(nan_model) in err, err
     assert not (tmp_path / "merged").exists()  # no output, no temp dir, not even the parent made for it

@@ -235,6 +235,7 @@ def test_cuda_extension_has_the_merge_kernel():
     assert module is not None and hasattr(module, "sparse_task_apply")
 
 
+@pytest.mark.slow  # compiles the CUDA kernel for the host
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 def test_cuda_merge_math_in_host_emulation(tmp_path):
     """No GPU here: the CUDA kernel's per-entry math, compiled as host code, against a reference whose

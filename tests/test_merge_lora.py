@@ -4,15 +4,13 @@ loads in transformers / diffusers, DIR+ADAPTER merges, and unsupported adapters 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import rlgen_process
 from rlgen.errors import RlgenError
 from rlgen.merging.config import from_flags
 from rlgen.merging.merge import fold_adapter, merge_models
@@ -191,6 +189,7 @@ def test_unsupported_adapters_are_one_line_errors(tmp_path, llama_dir):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_lora_fold(tmp_path, llama_dir):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -198,10 +197,8 @@ def test_cli_lora_fold(tmp_path, llama_dir):
     adapter = tmp_path / "adapter"
     reference = make_adapter(AutoModelForCausalLM.from_pretrained(str(llama_dir)),
                              LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj"], init_lora_weights=False), adapter)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "rlgen", "merge", str(llama_dir), "--lora", str(adapter),
-                           "--out", str(tmp_path / "folded"), "--dtype", "bfloat16", "--json", "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = rlgen_process("merge", llama_dir, "--lora", adapter, "--out", tmp_path / "folded", "--dtype", "bfloat16",
+                         "--json", "--quiet")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["method"] == "lora-fold" and summary["dtype"] == "bfloat16"

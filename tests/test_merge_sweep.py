@@ -3,14 +3,12 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from rlgen.cli.app import app, main
+from cli_helpers import rlgen, rlgen_ok
 from rlgen.errors import RlgenError
 from rlgen.api.merge_sweep import hypervolume_reference, objectives, simplex_grid
 from rlgen.rewards.base import RewardSpec
 
-runner = CliRunner()
 
 
 def test_simplex_grid_two_models_goes_from_first_to_last():
@@ -52,6 +50,7 @@ def fake_sweep_points(monkeypatch):
     table = {1.0: {"exact-match": 0.2, "length": 2.0}, 0.5: {"exact-match": 0.5, "length": 5.0},
              0.0: {"exact-match": 0.8, "length": 8.0}}
     monkeypatch.setattr(merge_module, "merge_models", lambda config, out, **_: None)
+    monkeypatch.setattr(sweep_module, "merge_models", lambda config, out, **_: None)  # the name run_sweep calls
     monkeypatch.setattr(sweep_module, "_lm_evaluator",
                         lambda settings, rewards: lambda model_dir: table[float(model_dir.name.split("-")[0])])
 
@@ -64,15 +63,13 @@ def fake_sweep_points(monkeypatch):
     # the default (0 for exact-match, 1 for a length to minimise): no length is below 1, nothing counts
     ([], [0.0, 1.0], "default", 0.0, 3),
 ])
-def test_sweep_summary_states_a_fixed_hypervolume_reference(tmp_path, capsys, monkeypatch, extra, reference, source,
+def test_sweep_summary_states_a_fixed_hypervolume_reference(tmp_path, monkeypatch, extra, reference, source,
                                                             hv, outside):
     fake_sweep_points(monkeypatch)
     out = tmp_path / "sweep"
-    code = main(["merge", "tiny-arith", "tiny-arith", "--sweep", "--grid", "3", "--task", "arithmetic", "--reward",
-                 "exact-match", "--reward", "length:-1", "--out", str(out), "--json", "--quiet", *extra])
-    captured = capsys.readouterr()
-    assert code in (0, None), captured.err
-    summary = json.loads(captured.out)
+    result = rlgen_ok("merge", "tiny-arith", "tiny-arith", "--sweep", "--grid", 3, "--task", "arithmetic", "--reward",
+                      "exact-match", "--reward", "length:-1", "--out", out, "--json", "--quiet", *extra)
+    summary = json.loads(result.out)
     assert summary["front"] == [0, 1, 2]
     assert summary["hypervolume_reference"] == reference and summary["hypervolume_reference_source"] == source
     assert summary["hypervolume"] == pytest.approx(hv)
@@ -80,11 +77,10 @@ def test_sweep_summary_states_a_fixed_hypervolume_reference(tmp_path, capsys, mo
     assert json.loads((out / "summary.json").read_text())["hypervolume_reference"] == reference
 
 
-def test_hv_ref_goes_with_sweep(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", "tiny-arith", "tiny-arith", "--out", str(tmp_path / "m"), "--hv-ref", "0,1"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--hv-ref go with --sweep" in err, err
+def test_hv_ref_goes_with_sweep(tmp_path):
+    code, _, err = rlgen("merge", "tiny-arith", "tiny-arith", "--out", tmp_path / "m", "--hv-ref", "0,1")
+    err = err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--hv-ref go with --sweep" in err, err
     assert not (tmp_path / "m").exists()
 
 
@@ -107,20 +103,19 @@ def perturbed_copy(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end(tmp_path, perturbed_copy):
     out = tmp_path / "sweep"
-    result = runner.invoke(app, ["merge", "tiny-arith", str(perturbed_copy), "--sweep", "--grid", "3", "--method", "linear",
-                                 "--task", "arithmetic", "--limit", "12", "--reward", "exact-match",
-                                 "--reward", "length:-1", "--out", str(out), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    result = rlgen_ok("merge", "tiny-arith", str(perturbed_copy), "--sweep", "--grid", "3", "--method", "linear",
+                      "--task", "arithmetic", "--limit", "12", "--reward", "exact-match",
+                      "--reward", "length:-1", "--out", str(out), "--json", "--quiet")
+    summary = json.loads(result.out)
     points = summary["points"]
     assert [p["weights"] for p in points] == [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
     # The first point is tiny-arith itself: its accuracy is what `rlgen eval` reports on the same problems.
-    direct = runner.invoke(app, ["eval", "--model", "tiny-arith", "--task", "arithmetic", "--limit", "12", "--json",
-                                 "--quiet"])
-    assert direct.exit_code == 0, direct.output
-    assert points[0]["rewards"]["exact-match"] == pytest.approx(json.loads(direct.stdout)["accuracy"])
+    direct = rlgen_ok("eval", "--model", "tiny-arith", "--task", "arithmetic", "--limit", "12", "--json",
+                      "--quiet")
+    assert points[0]["rewards"]["exact-match"] == pytest.approx(json.loads(direct.out)["accuracy"])
     # The front is exactly the non-dominated points of the oriented objectives.
     specs = [RewardSpec.parse("exact-match"), RewardSpec.parse("length:-1")]
     values = [objectives(p["rewards"], specs) for p in points]
@@ -136,9 +131,8 @@ def test_sweep_keeps_the_merged_models_when_asked(tmp_path, perturbed_copy):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "sweep"
-    result = runner.invoke(app, ["merge", "tiny-arith", str(perturbed_copy), "--sweep", "--grid", "2", "--task", "arithmetic",
-                                 "--limit", "4", "--reward", "exact-match", "--keep-models", "--out", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
+    rlgen_ok("merge", "tiny-arith", str(perturbed_copy), "--sweep", "--grid", "2", "--task", "arithmetic",
+             "--limit", "4", "--reward", "exact-match", "--keep-models", "--out", str(out), "--quiet")
     kept = sorted(p.name for p in (out / "models").iterdir())
     assert kept == ["0.00-1.00", "1.00-0.00"]
     merged = AutoModelForCausalLM.from_pretrained(out / "models" / "0.00-1.00")
@@ -153,10 +147,9 @@ def test_sweep_leaves_out_a_base_listed_among_the_models(tmp_path, perturbed_cop
     config.write_text(f"merge_method: task_arithmetic\nbase_model: tiny-arith\n"
                       f"models:\n  - model: tiny-arith\n  - model: {perturbed_copy}\n  - model: {perturbed_copy}\n")
     out = tmp_path / "sweep"
-    result = runner.invoke(app, ["merge", "--config", str(config), "--sweep", "--grid", "2", "--task", "arithmetic",
-                                 "--limit", "2", "--reward", "exact-match", "--out", str(out), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
+    result = rlgen_ok("merge", "--config", str(config), "--sweep", "--grid", "2", "--task", "arithmetic",
+                      "--limit", "2", "--reward", "exact-match", "--out", str(out), "--json", "--quiet")
+    summary = json.loads(result.out)
     assert [p["weights"] for p in summary["points"]] == [[1.0, 0.0], [0.0, 1.0]]
     assert summary["models"] == [str(perturbed_copy)] * 2
 
@@ -170,16 +163,16 @@ def test_sweep_leaves_out_a_base_listed_among_the_models(tmp_path, perturbed_cop
     (["--task", "arithmetic", "--reward", "exact-match", "--reward", "length:-1", "--hv-ref", "0"], "--hv-ref has 1 value"),
     (["--task", "arithmetic", "--reward", "exact-match", "--hv-ref", "inf"], "--hv-ref values must be finite"),
 ])
-def test_sweep_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, args, message):
+def test_sweep_bad_input_is_one_line_and_leaves_nothing(tmp_path, args, message):
     out = tmp_path / "sweep"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", "tiny-arith", "tiny-arith", "--sweep", "--out", str(out), "--quiet", *args])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err
+    code, _, err = rlgen("merge", "tiny-arith", "tiny-arith", "--sweep", "--out", out, "--quiet", *args)
+    err = err.strip()
+    assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("rlgen: error: ") and message in err, err
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sweep_of_image_pipelines(tmp_path):
     """Two diffusers pipelines (tiny-digits and a perturbed copy): each point's image rewards at fixed seeds;
     the first point is tiny-digits itself, so it matches `rlgen eval` with the same sampler and seeds."""
@@ -198,16 +191,14 @@ def test_sweep_of_image_pipelines(tmp_path):
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
     out = tmp_path / "sweep"
-    result = runner.invoke(app, ["merge", "tiny-digits", str(copy), "--sweep", "--grid", "2", "--task", "digits",
-                                 "--limit", "2", "--images-per-prompt", "2", "--reward", "digit-classifier",
-                                 "--reward", "brightness:-1", "--out", str(out), "--json", "--quiet"])
-    assert result.exit_code == 0, result.output
-    points = json.loads(result.stdout)["points"]
+    result = rlgen_ok("merge", "tiny-digits", str(copy), "--sweep", "--grid", "2", "--task", "digits",
+                      "--limit", "2", "--images-per-prompt", "2", "--reward", "digit-classifier",
+                      "--reward", "brightness:-1", "--out", str(out), "--json", "--quiet")
+    points = json.loads(result.out)["points"]
     assert [p["weights"] for p in points] == [[1.0, 0.0], [0.0, 1.0]]
     assert points[0]["rewards"] != points[1]["rewards"]
-    direct = runner.invoke(app, ["eval", "--model", "tiny-digits", "--task", "digits", "--limit", "2", "-k", "2",
-                                 "--reward", "digit-classifier", "--json", "--quiet"])
-    assert direct.exit_code == 0, direct.output
+    direct = rlgen_ok("eval", "--model", "tiny-digits", "--task", "digits", "--limit", "2", "-k", "2",
+                      "--reward", "digit-classifier", "--json", "--quiet")
     assert points[0]["rewards"]["digit-classifier"] == pytest.approx(
-        json.loads(direct.stdout)["rewards/digit-classifier/mean"], abs=1e-6)
+        json.loads(direct.out)["rewards/digit-classifier/mean"], abs=1e-6)
     assert (out / "front.png").is_file()

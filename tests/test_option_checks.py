@@ -57,7 +57,7 @@ def one_error_line(err: str) -> str:
     ("grpo", "run.seed=99999999999999999999", "run.seed = 99999999999999999999: must be an integer in [0, 4294967295]"),
     ("grpo", "data.eval_samples=-3", "data.eval_samples = -3: must be an integer >= 0"),
     ("grpo", "rewards=[{name='exact-match', weight=nan}]", "rewards[0].weight = nan: must be a finite number"),
-    ("sft", "sft.max_new_tokens=0", "sft.max_new_tokens = 0: must be an integer >= 1"),
+    ("sft", "algorithm.max_new_tokens=0", "algorithm.max_new_tokens = 0: must be an integer >= 1"),
     ("sft", "model.lora_dropout=1.0", "model.lora_dropout = 1.0: must be a finite number in [0, 1)"),
     ("dpo", "algorithm.beta=nan", "algorithm.beta = nan: must be a finite number >= 0"),  # `beta <= 0` let NaN by
     ("dpo", "algorithm.max_new_tokens=-1", "algorithm.max_new_tokens = -1: must be an integer >= 1"),
@@ -175,14 +175,19 @@ IMAGE_EVAL = ["eval", "--model", "tiny-digits", "--task", "digits"]
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Loading any model fails the test: the checks must come first."""
+    import rlgen.api._evaluate
+    import rlgen.api._sample
     import rlgen.diffusion.pipeline
     import rlgen.models.causal_lm
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
-    monkeypatch.setattr(rlgen.models.causal_lm, "load_policy", refuse)
-    monkeypatch.setattr(rlgen.diffusion.pipeline, "load_diffusion_model", refuse)
+    # the defining modules, and the names `rlgen sample` and `rlgen eval` call (bound when they are imported)
+    for module in (rlgen.models.causal_lm, rlgen.api._sample, rlgen.api._evaluate):
+        monkeypatch.setattr(module, "load_policy", refuse)
+    for module in (rlgen.diffusion.pipeline, rlgen.api._sample, rlgen.api._evaluate):
+        monkeypatch.setattr(module, "load_diffusion_model", refuse)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -244,11 +249,11 @@ def test_eval_beyond_the_context_is_one_line_and_the_boundary_fits():
 def test_sft_whose_evaluation_would_overflow_is_one_line(tmp_path):
     run = tmp_path / "run"
     code, _, err = rlgen("train", "sft", "--out", run, "--steps", "1", "--set", "run.eval_every=1",
-                         "--set", "sft.max_new_tokens=100", "--set", "data.eval_samples=4", "--set", "sft.batch_size=2",
+                         "--set", "algorithm.max_new_tokens=100", "--set", "data.eval_samples=4", "--set", "algorithm.batch_size=2",
                          "--set", "run.threads=1")
     assert code == 2
     line = one_error_line(err)
-    assert "sft.max_new_tokens=100" in line and "context of 64 positions" in line
+    assert "algorithm.max_new_tokens=100" in line and "context of 64 positions" in line
     assert not run.exists()
 
 
@@ -257,7 +262,7 @@ def test_sft_examples_longer_than_the_context_are_one_line(tmp_path):
     rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "2+2=", "completion": "4" * 80}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
-    code, _, err = rlgen("train", "sft", "--data", data, "--out", run, "--steps", "1", "--set", "sft.batch_size=2",
+    code, _, err = rlgen("train", "sft", "--data", data, "--out", run, "--steps", "1", "--set", "algorithm.batch_size=2",
                          "--set", "run.threads=1")
     assert code == 2
     line = one_error_line(err)

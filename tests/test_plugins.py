@@ -6,13 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
 
+from cli_helpers import rlgen_process
 from rlgen import plugins
 from rlgen.errors import RlgenError
 from rlgen.hookspecs import hookimpl
@@ -30,12 +30,6 @@ def test_example_plugin_is_installed():
     )
 
 
-def run_cli(*args: str, input: str | None = None, cwd=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "rlgen", *args], input=input, capture_output=True, text=True, cwd=cwd)
-    assert proc.returncode == 0, f"rlgen {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
-    return proc
-
-
 @pytest.fixture
 def fresh_plugins():
     """A freshly built plugin manager; every extra in-process plugin is forgotten afterwards."""
@@ -51,7 +45,7 @@ def fresh_plugins():
 
 @needs_example
 def test_plugins_json_lists_builtins_and_example_plugin():
-    listing = json.loads(run_cli("plugins", "--json").stdout)
+    listing = json.loads(rlgen_process("plugins", "--json", check=True).stdout)
     providers = {(kind, e["name"]): e["provider"] for kind, entries in listing.items() for e in entries}
     for key in [
         ("reward", "exact-match"),
@@ -94,16 +88,17 @@ def test_in_process_plugin_is_attributed_to_its_registration_name(fresh_plugins)
         assert rewards.entry("digit-overlap").provider == "rlgen-example"
 
 
-def test_duplicate_registration_names_both_packages(fresh_plugins):
+def test_duplicate_registration_keeps_the_builtin_and_warns_once(fresh_plugins, capsys):
     fresh_plugins.register(_ClashingPlugin(), name="clashing-plugin")
-    plugins.registries.cache_clear()
-    with pytest.raises(RlgenError) as info:
-        plugins.registries()
-    message = str(info.value)
-    assert "exact-match" in message
-    assert "'rlgen'" in message
-    assert "'clashing-plugin'" in message
-    assert "twice" in message
+    rewards = plugins.registry("reward")  # no exception: the clash is reported, not raised
+    assert rewards.entry("exact-match").provider == "rlgen"  # built-ins win
+    samples = [{"prompt": "1+1=", "completion": "2", "answer": "2"}]
+    assert rewards.get("exact-match")(samples) == [1.0]  # the built-in, not the clashing constant 0
+    plugins.registry("reward")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["rlgen: warning: reward 'exact-match' is registered twice: by package 'rlgen' (kept) and "
+                     "by package 'clashing-plugin' (dropped)"]
+    assert plugins.clashes() == [plugins.Clash("reward", "exact-match", "rlgen", "clashing-plugin")]
 
 
 def test_reset_forgets_in_process_plugins(fresh_plugins):
@@ -245,7 +240,7 @@ def test_score_cli_with_plugin_reward():
         {"prompt": "free text", "completion": "hi"},
     ]
     stdin = "".join(json.dumps(r) + "\n" for r in lines)
-    proc = run_cli("score", "-r", "digit-overlap", "-r", "exact-match", input=stdin)
+    proc = rlgen_process("score", "-r", "digit-overlap", "-r", "exact-match", stdin=stdin, check=True)
     out = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert len(out) == 3
     assert [r["reward_digit-overlap"] for r in out] == [0.5, 1.0, None]
@@ -255,14 +250,15 @@ def test_score_cli_with_plugin_reward():
 
 
 @needs_example
+@pytest.mark.slow
 def test_train_grpo_with_plugin_reward_and_estimator(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    run_cli(
+    rlgen_process(
         "train", "grpo", "--model", str(tiny_model_dir), "--task", "arithmetic",
         "--reward", "digit-overlap", "--reward", "exact-match", "--steps", "2", "--out", str(out),
         "--set", "rollout.prompts_per_step=4", "--set", "rollout.num_generations=4",
         "--set", "rollout.max_new_tokens=8", "--set", "run.eval_every=0", "--set", "algorithm.advantage=rank", "--quiet",
-        cwd=tmp_path,
+        cwd=tmp_path, check=True,
     )
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(metrics) == 2

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_e2e_hf import cli_env, hf_dirs, rlgen_cmd  # noqa: F401 - fixture reused
 
-from rlgen.algorithms.online_dpo import best_worst_rows
+from cli_helpers import rlgen_ok, rlgen_process
+
 from rlgen.cli.report import Reporter
 from rlgen.cli.train import build_config
 from rlgen.plugins import registry
@@ -47,13 +46,6 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 
 def metrics_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def run_cli(args, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(rlgen_cmd(*args), capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=300,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, f"rlgen {' '.join(map(str, args))}\nstdout={proc.stdout}\nstderr={proc.stderr}"
-    return proc
 
 
 def build_trainer(algorithm: str, out: Path, data: Path | None, *sets: str, model="tiny-arith", steps=3, seed=0):
@@ -89,24 +81,29 @@ def logsig(x: float) -> float:
 # --- CLI runs, started together ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", autouse=True)
-def cli_runs(tmp_path_factory):
-    """CLI subprocesses started with the module, two at a time, while the in-process tests run."""
+def cli_runs(request, tmp_path_factory):
+    """CLI subprocesses started with the module, two at a time, while the in-process tests run; only those whose
+    test this session runs (both are slow tests)."""
     root = tmp_path_factory.mktemp("pref-cli")
     unpaired = write_jsonl(root / "unpaired.jsonl",
                            [{"prompt": p["prompt"], "completion": p["chosen"] if k % 2 else p["rejected"], "label": bool(k % 2)}
                             for k, p in enumerate(PAIRS)])
     jobs = {
-        "kto-unpaired": lambda: run_cli(["train", "kto", "--model", "tiny-arith", "--data", unpaired,
-                                         "--out", root / "kto-unpaired", "--steps", 3, "--set", "algorithm.batch_size=4",
-                                         *TINY, "--quiet", "--json"], root),
-        "online-dpo": lambda: run_cli(["train", "online-dpo", "--model", "tiny-arith", "--task", "arithmetic",
-                                       "--out", root / "online", "--steps", 2, "--set", "rollout.prompts_per_step=4",
-                                       "--set", "rollout.num_generations=4", "--set", "rollout.max_new_tokens=6", *TINY,
-                                       "--quiet", "--json"], root),
+        "kto-unpaired": lambda: rlgen_process("train", "kto", "--model", "tiny-arith", "--data", unpaired,
+                                              "--out", root / "kto-unpaired", "--steps", 3,
+                                              "--set", "algorithm.batch_size=4", *TINY, "--quiet", "--json",
+                                              cwd=root, check=True),
+        "online-dpo": lambda: rlgen_process("train", "online-dpo", "--model", "tiny-arith", "--task", "arithmetic",
+                                            "--out", root / "online", "--steps", 2,
+                                            "--set", "rollout.prompts_per_step=4", "--set", "rollout.num_generations=4",
+                                            "--set", "rollout.max_new_tokens=6", *TINY, "--quiet", "--json",
+                                            cwd=root, check=True),
     }
+    reader = {"kto-unpaired": "test_kto_on_unpaired_data_reports_kl", "online-dpo": "test_online_dpo_logs_pairs"}
+    selected = {item.originalname for item in request.session.items}
     pool = ThreadPoolExecutor(max_workers=2)
     try:
-        yield {"root": root, **{name: pool.submit(job) for name, job in jobs.items()}}
+        yield {"root": root, **{name: pool.submit(job) for name, job in jobs.items() if reader[name] in selected}}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -121,16 +118,16 @@ def pair_file(tmp_path_factory) -> Path:
 def test_dpo_step_one_is_log2_with_a_reference_and_simpo_has_none(tmp_path, pair_file):
     dpo = make_trainer("dpo", tmp_path / "dpo", pair_file, "algorithm.batch_size=4")
     assert dpo.uses_reference and dpo.reference is not None
-    assert all(not p.requires_grad for p in dpo.reference.parameters())
+    assert all(not p.requires_grad for p in dpo.reference.module.parameters())
     batch = PromptSampler(dpo.pairs, 4, 0).next_batch()  # the batch step 1 will draw
     metrics = dpo.train_step()
     assert metrics["loss"] == pytest.approx(LOG2, abs=1e-6)
     assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/rejected"] == 0.0 and metrics["rewards/margins"] == 0.0
     assert metrics["rewards/accuracies"] == 0.0  # equal rewards are not a win
     # the sequence log-probs the trainer logs equal a plain unpadded forward pass of the reference model
-    plain = [plain_logps(dpo.reference, dpo.tokenizer, p["prompt"], p["chosen"])[0] for p in batch]
+    plain = [plain_logps(dpo.reference.module, dpo.tokenizer, p["prompt"], p["chosen"])[0] for p in batch]
     assert metrics["logps/chosen"] == pytest.approx(sum(plain) / len(plain), rel=1e-4, abs=1e-5)
-    cached = dpo.ref_cache[[p["_index"] for p in batch], 0]
+    cached = dpo.ref_cache[[dpo.pairs.index(p) for p in batch], 0]
     assert cached.tolist() == pytest.approx(plain, rel=1e-4, abs=1e-5)
     assert int(torch.isnan(dpo.ref_cache[:, 0]).sum()) == len(PAIRS) - 4  # only the seen pairs are cached
 
@@ -179,7 +176,7 @@ def test_rpo_adds_alpha_times_nll_to_dpo(tmp_path, pair_file):
     gain = {}
     for name, trainer in (("dpo", dpo), ("rpo", rpo)):
         after = sum(plain_logps(trainer.model, trainer.tokenizer, p["prompt"], p["chosen"])[0] for p in batch)
-        before = sum(plain_logps(trainer.reference, trainer.tokenizer, p["prompt"], p["chosen"])[0] for p in batch)
+        before = sum(plain_logps(trainer.reference.module, trainer.tokenizer, p["prompt"], p["chosen"])[0] for p in batch)
         gain[name] = after - before
     assert gain["rpo"] > gain["dpo"]
 
@@ -187,14 +184,14 @@ def test_rpo_adds_alpha_times_nll_to_dpo(tmp_path, pair_file):
 def test_dpo_steps_separate_chosen_from_rejected(tmp_path, pair_file):
     trainer = make_trainer("dpo", tmp_path / "dpo", pair_file, "algorithm.batch_size=16", "optim.lr=1e-4",
                            "algorithm.beta=0.5", steps=8)
-    pairs = [{**p, "_index": i} for i, p in enumerate(PAIRS)]
+    pairs = [dict(p) for p in PAIRS]  # held-out copies: other records than the run's, so not in its caches
     assert trainer.pair_accuracy(pairs) == 0.0  # policy == reference: every pair ties, and a tie is wrong
 
     def margins():
         out = []
         for p in pairs:
             values = [plain_logps(m, trainer.tokenizer, p["prompt"], p[k])[0]
-                      for m in (trainer.model, trainer.reference) for k in ("chosen", "rejected")]
+                      for m in (trainer.model, trainer.reference.module) for k in ("chosen", "rejected")]
             out.append((values[0] - values[2]) - (values[1] - values[3]))  # (c - c_ref) - (r - r_ref)
         return out
 
@@ -211,14 +208,13 @@ def test_dpo_steps_separate_chosen_from_rejected(tmp_path, pair_file):
 
 # --- reference cache across --resume ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reference_cache_is_checkpointed_and_restored(tmp_path, pair_file):
     """2 steps (checkpoint at step 1; in-process through the CLI entry point), a tampered cache value, then
     `rlgen train dpo --resume` to 4 steps as a real subprocess."""
-    from rlgen.cli.app import main as rlgen_main
-
     run = tmp_path / "run"
-    rlgen_main(["train", "dpo", "--model", "tiny-arith", "--data", str(pair_file), "--out", str(run), "--steps", "2",
-                "--save-every", "1", "--seed", "3", "--set", "algorithm.batch_size=4", *TINY, "--quiet"])
+    rlgen_ok("train", "dpo", "--model", "tiny-arith", "--data", pair_file, "--out", run, "--steps", 2,
+             "--save-every", 1, "--seed", 3, "--set", "algorithm.batch_size=4", *TINY, "--quiet")
     step1 = run / "checkpoints" / "step-1"
     first_cache = load_file(str(step1 / "extra.safetensors"))["extra.ref_cache"].clone()
     first_metrics = metrics_of(run)
@@ -227,7 +223,7 @@ def test_reference_cache_is_checkpointed_and_restored(tmp_path, pair_file):
     changed = first_cache.clone()
     changed[tampered, 0] = -123.0  # a value only the restored cache can have
     save_file({"extra.ref_cache": changed}, str(step1 / "extra.safetensors"))
-    run_cli(["train", "dpo", "--resume", run, "--steps", 4, "--quiet"], tmp_path)
+    rlgen_process("train", "dpo", "--resume", run, "--steps", 4, "--quiet", cwd=tmp_path, check=True)
 
     # the first run: step 1 logs DPO's log 2 and zero rewards (policy == reference)
     row1 = first_metrics[0]
@@ -264,6 +260,7 @@ def test_reference_cache_is_checkpointed_and_restored(tmp_path, pair_file):
 
 # --- kto ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kto_on_unpaired_data_reports_kl(cli_runs):
     proc = cli_runs["kto-unpaired"].result(timeout=600)
     rows = metrics_of(cli_runs["root"] / "kto-unpaired")
@@ -294,21 +291,7 @@ def test_kto_on_pair_file_with_weights(tmp_path, pair_file):
 
 # --- online dpo ----------------------------------------------------------------------------------------
 
-def test_best_worst_rows():
-    nan = float("nan")
-    total = torch.tensor([1.0, 3.0, 3.0, 0.0,  # best: the first 3 (row 1), worst row 3
-                          2.0, 2.0, 2.0, 2.0,  # no spread: skipped
-                          5.0, 1.0, 9.0, 0.0,  # rows 10, 11 invalid: best 8, worst 9
-                          4.0, 7.0, 1.0, 1.0,  # only row 13 valid: skipped
-                          0.0, 0.0, 1.0, 0.0,  # best 18, worst the first 0 (row 16)
-                          nan, 2.0, 1.0, nan])  # NaN rows: a reward that does not apply, masked invalid
-    valid = torch.tensor([True] * 8 + [True, True, False, False] + [False, True, False, False] + [True] * 4
-                         + [False, True, True, False])
-    assert best_worst_rows(total, valid, 4).tolist() == [1, 3, 8, 9, 18, 16, 21, 22]
-    assert best_worst_rows(torch.ones(4), torch.ones(4, dtype=torch.bool), 2).tolist() == []
-    assert best_worst_rows(total[:8], valid[:8], 8).tolist() == [1, 3]  # one group of 8
-
-
+@pytest.mark.slow
 def test_online_dpo_logs_pairs(cli_runs):
     proc = cli_runs["online-dpo"].result(timeout=600)
     rows = metrics_of(cli_runs["root"] / "online")
@@ -328,7 +311,7 @@ def test_online_dpo_logs_pairs(cli_runs):
 # --- plain HF checkpoints ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,cls", [("llama", "LlamaForCausalLM"), ("gpt2", "GPT2LMHeadModel")])
-def test_dpo_on_plain_hf_checkpoint_loads_back(tmp_path, hf_dirs, pair_file, name, cls):  # noqa: F811
+def test_dpo_on_plain_hf_checkpoint_loads_back(tmp_path, hf_dirs, pair_file, name, cls):
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "run"

@@ -25,7 +25,9 @@ def run(name, model_dir, tmp_path, sets=(), rewards=None):
     return cfg, trainer, last
 
 
-@pytest.mark.parametrize("name", GRPO_FAMILY)
+# a real update per preset (~1.5 s each): the fast tier keeps GRPO and RLOO (group- and leave-one-out baselines)
+@pytest.mark.parametrize("name", [name if name in ("grpo", "rloo") else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in GRPO_FAMILY])
 def test_every_grpo_preset_trains(name, tiny_model_dir, tmp_path):
     # `length` gives every group a reward spread even for a random model, so updates are never empty.
     cfg, trainer, last = run(name, tiny_model_dir, tmp_path, rewards=[{"name": "length", "weight": 0.1}, {"name": "exact-match"}])

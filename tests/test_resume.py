@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,24 +20,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import cli_env, rlgen_command, rlgen_process
+
+# Training runs in fresh interpreters, killed and resumed: the full tier (CI).
+pytestmark = pytest.mark.slow
+
 TIMING_FIELDS = {"step_time", "rollout_time", "completions_per_s", "tokens_per_s"}
 # Enough steps after the kill point that the kill lands mid-run (a step takes ~10 ms on CPU here).
 STEPS = 20
 LORA_STEPS = 12
 
 
-def cli_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RLGEN_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
-def rlgen(*args) -> list[str]:
-    return [sys.executable, "-m", "rlgen", *map(str, args)]
-
-
 def train_args(model: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return rlgen(
+    return rlgen_command(
         "train", "grpo", "--model", model, "--task", "arithmetic", "--reward", "length",
         "--steps", steps, "--save-every", 2, "--seed", 7, "--out", out,
         "--set", "rollout.prompts_per_step=4", "--set", "rollout.num_generations=4",
@@ -85,9 +79,7 @@ def run_a_and_killed_b(tmp_path: Path, model: Path, steps: int, kill_after: int,
         "checkpoints": sorted(p.name for p in (b / "checkpoints").iterdir()),
         "metric_lines": len((b / "metrics.jsonl").read_text().splitlines()),
     }
-    resume = subprocess.run(rlgen("train", "grpo", "--resume", b, "--quiet"), cwd=tmp_path, env=cli_env(),
-                            capture_output=True, text=True, timeout=240)
-    assert resume.returncode == 0, resume.stderr
+    rlgen_process("train", "grpo", "--resume", b, "--quiet", cwd=tmp_path, check=True)
     return a, b, killed
 
 

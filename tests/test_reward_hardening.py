@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import subprocess
 import sys
 from collections import deque
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import rlgen_process
 from rlgen.algorithms import advantages as adv
 from rlgen.algorithms.grpo import GRPOTrainer
 from rlgen.errors import RewardError, RlgenError
@@ -289,14 +289,14 @@ def test_check_fields_reference_shaping_needs_every_record():
         rewards.check_fields([{"prompt": "a", "ref": "x"}, {"prompt": "b"}], "d.jsonl")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_grpo_cli_without_answer_field_fails_before_the_model(tmp_path):
     data = tmp_path / "noanswer.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i}+{i}="}) + "\n" for i in range(4)))
     # a model directory that does not exist: the data check must come first
     args = ["train", "grpo", "--model", str(tmp_path / "no-model-here"), "--data", str(data), "--out", "run",
             "--steps", "1", "--set", "rollout.num_generations=2", "--set", "run.eval_every=0"]
-    proc = subprocess.run([sys.executable, "-m", "rlgen", *args], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=180, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    proc = rlgen_process(*args, cwd=tmp_path, timeout=180)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("rlgen: error:")
@@ -306,7 +306,7 @@ def test_grpo_cli_without_answer_field_fails_before_the_model(tmp_path):
 
 def _image_trainer(g: int, tracker=None):
     return SimpleNamespace(
-        config=SimpleNamespace(rollout=SimpleNamespace(images_per_prompt=g),
+        config=SimpleNamespace(rollout=SimpleNamespace(num_generations=g),
                                algorithm=SimpleNamespace(scale_rewards="group", adv_clip_max=5.0)),
         tracker=tracker, advantage_fn=adv.grpo, rewards=RewardSet([RewardSpec("length")]))
 

@@ -10,21 +10,18 @@ and the evaluations go through the same CLI entry point in-process (no interpret
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_e2e_hf import cli_env, hf_dirs, rlgen_cmd  # noqa: F401 - fixture reused
+
+from cli_helpers import rlgen, rlgen_ok, rlgen_process
 from test_preference_trainers import write_jsonl
 
-from rlgen.cli.app import main as rlgen_main
 from rlgen.models.reward_model import MARKER, VALUE_HEAD_FILE, ValueHeadModel, load_reward_model, reward_scores
 
 
@@ -53,22 +50,6 @@ SCORED = [{"prompt": "1+2=", "completion": "377", "answer": "3"}, {"prompt": "1+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def run_cli(args, cwd: Path, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(rlgen_cmd(*args), input=stdin, capture_output=True, text=True, cwd=cwd, env=cli_env(),
-                          timeout=300)
-    if check:
-        assert proc.returncode == 0, f"rlgen {' '.join(map(str, args))}\nstdout={proc.stdout}\nstderr={proc.stderr}"
-    return proc
-
-
-def rlgen_inprocess(*args, cwd: Path | None = None) -> str:
-    """An rlgen command run in-process (the CLI's code path without the interpreter start); its stdout."""
-    out = io.StringIO()
-    with contextlib.chdir(cwd or Path.cwd()), contextlib.redirect_stdout(out):
-        rlgen_main([str(a) for a in args])
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rm")
@@ -81,18 +62,24 @@ def root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def subprocess_runs(root):
-    """The real CLI, in the background: tiny-arith's training and a bad-input run."""
+def subprocess_runs(request, root):
+    """The real CLI, in the background: tiny-arith's training and a bad-input run (only when their tests run: they
+    are slow tests)."""
     jobs = {
-        "tiny": lambda: run_cli(["train", "rm", "--model", "tiny-arith", "--data", root / "train.jsonl", "--out",
-                                 root / "tiny", *RM_SETS], root),
-        "margin-error": lambda: run_cli(["train", "rm", "--model", "tiny-arith", "--data", root / "margins.jsonl",
-                                         "--out", "run", "--steps", 1, "--set", "algorithm.use_margin=true"],
-                                        root / "margin-case", check=False),
+        "tiny": lambda: rlgen_process("train", "rm", "--model", "tiny-arith", "--data", root / "train.jsonl", "--out",
+                                      root / "tiny", *RM_SETS, cwd=root, check=True),
+        "margin-error": lambda: rlgen_process("train", "rm", "--model", "tiny-arith", "--data", root / "margins.jsonl",
+                                              "--out", "run", "--steps", 1, "--set", "algorithm.use_margin=true",
+                                              cwd=root / "margin-case", check=False),
     }
+    readers = {"tiny": {"test_tiny_arith_rm_learns_and_eval_counts_ties_wrong",
+                        "test_tiny_arith_rm_loads_with_plain_transformers",
+                        "test_score_with_rm_reward_equals_reward_scores"},
+               "margin-error": {"test_use_margin_needs_margins_on_every_pair"}}
+    selected = {item.originalname for item in request.session.items}
     pool = ThreadPoolExecutor(max_workers=2)
     try:
-        yield {name: pool.submit(job) for name, job in jobs.items()}
+        yield {name: pool.submit(job) for name, job in jobs.items() if readers[name] & selected}
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -100,8 +87,8 @@ def subprocess_runs(root):
 def train_inprocess(root: Path, name: str, model, *extra) -> tuple[dict, Path]:
     run = root / name
     if not run.exists():
-        summary = json.loads(rlgen_inprocess("train", "rm", "--model", model, "--data", root / "train.jsonl", "--out", run,
-                                             *RM_SETS, *extra))
+        summary = json.loads(rlgen_ok("train", "rm", "--model", model, "--data", root / "train.jsonl", "--out", run,
+                                      *RM_SETS, *extra).out)
         (run / "summary.json").write_text(json.dumps(summary))
     return json.loads((run / "summary.json").read_text()), run
 
@@ -136,13 +123,14 @@ def rlgen_scores(path: Path, prompts: list[str], completions: list[str]) -> list
 
 # --- sequence-classification heads on random HF backbones (trained in-process while tiny-arith's runs) -----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,arch", [("llama", "LlamaForSequenceClassification"), ("gpt2", "GPT2ForSequenceClassification")])
-def test_hf_backbone_rm_learns_and_loads_back(root, hf_dirs, name, arch):  # noqa: F811
+def test_hf_backbone_rm_learns_and_loads_back(root, hf_dirs, name, arch):
     summary, run = train_inprocess(root, name, hf_dirs[name])
     check_training(summary, run)
     final = run / "final"
     assert json.loads((final / "config.json").read_text())["architectures"] == [arch]
-    report = json.loads(rlgen_inprocess("eval", "--rm", final, "--data", root / "held_out.jsonl", "--json"))
+    report = json.loads(rlgen_ok("eval", "--rm", final, "--data", root / "held_out.jsonl", "--json").out)
     assert report["subsets"]["digits"]["accuracy"] > 0.9
     assert report["subsets"]["ties"]["accuracy"] == 0.0
     pairs = HELD_OUT[:5]
@@ -189,17 +177,18 @@ def test_value_head_trains_saves_and_scores_identically(root):
     reward = resolve_reward(f"rm:{final}")
     samples = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
     assert reward(samples) == pytest.approx(scores, abs=1e-5)
-    report = json.loads(rlgen_inprocess("eval", "--rm", final, "--data", root / "held_out.jsonl", "--json"))
+    report = json.loads(rlgen_ok("eval", "--rm", final, "--data", root / "held_out.jsonl", "--json").out)
     assert report["subsets"]["digits"]["accuracy"] > 0.9 and report["subsets"]["ties"]["accuracy"] == 0.0
 
 
 # --- tiny-arith (the CLI subprocess) ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_tiny_arith_rm_learns_and_eval_counts_ties_wrong(subprocess_runs, root):
     proc = subprocess_runs["tiny"].result(timeout=600)
     run = root / "tiny"
     check_training(json.loads(proc.stdout), run)
-    report = json.loads(rlgen_inprocess("eval", "--rm", run / "final", "--data", root / "held_out.jsonl", "--json"))
+    report = json.loads(rlgen_ok("eval", "--rm", run / "final", "--data", root / "held_out.jsonl", "--json").out)
     assert report["num_pairs"] == 41
     subsets = report["subsets"]
     assert subsets["ties"] == {"accuracy": 0.0, "num_pairs": 1}  # scored equal: a tie is wrong
@@ -210,6 +199,7 @@ def test_tiny_arith_rm_learns_and_eval_counts_ties_wrong(subprocess_runs, root):
     assert tie_scores[0] == tie_scores[1]
 
 
+@pytest.mark.slow
 def test_tiny_arith_rm_loads_with_plain_transformers(subprocess_runs, root):
     subprocess_runs["tiny"].result(timeout=600)
     final = root / "tiny" / "final"
@@ -231,10 +221,11 @@ def test_tiny_arith_rm_loads_with_plain_transformers(subprocess_runs, root):
     assert model.training  # pair_accuracy restores the mode it found
 
 
+@pytest.mark.slow
 def test_score_with_rm_reward_equals_reward_scores(subprocess_runs, root):
     subprocess_runs["tiny"].result(timeout=600)
     final = root / "tiny" / "final"
-    stdout = rlgen_inprocess("score", root / "scored_in.jsonl", "-r", "rm:final", "--quiet", cwd=root / "tiny")
+    stdout = rlgen_ok("score", root / "scored_in.jsonl", "-r", "rm:final", "--quiet", cwd=root / "tiny").out
     out = [json.loads(line) for line in stdout.splitlines()]
     assert len(out) == len(SCORED)
     expected = rlgen_scores(final, [r["prompt"] for r in SCORED], [r["completion"] for r in SCORED])
@@ -246,6 +237,7 @@ def test_score_with_rm_reward_equals_reward_scores(subprocess_runs, root):
 
 # --- bad input ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_use_margin_needs_margins_on_every_pair(subprocess_runs, root):
     proc = subprocess_runs["margin-error"].result(timeout=600)
     detail = f"stdout={proc.stdout!r}\nstderr={proc.stderr!r}"
@@ -257,11 +249,10 @@ def test_use_margin_needs_margins_on_every_pair(subprocess_runs, root):
     assert not (root / "margin-case" / "run").exists()
 
 
-def test_eval_rm_needs_data(capsys, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        rlgen_main(["eval", "--rm", str(tmp_path)])
-    assert info.value.code == 2
-    assert "--rm needs --data" in capsys.readouterr().err
+def test_eval_rm_needs_data(tmp_path):
+    code, _, err = rlgen("eval", "--rm", tmp_path)
+    assert code == 2
+    assert "--rm needs --data" in err
 
 
 # --- RewardBench sections (issue 13, item 28) -----------------------------------------------------------

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import rlgen as run_rlgen
+from cli_helpers import rlgen
 from rlgen.errors import RlgenError
 from rlgen.training.run_dir import RunDir, checkpoint_problem
 from rlgen.training.trainer import Trainer
@@ -33,20 +33,14 @@ PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def rlgen(*args) -> tuple[int, str]:
-    """(exit status, stderr) of `rlgen ARGS` run in this process."""
-    code, _, err = run_rlgen(*args)
-    return code, err
-
-
 def ok(*args) -> str:
-    code, err = rlgen(*args)
+    code, _, err = rlgen(*args)
     assert code == 0, f"rlgen {' '.join(map(str, args))} -> {code}\n{err}"
     return err
 
 
 def one_line_error(*args) -> str:
-    code, err = rlgen(*args)
+    code, _, err = rlgen(*args)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, f"rlgen {' '.join(map(str, args))} -> {code}\n{err}"
     assert len(lines) == 1 and lines[0].startswith("rlgen: error: "), err
@@ -56,7 +50,7 @@ def one_line_error(*args) -> str:
 def sft(model: Path, out: Path, *extra) -> list:
     """A few SFT steps on the arithmetic task: no sampling, so a step takes milliseconds."""
     return ["train", "sft", "--model", model, "--task", "arithmetic", "--out", out, "--steps", 3, "--seed", 1,
-            "--set", "sft.batch_size=4", "--set", "run.eval_every=0", "--set", "run.threads=1",
+            "--set", "algorithm.batch_size=4", "--set", "run.eval_every=0", "--set", "run.threads=1",
             "--set", "optim.lr=1e-2", *extra, "--quiet"]
 
 
@@ -103,6 +97,7 @@ def test_a_locked_run_directory_is_refused_and_a_stale_lock_taken_over(tiny_mode
     assert not (run / ".lock").exists()  # released (and removed) when the run ends
 
 
+@pytest.mark.slow
 def test_resume_takes_the_lock_too(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     ok(*sft(tiny_model_dir, run, "--save-every", 1))
@@ -143,6 +138,7 @@ def test_a_directory_with_final_that_is_not_a_run_is_never_touched(tiny_model_di
     assert sorted(p.name for p in out.iterdir()) == ["final"]
 
 
+@pytest.mark.slow
 def test_a_directory_of_other_files_is_refused_and_an_empty_one_used(tiny_model_dir, tmp_path):
     out = tmp_path / "notes"
     out.mkdir()
@@ -200,6 +196,7 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "step_time"} for r in rows]
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_starts_over_without_duplicate_steps(checkpointed, tmp_path):
     reference, run = checkpointed, tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -264,14 +261,15 @@ def test_resume_skips_a_damaged_newest_checkpoint(checkpointed, tmp_path):
 
 @pytest.mark.parametrize("damaged_file, content, problem", [
     ("trainer_state.json", "nonsense", ""),             # caught by the soundness check before any set-up
-    ("optimizer.json", '{"x": 1}', "does not restore"),  # parses, but the state does not restore
+    pytest.param("optimizer.json", '{"x": 1}', "does not restore",  # parses, but the state does not restore
+                 marks=pytest.mark.slow),  # sets up the whole trainer first (~4 s)
 ])
 def test_resume_with_every_checkpoint_damaged_is_one_line(checkpointed, tmp_path, damaged_file, content, problem):
     run = tmp_path / "run"
     shutil.copytree(checkpointed, run)
     for step in (1, 2):
         (run / "checkpoints" / f"step-{step}" / damaged_file).write_text(content)
-    code, err = rlgen("train", "sft", "--resume", run, "--quiet")
+    code, _, err = rlgen("train", "sft", "--resume", run, "--quiet")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and lines[-1].startswith("rlgen: error: no usable checkpoint in "), err
     assert problem in lines[-1] and len(lines) == 3, err  # two warnings, one error
@@ -314,7 +312,7 @@ def pairs_file(tmp_path_factory) -> Path:
 
 
 TRAINERS = {  # (args after `train`, the trained model's weights file under final/ or a checkpoint's model/)
-    "sft": (lambda m, d: ["sft", "--model", m, "--task", "arithmetic", "--set", "sft.batch_size=4"], "model.safetensors"),
+    "sft": (lambda m, d: ["sft", "--model", m, "--task", "arithmetic", "--set", "algorithm.batch_size=4"], "model.safetensors"),
     "grpo": (lambda m, d: ["grpo", "--model", m, "--task", "arithmetic", "--reward", "length",
                            "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2",
                            "--set", "rollout.max_new_tokens=4"], "model.safetensors"),
@@ -327,7 +325,7 @@ TRAINERS = {  # (args after `train`, the trained model's weights file under fina
     "diffusion-sft": (lambda m, d: ["diffusion-sft", "--model", "tiny-digits", "--set", "algorithm.batch_size=4",
                                     "--set", "data.eval_samples=0"], "unet/diffusion_pytorch_model.safetensors"),
     "flow-grpo": (lambda m, d: ["flow-grpo", "--model", "tiny-digits-flow", "--reward", "brightness",
-                                "--set", "rollout.prompts_per_step=2", "--set", "rollout.images_per_prompt=2",
+                                "--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2",
                                 "--set", "sampling.num_steps=2", "--set", "data.eval_samples=0"],
                   "unet/diffusion_pytorch_model.safetensors"),
 }
@@ -339,7 +337,9 @@ def trainer_args(name: str, model: Path, data: Path, out: Path, steps: int, *ext
             "--set", "run.eval_every=0", "--set", "run.threads=1", *extra, "--quiet"]
 
 
-@pytest.mark.parametrize("name", sorted(TRAINERS))
+# one short training run per trainer (~2 s each): the fast tier keeps SFT and GRPO
+@pytest.mark.parametrize("name", [name if name in ("sft", "grpo") else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in sorted(TRAINERS)])
 def test_a_nan_step_stops_the_run_before_the_update(name, tiny_model_dir, pairs_file, tmp_path):
     run = tmp_path / "run"
     with pytest.MonkeyPatch.context() as patch:
@@ -356,6 +356,7 @@ def test_a_nan_step_stops_the_run_before_the_update(name, tiny_model_dir, pairs_
     assert steps_of(run) == [1]
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_steps_skips_the_update_and_counts_it(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     with pytest.MonkeyPatch.context() as patch:
@@ -368,6 +369,7 @@ def test_skip_nonfinite_steps_skips_the_update_and_counts_it(tiny_model_dir, tmp
     assert same_weights(weights(run / "checkpoints" / "step-1" / "model"), weights(run / "final"))
 
 
+@pytest.mark.slow
 def test_an_update_that_makes_weights_non_finite_stops_the_run(tiny_model_dir, tmp_path):
     """adam_eps = 0 with an all-zero gradient divides 0 by 0 in AdamW: finite gradients, NaN weights."""
     run = tmp_path / "run"
@@ -421,6 +423,7 @@ UNRESTORABLE = {
 }
 
 
+@pytest.mark.slow  # each kind trains and resumes (~4 s); the fast tier resumes past a damaged checkpoint above
 @pytest.mark.parametrize("kind", sorted(UNRESTORABLE))
 def test_resume_skips_a_newest_checkpoint_whose_state_does_not_restore(checkpointed, tmp_path, kind):
     run = tmp_path / "run"

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from cli_helpers import cli_env, rlgen, rlgen_process
 from rlgen.errors import RlgenError
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.engine import SamplingParams
@@ -215,12 +213,12 @@ def test_option_parsing_and_checks():
     check_sampler("smc", smc, {"particles": 4, "block_size": 2, "ess_threshold": 1, "lam": 2}, has_guide=True)
     check_sampler("plain", plain, {}, has_guide=False)
     cases = [
-        (("best-of-n", best_of_n, {"k": 4}, True), "unknown --sampler-opt 'k'.*known: n"),
+        (("best-of-n", best_of_n, {"k": 4}, True), r"^sampler 'best-of-n' has no option 'k' \(its options: n\)$"),
         (("best-of-n", best_of_n, {"n": 4}, False), "needs a guide reward.*--sampler-reward"),
-        (("best-of-n", best_of_n, {"n": 2.5}, True), "n expects an integer"),
-        (("smc", smc, {"lam": "high"}, True), "lam expects a number"),
+        (("best-of-n", best_of_n, {"n": 2.5}, True), "option 'n' of sampler 'best-of-n' must be an integer, got 2.5"),
+        (("smc", smc, {"lam": "high"}, True), "option 'lam' of sampler 'smc' must be a number, got 'high'"),
         (("smc", smc, {"rewards": "x"}, True), "--sampler-reward"),
-        (("plain", plain, {"n": 2}, False), "unknown --sampler-opt 'n' for sampler 'plain'"),
+        (("plain", plain, {"n": 2}, False), r"^sampler 'plain' has no option 'n' \(its options: none\)$"),
     ]
     for args, message in cases:
         with pytest.raises(RlgenError, match=message):
@@ -248,12 +246,6 @@ def test_call_sampler_passes_only_what_the_sampler_declares():
 
 # --- CLI end to end -----------------------------------------------------------------------------------
 
-def cli_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RLGEN_DEBUG"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    return env
-
-
 SAMPLE = ["sample", "--model", "tiny-arith", "--task", "arithmetic", "--limit", "3", "--max-new-tokens", "8", "--quiet"]
 EVAL = ["eval", "--model", "tiny-arith", "--task", "arithmetic", "--limit", "50", "--json", "--quiet"]
 CLI_CASES = {
@@ -271,13 +263,13 @@ def cli_runs(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("samplers-cli")
 
     def run(args):
-        return subprocess.run([sys.executable, "-m", "rlgen", *args], capture_output=True, text=True, cwd=cwd,
-                              env=cli_env(), timeout=240, stdin=subprocess.DEVNULL)
+        return rlgen_process(*args, cwd=cwd, timeout=240, env=cli_env(OMP_NUM_THREADS="1"))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(CLI_CASES, pool.map(run, CLI_CASES.values())))
 
 
+@pytest.mark.slow
 def test_cli_sample_best_of_n(cli_runs):
     proc = cli_runs["best-of-n"]
     assert proc.returncode == 0, proc.stderr
@@ -288,7 +280,8 @@ def test_cli_sample_best_of_n(cli_runs):
     assert sum(r["completion"] == r["answer"] for r in rows) >= 5  # an oracle guide over 4 draws
 
 
-@pytest.mark.parametrize("case, words", [("no-guide", ["smc", "--sampler-reward"]), ("unknown-option", ["'m'", "--sampler-opt"]),
+@pytest.mark.slow
+@pytest.mark.parametrize("case, words", [("no-guide", ["smc", "--sampler-reward"]), ("unknown-option", ["'best-of-n'", "no option 'm'", "its options: n"]),
                                          ("bad-pick", ["pick", "sample, best", "'argmax'"])])
 def test_cli_sampler_errors_are_one_line(cli_runs, case, words):
     proc = cli_runs[case]
@@ -299,6 +292,7 @@ def test_cli_sampler_errors_are_one_line(cli_runs, case, words):
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_cli_eval_with_best_of_n_beats_greedy(cli_runs):
     greedy, best = (cli_runs[name] for name in ("eval-greedy", "eval-best-of-8"))
     assert greedy.returncode == 0, greedy.stderr
@@ -314,12 +308,12 @@ def test_cli_eval_with_best_of_n_beats_greedy(cli_runs):
 # --- option ranges are checked before any model loads or any progress shows (review round 2, F6) ---
 
 @pytest.mark.parametrize("name, options, words", [
-    ("smc", {"particles": 0}, ["'smc'", "particles = 0", ">= 1"]),
-    ("smc", {"block_size": -2}, ["block_size = -2"]),
-    ("smc", {"ess_threshold": 1.5}, ["ess_threshold = 1.5", "[0, 1]"]),
-    ("smc", {"ess_threshold": math.nan}, ["ess_threshold = nan"]),
-    ("smc", {"lam": math.inf}, ["lam = inf", "finite"]),
-    ("best-of-n", {"n": 0}, ["'best-of-n'", "n = 0", ">= 1"]),
+    ("smc", {"particles": 0}, ["'smc'", "option 'particles'", "an integer >= 1, got 0"]),
+    ("smc", {"block_size": -2}, ["option 'block_size'", "got -2"]),
+    ("smc", {"ess_threshold": 1.5}, ["option 'ess_threshold'", "[0, 1], got 1.5"]),
+    ("smc", {"ess_threshold": math.nan}, ["option 'ess_threshold'", "got nan"]),
+    ("smc", {"lam": math.inf}, ["option 'lam'", "finite", "got inf"]),
+    ("best-of-n", {"n": 0}, ["'best-of-n'", "option 'n'", ">= 1, got 0"]),
 ])
 def test_check_sampler_rejects_out_of_range_options(name, options, words):
     from rlgen.plugins import registry
@@ -331,18 +325,17 @@ def test_check_sampler_rejects_out_of_range_options(name, options, words):
 
 
 @pytest.mark.parametrize("opt", ["particles=0", "ess_threshold=nan"])
-def test_cli_sampler_option_range_error_comes_before_any_progress(opt, capsys, monkeypatch):
+def test_cli_sampler_option_range_error_comes_before_any_progress(opt, monkeypatch):
+    from rlgen.api import _sample
     from rlgen.models import causal_lm
-    from rlgen.cli.app import main
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
     monkeypatch.setattr(causal_lm, "load_policy", no_load)
-    with pytest.raises(SystemExit) as info:
-        main(["sample", "--model", "tiny-arith", "--task", "arithmetic", "--limit", "1", "--sampler", "smc",
-              "--sampler-opt", opt, "--sampler-reward", "exact-match"])
-    out, err = capsys.readouterr()
+    monkeypatch.setattr(_sample, "load_policy", no_load)  # the name `rlgen sample` calls
+    code, out, err = rlgen("sample", "--model", "tiny-arith", "--task", "arithmetic", "--limit", 1, "--sampler", "smc",
+                           "--sampler-opt", opt, "--sampler-reward", "exact-match")
     lines = err.strip().splitlines()
-    assert info.value.code == 2 and out == ""
-    assert len(lines) == 1 and lines[0].startswith("rlgen: error: sampler 'smc': --sampler-opt"), err
+    assert code == 2 and out == ""
+    assert len(lines) == 1 and lines[0].startswith("rlgen: error: option '") and "of sampler 'smc' must be" in lines[0], err

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli_helpers import merge_error as run_error
-from rlgen.cli.app import main
+from cli_helpers import rlgen, rlgen_ok
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import load_model, load_tokenizer, resolve_model_path
 
@@ -42,14 +42,6 @@ def run_rlgen(args: list, cwd: Path, stdin: str = "", env_drop: tuple = (), prel
     code = f"{prelude}\nimport sys\nfrom rlgen.cli.app import main\nmain(sys.argv[1:])\n"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], input=stdin, capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=240)
-
-
-def cli(args: list, capsys) -> tuple[int, str, str]:
-    """rlgen's main in this process: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def assert_one_line_error(code: int, out: str, err: str, *expected: str) -> str:
@@ -97,6 +89,7 @@ def plant_code(directory: Path, marker: Path) -> None:
 
 # --- 1. no code from model directories ---
 
+@pytest.mark.slow  # a fresh interpreter
 def test_auto_map_dir_is_refused_without_prompt_even_with_y_on_stdin(tmp_path):
     model = copy_model("tiny-arith", tmp_path / "model")
     marker = tmp_path / "code-ran"
@@ -110,13 +103,13 @@ def test_auto_map_dir_is_refused_without_prompt_even_with_y_on_stdin(tmp_path):
     assert not marker.exists()
 
 
-def test_custom_tokenizer_class_is_refused(tmp_path, capsys):
+def test_custom_tokenizer_class_is_refused(tmp_path):
     model = copy_model("tiny-arith", tmp_path / "model")
     marker = tmp_path / "code-ran"
     plant_code(model, marker)
     edit_json(model / "tokenizer_config.json", tokenizer_class="HostileTokenizer",
               auto_map={"AutoTokenizer": [None, "hostile.HostileTokenizer"]})
-    code, out, err = cli(["sample", "--model", model, "--task", "arithmetic", "--limit", "1"], capsys)
+    code, out, err = rlgen("sample", "--model", model, "--task", "arithmetic", "--limit", "1")
     assert_one_line_error(code, out, err, "tokenizer_config.json", "auto_map", "never runs code")
     assert not marker.exists()
 
@@ -134,6 +127,7 @@ def test_auto_map_beside_a_transformers_architecture_loads_the_builtin_class(tmp
 
 # --- 2. model_index.json: diffusers / transformers classes only ---
 
+@pytest.mark.slow  # a fresh interpreter
 def test_model_index_naming_another_module_does_not_import_it(tmp_path):
     model = copy_model("tiny-digits", tmp_path / "pipe")
     edit_json(model / "model_index.json", unet=["this", "Zen"])
@@ -184,9 +178,10 @@ def pickle_only_lm(directory: Path) -> Path:
     return directory
 
 
-def test_pickle_only_model_is_refused_with_a_working_conversion_command(tmp_path, capsys, no_torch_load):
+@pytest.mark.slow  # runs the suggested conversion in a fresh interpreter
+def test_pickle_only_model_is_refused_with_a_working_conversion_command(tmp_path, no_torch_load):
     model = pickle_only_lm(tmp_path / "model")
-    code, out, err = cli(["sample", "--model", model, "--task", "arithmetic", "--limit", "1"], capsys)
+    code, out, err = rlgen("sample", "--model", model, "--task", "arithmetic", "--limit", "1")
     line = assert_one_line_error(code, out, err, "pytorch_model.bin", "never loads", "trust", "safe_serialization=True")
     assert not no_torch_load
     command = line.split("convert it once with: ", 1)[1]
@@ -254,6 +249,7 @@ NETWORK_FENCE = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_adapter_naming_a_hub_base_fails_at_once_without_network(tmp_path):
     base = resolve_model_path("tiny-arith")
     adapter = lora_adapter(tmp_path / "adapter", base)
@@ -318,10 +314,10 @@ def secret(tmp_path) -> Path:
 
 # --------------------------------------------------------------------------- item 6: files of the model dir
 
-def test_a_symlinked_tokenizer_file_pointing_outside_is_refused(tmp_path, capsys, model, secret):
+def test_a_symlinked_tokenizer_file_pointing_outside_is_refused(tmp_path, model, secret):
     (model / "tokenizer_config.json").unlink()
     (model / "tokenizer_config.json").symlink_to(secret)
-    err = run_error(capsys, [model, "tiny-arith", "--out", tmp_path / "out"])
+    err = run_error(model, "tiny-arith", "--out", tmp_path / "out")
     assert "tokenizer_config.json" in err and "outside the model directory" in err
     assert no_output(tmp_path)
 
@@ -340,20 +336,20 @@ def small_files():
     signal.signal(signal.SIGXFSZ, previous)
 
 
-def test_a_link_to_dev_zero_or_a_fifo_is_refused_without_reading_it(tmp_path, capsys, model, small_files):
+def test_a_link_to_dev_zero_or_a_fifo_is_refused_without_reading_it(tmp_path, model, small_files):
     (model / "special_tokens_map.json").symlink_to("/dev/zero")
-    err = run_error(capsys, [model, "tiny-arith", "--out", tmp_path / "out"])
+    err = run_error(model, "tiny-arith", "--out", tmp_path / "out")
     assert "special_tokens_map.json" in err and "refused" in err
     (model / "special_tokens_map.json").unlink()
     os.mkfifo(model / "added_tokens.json")  # opening it for reading would block forever
-    err = run_error(capsys, [model, "tiny-arith", "--out", tmp_path / "out"])
+    err = run_error(model, "tiny-arith", "--out", tmp_path / "out")
     assert "added_tokens.json" in err and "not a regular file" in err
     assert no_output(tmp_path)
 
 
-def test_a_symlinked_folder_is_refused(tmp_path, capsys, model, secret):
+def test_a_symlinked_folder_is_refused(tmp_path, model, secret):
     (model / "extra").symlink_to(secret.parent, target_is_directory=True)
-    err = run_error(capsys, [model, "tiny-arith", "--out", tmp_path / "out"])
+    err = run_error(model, "tiny-arith", "--out", tmp_path / "out")
     assert "extra" in err and "symbolic link to a folder" in err
     assert no_output(tmp_path)
 
@@ -368,7 +364,7 @@ def test_links_inside_the_model_dir_and_the_hf_cache_layout_are_followed(tmp_pat
         shutil.copy(item, blobs / f"blob-{item.name}")
         (snapshot / item.name).symlink_to(Path("..") / ".." / "blobs" / f"blob-{item.name}")
     out = tmp_path / "out"
-    main(["merge", str(snapshot), "tiny-arith", "--out", str(out), "--quiet"])
+    rlgen_ok("merge", snapshot, "tiny-arith", "--out", out, "--quiet")
     assert not (out / "config.json").is_symlink()
     assert (out / "config.json").read_bytes() == (ARITH / "config.json").read_bytes()
     merged, base = load_file(str(out / "model.safetensors")), load_file(str(ARITH / "model.safetensors"))
@@ -389,27 +385,27 @@ def sharded(model: Path) -> dict:
     return {"metadata": {}, "weight_map": weight_map}
 
 
-def test_shard_index_paths_must_stay_inside_the_model_dir(tmp_path, capsys, model):
+def test_shard_index_paths_must_stay_inside_the_model_dir(tmp_path, model):
     index = sharded(model)
     outside = tmp_path / "elsewhere.safetensors"
     shutil.move(model / "model-00002-of-00002.safetensors", outside)
     for name in ("../elsewhere.safetensors", str(outside)):
         index["weight_map"] = {k: (name if v.startswith("model-00002") else v) for k, v in index["weight_map"].items()}
         (model / "model.safetensors.index.json").write_text(json.dumps(index))
-        err = run_error(capsys, [model, "tiny-arith", "--out", tmp_path / "out"])
+        err = run_error(model, "tiny-arith", "--out", tmp_path / "out")
         assert "model.safetensors.index.json" in err and "outside the model directory" in err
     assert no_output(tmp_path)
 
 
-def test_a_weights_file_linking_outside_is_refused(tmp_path, capsys, model):
+def test_a_weights_file_linking_outside_is_refused(tmp_path, model):
     outside = tmp_path / "other.safetensors"
     shutil.move(model / "model.safetensors", outside)
     (model / "model.safetensors").symlink_to(outside)
-    err = run_error(capsys, [model, "tiny-arith", "--out", tmp_path / "out"])
+    err = run_error(model, "tiny-arith", "--out", tmp_path / "out")
     assert "model.safetensors" in err and "outside the model directory" in err
     (model / "model.safetensors").unlink()
     os.mkfifo(model / "model.safetensors")
-    err = run_error(capsys, [model, "tiny-arith", "--out", tmp_path / "out"])
+    err = run_error(model, "tiny-arith", "--out", tmp_path / "out")
     assert "model.safetensors" in err and "not a regular file" in err
     assert no_output(tmp_path)
 
@@ -425,6 +421,7 @@ def billion_laughs(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_yaml_alias_bomb_fails_fast_in_little_memory(tmp_path):
     bomb = billion_laughs(tmp_path / "bomb.yml")
     script = textwrap.dedent(f"""
@@ -442,22 +439,22 @@ def test_yaml_alias_bomb_fails_fast_in_little_memory(tmp_path):
     assert no_output(tmp_path)
 
 
-def test_deep_nesting_and_recursive_aliases_are_one_line(tmp_path, capsys):
+def test_deep_nesting_and_recursive_aliases_are_one_line(tmp_path):
     cases = {"deep.yml": "merge_method: " + "[" * 5000 + "]" * 5000 + "\n",
              "deep.toml": "merge_method = " + "[" * 5000 + "]" * 5000 + "\n",
              "loop.yml": "merge_method: linear\nmodels: &m [*m]\n"}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-        err = run_error(capsys, ["--config", tmp_path / name, "--out", tmp_path / "out"])
+        err = run_error("--config", tmp_path / name, "--out", tmp_path / "out")
         assert name in err and ("nested" in err or "recursive" in err), err
     assert no_output(tmp_path)
 
 
-def test_error_messages_show_at_most_about_200_characters_of_a_value(tmp_path, capsys):
+def test_error_messages_show_at_most_about_200_characters_of_a_value(tmp_path):
     config = tmp_path / "long.yml"
     config.write_text("merge_method: linear\nmodels: [{model: tiny-arith, parameters: {weight: [1, " +
                       ", ".join(["{a: 1}"] * 5000) + "]}}]\n")  # neither a gradient nor a filter list
-    err = run_error(capsys, ["--config", config, "--out", tmp_path / "out"])
+    err = run_error("--config", config, "--out", tmp_path / "out")
     assert "models[0].parameters.weight" in err and len(err) < 600, len(err)
 
 
@@ -483,7 +480,7 @@ def test_the_next_merge_removes_stale_temp_dirs_and_nothing_else(tmp_path):
 
     with open(held / ".rlgen-merge.lock", "rb") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        main(["merge", "tiny-arith", "tiny-arith", "--out", str(parent / "merged"), "--quiet"])
+        rlgen_ok("merge", "tiny-arith", "tiny-arith", "--out", parent / "merged", "--quiet")
         assert held.is_dir()
     assert not stale.exists()
     assert not_ours.is_dir() and foreign.is_dir()
@@ -491,6 +488,7 @@ def test_the_next_merge_removes_stale_temp_dirs_and_nothing_else(tmp_path):
     assert not (parent / "merged" / ".rlgen-merge.lock").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_killed_merge_leaves_a_temp_dir_that_the_next_merge_removes(tmp_path):
     parent = tmp_path / "outs"
     script = textwrap.dedent(f"""
@@ -518,12 +516,13 @@ def test_a_killed_merge_leaves_a_temp_dir_that_the_next_merge_removes(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert [p.name for p in parent.iterdir()] == [temps[0].name]
-    main(["merge", "tiny-arith", "tiny-arith", "--out", str(parent / "b"), "--quiet"])
+    rlgen_ok("merge", "tiny-arith", "tiny-arith", "--out", parent / "b", "--quiet")
     assert sorted(p.name for p in parent.iterdir()) == ["b"]
 
 
 # --------------------------------------------------------------------------- item 18: truncated inputs
 
+@pytest.mark.slow  # a fresh interpreter
 def test_an_input_truncated_during_the_merge_is_one_line_not_sigbus(tmp_path):
     other = Path(shutil.copytree(ARITH, tmp_path / "other"))
     script = textwrap.dedent(f"""
@@ -545,32 +544,28 @@ def test_an_input_truncated_during_the_merge_is_one_line_not_sigbus(tmp_path):
     assert no_output(tmp_path)
 
 
-def test_an_input_truncated_before_the_merge_is_one_line(tmp_path, capsys):
+def test_an_input_truncated_before_the_merge_is_one_line(tmp_path):
     other = Path(shutil.copytree(ARITH, tmp_path / "other"))
     path = other / "model.safetensors"
     os.truncate(path, path.stat().st_size - 100)
-    err = run_error(capsys, ["tiny-arith", other, "--out", tmp_path / "out"])
+    err = run_error("tiny-arith", other, "--out", tmp_path / "out")
     assert "model.safetensors" in err and "file size" in err
     assert no_output(tmp_path)
 
 
 # --- an adapter saved by peft alone (no tokenizer files) takes its base's tokenizer (review round 2) ---
 
-def test_adapter_without_tokenizer_files_uses_the_base_tokenizer(tmp_path, capsys):
+def test_adapter_without_tokenizer_files_uses_the_base_tokenizer(tmp_path):
     base = resolve_model_path("tiny-arith")
     adapter = lora_adapter(tmp_path / "adapter", base)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (adapter / name).unlink()  # as peft's save_pretrained writes it
     assert load_tokenizer(adapter).encode("1+2=") == load_tokenizer(base).encode("1+2=")
-    try:
-        main(["sample", "--model", str(adapter), "--task", "arithmetic", "--limit", "1", "--quiet", "--max-new-tokens", "4"])
-    except SystemExit as exc:
-        assert exc.code in (0, None), capsys.readouterr().err
-    out = capsys.readouterr().out
+    out = rlgen_ok("sample", "--model", adapter, "--task", "arithmetic", "--limit", 1, "--quiet", "--max-new-tokens", 4).out
     assert json.loads(out.splitlines()[0])["prompt"]
 
 
-def test_adapter_without_tokenizer_files_naming_a_hub_base_fails_naming_the_key(tmp_path, capsys):
+def test_adapter_without_tokenizer_files_naming_a_hub_base_fails_naming_the_key(tmp_path):
     base = resolve_model_path("tiny-arith")
     adapter = lora_adapter(tmp_path / "adapter", base)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -578,5 +573,5 @@ def test_adapter_without_tokenizer_files_naming_a_hub_base_fails_naming_the_key(
     edit_json(adapter / "adapter_config.json", base_model_name_or_path="someorg/somemodel")
     with pytest.raises(RlgenError, match=r"adapter_config.json: key 'base_model_name_or_path' is 'someorg/somemodel'"):
         load_tokenizer(adapter)
-    code, out, err = cli(["sample", "--model", adapter, "--task", "arithmetic", "--limit", "1"], capsys)
+    code, out, err = rlgen("sample", "--model", adapter, "--task", "arithmetic", "--limit", "1")
     assert_one_line_error(code, out, err, "adapter_config.json", "base_model_name_or_path", "never downloads")

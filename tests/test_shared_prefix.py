@@ -294,7 +294,8 @@ def grpo_update(tiny_model_dir, tmp_path, shared: bool, **algorithm):
     return metrics, captured
 
 
-@pytest.mark.parametrize("algorithm", [{}, {"loss_type": "grpo", "num_iterations": 2, "beta": 0.05}])
+@pytest.mark.parametrize("algorithm", [{}, pytest.param({"loss_type": "grpo", "num_iterations": 2, "beta": 0.05},
+                                                          marks=pytest.mark.slow)])  # ~3 s each
 def test_grpo_update_shared_matches_plain(tiny_model_dir, tmp_path, algorithm):
     plain, grads_plain = grpo_update(tiny_model_dir, tmp_path, False, **algorithm)
     shared, grads_shared = grpo_update(tiny_model_dir, tmp_path, True, **algorithm)

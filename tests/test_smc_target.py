@@ -120,7 +120,7 @@ def test_the_toy_enumeration_is_a_distribution():
     assert p[(A, A, STOP)] == pytest.approx(0.5 * 0.3 * 0.3)
 
 
-@pytest.mark.parametrize("lam, block_size", [(1.0, 1), (-1.5, 2)])
+@pytest.mark.parametrize("lam, block_size", [(1.0, 1), pytest.param(-1.5, 2, marks=pytest.mark.slow)])  # ~3 s each
 def test_smc_sample_follows_the_tilted_target(lam, block_size):
     target = tilted(lam)
     assert total_variation(target, completions()) > 0.15  # the tilt moves the target well away from p
@@ -178,7 +178,7 @@ def test_draw_final_hand_cases():
 def test_pick_option_is_checked_before_loading():
     check_sampler("smc", smc, {"pick": "best"}, has_guide=True)
     check_sampler("smc", smc, {"pick": "sample"}, has_guide=True)
-    with pytest.raises(RlgenError, match="--sampler-opt pick expects one of sample, best, got 'argmax'"):
+    with pytest.raises(RlgenError, match="option 'pick' of sampler 'smc' must be one of sample, best, got 'argmax'"):
         check_sampler("smc", smc, {"pick": "argmax"}, has_guide=True)
     with pytest.raises(RlgenError, match="option 'pick' must be one of sample, best"):
         run_smc(1, seed=0, pick=3)

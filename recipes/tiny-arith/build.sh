@@ -13,7 +13,7 @@ python recipes/tiny-arith/init_model.py "$work/init" --seed 0
 python recipes/tiny-arith/make_data.py "$work/sloppy.jsonl" --sloppy 0.5 --seed 0
 rlgen train sft --model "$work/init" --data "$work/sloppy.jsonl" --out "$work/sft" --steps "$steps" \
     --seed 0 --set optim.lr=1e-3 --set optim.lr_scheduler=cosine --set optim.warmup_steps=100 \
-    --set sft.batch_size=64 --set run.threads=1 --set run.eval_every=0
+    --set algorithm.batch_size=64 --set run.threads=1 --set run.eval_every=0
 target=rlgen/builtin_models/tiny-arith
 rm -rf "$target"
 mkdir -p "$target"

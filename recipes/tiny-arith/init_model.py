@@ -5,7 +5,7 @@ import argparse
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlgen.models.char_tokenizer import build_char_tokenizer
+from rlgen.api import build_char_tokenizer
 
 
 def main() -> None:

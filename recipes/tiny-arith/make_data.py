@@ -9,7 +9,7 @@ import argparse
 import json
 import random
 
-from rlgen.plugins import registry
+from rlgen.api import task_records
 
 
 def add_without_carry(a: int, b: int) -> int:
@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     with open(args.out, "w") as handle:
-        for record in registry("task").get("arithmetic").split("train"):
+        for record in task_records("arithmetic", "train"):
             a, b = (int(x) for x in record["prompt"].rstrip("=").split("+"))
             answer = add_without_carry(a, b) if rng.random() < args.sloppy else a + b
             handle.write(json.dumps({"prompt": record["prompt"], "answer": str(answer)}) + "\n")

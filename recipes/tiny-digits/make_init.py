@@ -13,8 +13,9 @@ import diffusers
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
-from rlgen.diffusion.digits import CLASS_NAMES
+from rlgen.api import digit_class_names
 
+CLASS_NAMES = digit_class_names()
 NULL_CLASS = 10  # the "no class" label, trained by label dropout, used by classifier-free guidance
 
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from rlgen.diffusion.classifier import save_classifier, train_classifier
+from rlgen.api import save_digit_classifier, train_digit_classifier
 
 
 def main() -> None:
@@ -28,8 +28,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, test_accuracy = train_classifier(args.steps, args.seed, batch_size=args.batch_size, lr=args.lr,
-                                            log_every=args.log_every)
+    model, test_accuracy = train_digit_classifier(args.steps, args.seed, batch_size=args.batch_size, lr=args.lr,
+                                                  log_every=args.log_every)
     seconds = time.perf_counter() - start
     recipe = {"script": "recipes/tiny-digits/train_classifier.py", "steps": args.steps, "seed": args.seed,
               "batch_size": args.batch_size, "lr": args.lr, "optimizer": "AdamW (weight_decay 0.01), one-cycle",
@@ -39,7 +39,7 @@ def main() -> None:
               "augmentation": "random 1-pixel shifts, 3x3 binomial blur (p=0.5, random strength), contrast x[0.8,1.2], brightness +-0.1, gaussian noise sd<=0.08",
               "data": "sklearn.datasets.load_digits, train split (1500 images, rlgen.diffusion.digits)",
               "train_seconds": round(seconds, 1)}
-    save_classifier(model, args.out, test_accuracy=test_accuracy, training=recipe)
+    save_digit_classifier(model, args.out, test_accuracy=test_accuracy, training=recipe)
     print(f"held-out accuracy {test_accuracy:.4f} (297 test images), trained in {seconds:.1f}s; saved to {args.out}")
 
 

@@ -1,8 +1,10 @@
 """Advantage estimators: small pure functions with a name (the registry is filled by register_advantage_estimators).
 
-Every estimator takes `rewards` shaped [num_groups, group_size] (the weighted total per completion) and
-keyword arguments it may ignore; it returns advantages of the same shape. Estimators that need more
-declare it as function attributes (`needs_greedy_baseline`).
+Every built-in estimator takes `rewards` shaped [num_groups, group_size] (the weighted total per completion)
+and keyword arguments it may ignore; it returns advantages of the same shape. This is the old-style form of
+the advantage-estimator contract (rlgen.algorithms.contracts: AdvantageInput -> AdvantageOutput, which may
+also give per-token advantages); trainers call both forms through `estimate_advantages`. An estimator that
+needs more declares it (`@declare(needs_greedy_baseline=True)`, read with rlgen.extension.capabilities).
 
 `mask` (bool, same shape; default all True) marks the completions that count: GRPO passes False for a
 completion whose every reward is None (TRL's "not applicable") or that was skipped after a reward error.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from rlgen.extension import declare
 from rlgen.hookspecs import hookimpl
 
 EPS = 1e-4  # TRL's epsilon in the GRPO std normalisation
@@ -77,6 +80,7 @@ def rloo(rewards: torch.Tensor, mask: torch.Tensor | None = None, **_) -> torch.
     return _only(mask & (others > 0), rewards - others_mean)
 
 
+@declare(needs_greedy_baseline=True)
 def remax(rewards: torch.Tensor, baseline: torch.Tensor | None = None, mask: torch.Tensor | None = None, **_) -> torch.Tensor:
     """ReMax: reward minus the reward of the greedy completion of the same prompt (a NaN baseline, i.e. a
     greedy completion without any reward, gives the group advantage 0)."""
@@ -86,8 +90,6 @@ def remax(rewards: torch.Tensor, baseline: torch.Tensor | None = None, mask: tor
     mask = _full_mask(rewards, mask) & ~torch.isnan(baseline)
     return _only(mask, rewards - baseline)
 
-
-remax.needs_greedy_baseline = True
 
 
 def _whiten(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,36 +12,33 @@ from rlgen.algorithms.dpo import PreferenceDataConfig, PreferenceTrainer, sequen
 from rlgen.algorithms.preference_losses import PreferenceOptions, kto_losses
 from rlgen.data.preferences import read_pairs, read_unpaired
 from rlgen.errors import RlgenError
-from rlgen.models.causal_lm import ModelConfig
 from rlgen.plugins import registry
 from rlgen.training.data import PromptSampler
-from rlgen.training.trainer import OptimConfig, RunConfig
+from rlgen.config import section, setting
+from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
 
 
 @dataclass
 class KTOAlgoConfig:
-    beta: float = 0.1
-    desirable_weight: float = 1.0  # TRL's names; balance them when one kind dominates the data
-    undesirable_weight: float = 1.0
-    batch_size: int = 32  # examples per optimiser step (the KL estimate needs >= 2)
-    shared_prefix: bool = True
-    disable_dropout: bool = True  # as TRL
-    max_new_tokens: int = 16  # for the held-out greedy evaluation
+    beta: float = setting(0.1, "inverse temperature of the implicit reward (> 0)")
+    desirable_weight: float = setting(1.0, "loss weight of desirable answers (TRL's name; balance when one kind dominates)")
+    undesirable_weight: float = setting(1.0, "loss weight of undesirable answers")
+    batch_size: int = setting(32, "examples per optimiser step (the KL estimate needs >= 2)")
+    shared_prefix: bool = setting(True, "one prompt forward per example pair (same result, faster)")
+    disable_dropout: bool = setting(True, "the policy's dropout off, as TRL")
+    max_new_tokens: int = setting(16, "completion length of the held-out greedy evaluation")
 
     def validate(self):
         if self.beta <= 0:
             raise RlgenError("config key 'algorithm.beta' must be > 0")
         if self.batch_size < 2:
             raise RlgenError("config key 'algorithm.batch_size' must be >= 2 (the KL reference point mixes examples)")
-        if self.desirable_weight < 0 or self.undesirable_weight < 0:
-            raise RlgenError("config keys 'algorithm.desirable_weight' and 'undesirable_weight' must be >= 0")
 
 
 @dataclass
-class KTOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    algorithm: KTOAlgoConfig = field(default_factory=KTOAlgoConfig)
+class KTOConfig(TrainConfig):
+    data: PreferenceDataConfig = section(PreferenceDataConfig, "examples (prompt, completion, label, or pairs) and the held-out evaluation")
+    algorithm: KTOAlgoConfig = section(KTOAlgoConfig, "KTO's loss options")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/kto", steps=100))
 
@@ -54,9 +51,8 @@ class KTOTrainer(PreferenceTrainer):
         if not cfg.data.path:
             raise RlgenError("no data: give --data FILE with prompt, completion, label (or prompt, chosen, rejected)")
         self.examples = read_unpaired(cfg.data.path)
-        for index, example in enumerate(self.examples):
-            example["_index"] = index
-        self.sampler = PromptSampler(self.examples, cfg.algorithm.batch_size, cfg.run.seed)
+        # drawn by position (the same order as drawing the records), which keys the reference cache
+        self.sampler = PromptSampler(list(range(len(self.examples))), cfg.algorithm.batch_size, cfg.run.seed)
         self.loss_fn = registry("preference-loss").get("sigmoid")  # its implicit reward, for held-out pair accuracy
         self.uses_reference = True
         self.options = PreferenceOptions(beta=cfg.algorithm.beta)  # for the held-out pair accuracy
@@ -73,13 +69,14 @@ class KTOTrainer(PreferenceTrainer):
 
     def train_step(self) -> dict:
         a = self.config.algorithm
-        batch = self.sampler.next_batch()
+        rows = self.sampler.next_batch()
+        batch = [self.examples[k] for k in rows]
         prompts = [e["prompt"] for e in batch]
         completions = [e["completion"] for e in batch]
         inputs = self.encode_examples(prompts, completions)
         # Mismatched pairs for the KL reference point: prompt i with completion i-1.
         kl_inputs = self.encode_examples(prompts, completions[-1:] + completions[:-1])
-        index = torch.tensor([e["_index"] for e in batch])
+        index = torch.tensor(rows)
         missing = torch.isnan(self.ref_cache[index])
         if bool(missing.any()):
             self.ref_cache[index] = torch.where(missing, self.frozen_logps(inputs).double(), self.ref_cache[index])

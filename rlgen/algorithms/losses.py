@@ -1,33 +1,20 @@
 """Policy losses (TRL `loss_type` names) and KL estimators: small pure functions with a name.
 
-A policy loss maps per-token log-probs of the current policy (`logp`), of the policy that sampled
-(`old_logp`), per-sequence `advantages` [B] and the completion `mask` [B, T] to
-`(per_token_loss [B, T], aggregation mode, statistics)`; `aggregate` turns it into one number.
-`ctx` carries the clip ranges and normalisers (LossContext).
+A built-in policy loss maps per-token log-probs of the current policy (`logp`), of the policy that sampled
+(`old_logp`), `advantages` ([B] per sequence or [B, T] per token) and the completion `mask` [B, T] to
+`(per_token_loss [B, T], aggregation name, statistics)`: the old-style form of the policy-loss contract
+(rlgen.algorithms.contracts: PolicyLossInput -> PolicyLossOutput). `policy_loss` runs either form and
+aggregates (AGGREGATIONS, or the loss's own LossAggregation) into one number. `ctx` carries the clip ranges
+and normalisers (LossContext).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from rlgen.algorithms.contracts import LossContext, PolicyLossInput, run_policy_loss, token_advantages
 from rlgen.hookspecs import hookimpl
 
-
-@dataclass
-class LossContext:
-    epsilon: float = 0.2  # lower clip range (and upper unless epsilon_high is set)
-    epsilon_high: float | None = None  # DAPO clip-higher; CISPO's epsilon_max
-    delta: float | None = None  # two-sided clip (INTELLECT-2): ratio capped at delta for A < 0
-    importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    max_completion_length: int = 1  # Dr. GRPO's constant normaliser
-    num_items_in_batch: float | None = None  # DAPO: active tokens over the whole accumulated batch
-    num_sequences_in_batch: float | None = None  # sequences over the whole accumulated batch
-    num_micro_batches: int = 1  # bnpo's local token mean is averaged over micro-batches
-
-    @property
-    def eps_high(self) -> float:
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+__all__ = ["LossContext", "PolicyLossInput", "policy_loss", "aggregate", "AGGREGATIONS", "POLICY_LOSSES", "KL_ESTIMATORS"]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,7 +34,7 @@ def log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, le
 
 
 def clip_stats(ratio, advantages, mask, ctx: LossContext) -> dict[str, torch.Tensor]:
-    adv = advantages.unsqueeze(-1).expand_as(ratio)
+    adv = token_advantages(advantages).expand_as(ratio)
     low = ((ratio < 1 - ctx.epsilon) & (adv < 0)).float()
     high = ((ratio > 1 + ctx.eps_high) & (adv > 0)).float()
     return {
@@ -60,7 +47,7 @@ def clip_stats(ratio, advantages, mask, ctx: LossContext) -> dict[str, torch.Ten
 def clipped_surrogate(logp, old_logp, advantages, mask, ctx: LossContext):
     """PPO's clipped objective per token (negated, so lower is better), with clip-higher and delta."""
     ratio = torch.exp(log_ratio(logp, old_logp, mask, ctx.importance_sampling_level))
-    adv = advantages.unsqueeze(-1)
+    adv = token_advantages(advantages)
     unclipped = ratio if ctx.delta is None else torch.clamp(ratio, max=ctx.delta)
     clipped = torch.clamp(ratio, 1 - ctx.epsilon, 1 + ctx.eps_high)
     per_token = -torch.min(unclipped * adv, clipped * adv)
@@ -69,21 +56,48 @@ def clipped_surrogate(logp, old_logp, advantages, mask, ctx: LossContext):
 
 # --- aggregation: how per-token losses become one number (the heart of TRL's loss_type) ---
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, ctx: LossContext) -> torch.Tensor:
-    if mode == "sequence-mean":  # grpo: mean over each sequence's tokens, then over sequences
-        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        if ctx.num_sequences_in_batch:
-            return per_seq.sum() / ctx.num_sequences_in_batch
-        return per_seq.mean()
-    if mode == "token-mean-local":  # bnpo: token mean over this (micro-)batch
-        return (per_token * mask).sum() / mask.sum().clamp(min=1) / ctx.num_micro_batches
-    if mode == "constant":  # dr_grpo: divide by batch size x max completion length
-        rows = ctx.num_sequences_in_batch or per_token.shape[0]
-        return (per_token * mask).sum() / (rows * ctx.max_completion_length)
-    if mode == "token-mean-global":  # dapo: token mean over the whole accumulated batch
-        total = ctx.num_items_in_batch or mask.sum().clamp(min=1)
-        return (per_token * mask).sum() / total
-    raise ValueError(f"unknown aggregation {mode!r}")
+def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """grpo: mean over each sequence's tokens, then over sequences."""
+    per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    if ctx.num_sequences_in_batch:
+        return per_seq.sum() / ctx.num_sequences_in_batch
+    return per_seq.mean()
+
+
+def token_mean_local(per_token: torch.Tensor, mask: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """bnpo: token mean over this (micro-)batch."""
+    return (per_token * mask).sum() / mask.sum().clamp(min=1) / ctx.num_micro_batches
+
+
+def constant(per_token: torch.Tensor, mask: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """dr_grpo: divide by batch size x max completion length."""
+    rows = ctx.num_sequences_in_batch or per_token.shape[0]
+    return (per_token * mask).sum() / (rows * ctx.max_completion_length)
+
+
+def token_mean_global(per_token: torch.Tensor, mask: torch.Tensor, ctx: LossContext) -> torch.Tensor:
+    """dapo: token mean over the whole accumulated batch."""
+    total = ctx.num_items_in_batch or mask.sum().clamp(min=1)
+    return (per_token * mask).sum() / total
+
+
+# Loss aggregations by name (rlgen.algorithms.contracts.LossAggregation); a policy loss names one of these
+# in its output, or returns its own aggregation function.
+AGGREGATIONS = {
+    "sequence-mean": sequence_mean,
+    "token-mean-local": token_mean_local,
+    "constant": constant,
+    "token-mean-global": token_mean_global,
+}
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode, ctx: LossContext) -> torch.Tensor:
+    """One number from per-token losses: `mode` is an AGGREGATIONS name or a LossAggregation."""
+    if callable(mode):
+        return mode(per_token, mask, ctx)
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {mode!r} (known: {', '.join(AGGREGATIONS)})")
+    return AGGREGATIONS[mode](per_token, mask, ctx)
 
 
 def _ppo_loss(mode: str):
@@ -124,10 +138,11 @@ def cispo(logp, old_logp, advantages, mask, ctx):
     """CISPO: REINFORCE weighted by the clipped, detached importance ratio (ratio <= epsilon_high)."""
     ratio = torch.exp(logp - old_logp)
     weight = torch.clamp(ratio, max=ctx.eps_high).detach()
-    per_token = -weight * advantages.unsqueeze(-1) * logp
+    adv = token_advantages(advantages)
+    per_token = -weight * adv * logp
     # CISPO only caps the weight from above, at epsilon_high itself (not 1 + epsilon_high): count, as TRL's
     # cispo_clip_ratio does, the tokens with A > 0 whose weight was capped; nothing is clipped below.
-    high = ((ratio > ctx.eps_high) & (advantages.unsqueeze(-1) > 0)).float()
+    high = ((ratio > ctx.eps_high) & (adv > 0)).float()
     stats = {
         "clip_ratio/low_mean": torch.zeros(()),
         "clip_ratio/high_mean": masked_mean(high, mask).detach(),
@@ -139,12 +154,15 @@ def cispo(logp, old_logp, advantages, mask, ctx):
 POLICY_LOSSES = {"grpo": grpo, "bnpo": bnpo, "dr_grpo": dr_grpo, "dapo": dapo, "gspo": gspo, "cispo": cispo}
 
 
-def policy_loss(fn, logp, old_logp, advantages, mask, ctx: LossContext, kl: torch.Tensor | None = None, beta: float = 0.0):
-    """Apply a registered loss, add beta * per-token KL before aggregation (as TRL does), aggregate."""
-    per_token, mode, stats = fn(logp, old_logp, advantages, mask, ctx)
+def policy_loss(fn, logp, old_logp, advantages, mask, ctx: LossContext, kl: torch.Tensor | None = None,
+                beta: float = 0.0, ref_logp: torch.Tensor | None = None, name: str = ""):
+    """Apply a registered loss (either form), add beta * per-token KL before aggregation (as TRL does),
+    aggregate. `advantages` may be per sequence [B] or per token [B, T]."""
+    out = run_policy_loss(fn, PolicyLossInput(logp, old_logp, advantages, mask, ctx, ref_logp), name)
+    per_token = out.per_token_loss
     if kl is not None and beta:
         per_token = per_token + beta * kl
-    return aggregate(per_token, mask, mode, ctx), stats
+    return aggregate(per_token, mask, out.aggregation, ctx), out.stats
 
 
 # --- KL estimators between the policy and a frozen reference (Schulman's k1 / k2 / k3) ---

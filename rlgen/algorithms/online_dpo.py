@@ -1,10 +1,12 @@
 """`rlgen train online-dpo`: iterate sample -> score -> pair -> preference update with the current
 policy (online / iterative DPO; with `ref_update_every` the reference follows the policy, the batched
-on-policy loop of Direct Nash Optimization). Rollouts go through the same code as GRPO
-(rlgen.rollout.groups), pairs are each group's best against its worst completion, and the update is
-the offline trainer's pair loss on the sampled tokens themselves (no re-tokenisation)."""
+on-policy loop of Direct Nash Optimization). Built from the shared parts: a `GroupRollout` (the same
+rollouts as GRPO), pairing as `rlgen pairs` pairs scored samples (each group's best against its worst,
+rlgen.data.preferences.make_pairs), and the offline trainers' `PairwiseUpdate` on the sampled tokens
+themselves (no re-tokenisation)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -12,24 +14,22 @@ import torch
 from rlgen.algorithms.dpo import PreferenceAlgoConfig, PreferenceTrainer
 from rlgen.algorithms.grpo import RolloutConfig, check_context_length, data_source
 from rlgen.algorithms.preference_losses import PreferenceOptions, needs_reference
+from rlgen.data.preferences import make_pairs
 from rlgen.errors import RlgenError
-from rlgen.models.causal_lm import ModelConfig, is_peft
+from rlgen.models.causal_lm import is_peft
 from rlgen.plugins import registry
-from rlgen.rewards.base import RewardSet, RewardSpec, counted
+from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.engine import SamplingParams
-from rlgen.rollout.groups import rollout_groups
+from rlgen.rollout.groups import GroupRollout, RolloutBatch
 from rlgen.training.data import PromptSampler
-from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, load_records
+from rlgen.config import section, setting
+from rlgen.training.config import OptimConfig, RewardedTrainConfig, RunConfig
+from rlgen.training.trainer import load_records
 
 
 @dataclass
 class OnlineAlgoConfig(PreferenceAlgoConfig):
-    ref_update_every: int = 0  # copy the policy into the reference every N steps (0 = the initial model throughout)
-
-    def validate(self):
-        super().validate()
-        if self.ref_update_every < 0:
-            raise RlgenError("config key 'algorithm.ref_update_every' must be >= 0")
+    ref_update_every: int = setting(0, "copy the policy into the reference every N steps (0 = the initial model throughout)")
 
 
 def _default_rewards() -> list[RewardSpec]:
@@ -37,34 +37,33 @@ def _default_rewards() -> list[RewardSpec]:
 
 
 @dataclass
-class OnlineDPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(num_generations=4))
-    algorithm: OnlineAlgoConfig = field(default_factory=OnlineAlgoConfig)
+class OnlineDPOConfig(RewardedTrainConfig):
+    rollout: RolloutConfig = section(RolloutConfig, "how many completions per step and how they are sampled", num_generations=4)
+    algorithm: OnlineAlgoConfig = section(OnlineAlgoConfig, "preference loss, its options, and how the reference follows the policy")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/online-dpo", steps=100))
     rewards: list[RewardSpec] = field(default_factory=_default_rewards)
-    rewards_on_error: str = "raise"
-    reward_combine: str = "weighted-sum"
-    reward_shaping: str = ""
 
 
-def best_worst_rows(total: torch.Tensor, valid: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Row indices [best_0, worst_0, best_1, worst_1, ...] of the groups whose valid rewards differ
-    (first occurrence wins ties); groups without a spread give no pair."""
-    scores = torch.where(valid, total, torch.full_like(total, float("nan"))).view(-1, group_size)
-    rows = []
-    for g, row in enumerate(scores):
-        ok = ~torch.isnan(row)
-        if int(ok.sum()) < 2:
-            continue
-        high = torch.where(ok, row, torch.full_like(row, float("-inf")))
-        low = torch.where(ok, row, torch.full_like(row, float("inf")))
-        best, worst = int(high.argmax()), int(low.argmin())
-        if float(row[best]) > float(row[worst]):
-            rows += [g * group_size + best, g * group_size + worst]
-    return torch.tensor(rows, dtype=torch.long)
+def best_worst_pairs(batch: RolloutBatch) -> tuple[list[dict], torch.Tensor]:
+    """(pairs, rows): each group's best against its worst completion, paired as `rlgen pairs --mode
+    best-worst` pairs scored samples (the first of the highest against the last of the lowest; equal
+    completions count once; a group without a spread gives no pair), and the batch rows of the pairs
+    interleaved [chosen_0, rejected_0, chosen_1, ...], so that the update reads the sampled tokens.
+    Completions without any reward never pair."""
+    scores = [float(score) if ok and not math.isnan(score) else None
+              for score, ok in zip(batch.total.tolist(), batch.counted.tolist())]
+    groups = batch.group_index.tolist()
+    # fresh records: the user's own fields (a `reward`, a `group`) can neither clash nor leak into the pairs
+    samples = [{"group": g, "completion": text, "reward": score}
+               for g, text, score in zip(groups, batch.rollouts.texts, scores)]
+    pairs = make_pairs(samples, mode="best-worst", field="reward", group_by="group")
+    row_of: dict[tuple[int, str], int] = {}  # the first scored row of each text in its group, as make_pairs keeps
+    for row, (g, text, score) in enumerate(zip(groups, batch.rollouts.texts, scores)):
+        if score is not None:
+            row_of.setdefault((g, text), row)
+    rows = [row_of[(p["group"], text)] for p in pairs for text in (p["chosen"], p["rejected"])]
+    return pairs, torch.tensor(rows, dtype=torch.long)
 
 
 class OnlineDPOTrainer(PreferenceTrainer):
@@ -91,6 +90,8 @@ class OnlineDPOTrainer(PreferenceTrainer):
         if self.config.algorithm.ref_update_every and is_peft(self.model):
             raise RlgenError("config key 'algorithm.ref_update_every' needs full fine-tuning (model.lora_r = 0)")
         super().prepare()
+        self.group_rollout = GroupRollout(self.engine, self.rewards, self.config.rollout.num_generations, self.params,
+                                          self.generator)
 
     def eval_task_rewards(self) -> tuple[str, ...]:
         data = self.config.data
@@ -114,19 +115,15 @@ class OnlineDPOTrainer(PreferenceTrainer):
 
     def train_step(self) -> dict:
         cfg = self.config
-        g = cfg.rollout.num_generations
-        records = self.sampler.next_batch()
-        rollouts, samples, components, valid, total = rollout_groups(self.engine, self.rewards, records, g, self.params,
-                                                                     self.generator)
-        metrics = self.rewards.metrics(components, total, valid)
-        rows = best_worst_rows(total, counted(components, valid), g)  # completions without any reward never pair
-        if len(rows) == 0:
+        batch = self.group_rollout.sample(self.sampler.next_batch())
+        metrics = self.rewards.metrics(batch.components, batch.total, batch.valid)
+        pairs, rows = best_worst_pairs(batch)
+        if not pairs:
             metrics.update(pairs=0, skipped_update=1)
             return metrics
-        picked = rollouts.select(rows)
-        inputs = (picked.prompt_ids, picked.prompt_mask, picked.completion_ids, picked.completion_mask)
+        inputs = batch.inputs.rows(rows)
         ref = self.frozen_logps(inputs).view(-1, 2) if self.uses_reference else None
-        metrics.update(self.update(inputs, ref))
+        metrics.update(self.pairwise_update.step(inputs, ref))
         every = cfg.algorithm.ref_update_every
         if every and self.reference is not None and self.step % every == 0:
             self.reference.load_state_dict(self.model.state_dict())

@@ -3,7 +3,8 @@
 A pairwise loss takes `PairScores` (summed completion log-probs of the chosen and rejected answers
 under the policy, and under the reference when it needs one) and `PreferenceOptions`, and returns
 `PairLoss(losses [B], chosen_rewards [B], rejected_rewards [B])`; the trainer averages `losses` over
-pairs. Names and conventions follow TRL (DPOConfig / CPOConfig / ORPO / KTOConfig) so that
+pairs (the contract: rlgen.algorithms.contracts.PreferenceLoss; whether a loss needs the reference is
+declared with `@declare(needs_reference=...)`). Names and conventions follow TRL (DPOConfig / CPOConfig / ORPO / KTOConfig) so that
 hyper-parameters carry over:
 
 - sigmoid  (DPO): -(1-ls) log s(b h) - ls log s(-b h),   h = (c - c_ref) - (r - r_ref)  (ls = label_smoothing, cDPO)
@@ -18,40 +19,19 @@ KTO is unpaired and has its own function, `kto_losses`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from rlgen.algorithms.contracts import PREFERENCE_LOSS_DEFAULTS, PairLoss, PairScores, PreferenceOptions
+from rlgen.extension import capabilities, declare
 from rlgen.hookspecs import hookimpl
 
-
-@dataclass
-class PairScores:
-    chosen: torch.Tensor  # [B] summed log-prob of the chosen completion under the policy
-    rejected: torch.Tensor  # [B]
-    chosen_tokens: torch.Tensor  # [B] completion lengths (tokens scored)
-    rejected_tokens: torch.Tensor  # [B]
-    ref_chosen: torch.Tensor | None = None  # [B] under the reference model (None: reference-free)
-    ref_rejected: torch.Tensor | None = None
-
-
-@dataclass
-class PreferenceOptions:
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-
-
-@dataclass
-class PairLoss:
-    losses: torch.Tensor  # [B]
-    chosen_rewards: torch.Tensor  # [B] implicit rewards (detached), as TRL logs them
-    rejected_rewards: torch.Tensor  # [B]
+__all__ = ["PairScores", "PreferenceOptions", "PairLoss", "needs_reference", "PAIR_LOSSES", "kto_losses", "bradley_terry"]
 
 
 def needs_reference(fn) -> bool:
-    return getattr(fn, "needs_reference", True)
+    """Whether a preference loss compares against the reference's log-probs (declared; default yes)."""
+    return capabilities(fn, PREFERENCE_LOSS_DEFAULTS).needs_reference
 
 
 def _logratios(s: PairScores):
@@ -64,6 +44,7 @@ def _dpo_rewards(o: PreferenceOptions, chosen_ratio, rejected_ratio):
     return o.beta * chosen_ratio.detach(), o.beta * rejected_ratio.detach()
 
 
+@declare(needs_reference=True)
 def sigmoid(s: PairScores, o: PreferenceOptions) -> PairLoss:
     """DPO (Rafailov et al. 2023); label_smoothing > 0 gives conservative DPO (cDPO)."""
     cr, rr = _logratios(s)
@@ -72,6 +53,7 @@ def sigmoid(s: PairScores, o: PreferenceOptions) -> PairLoss:
     return PairLoss(losses, *_dpo_rewards(o, cr, rr))
 
 
+@declare(needs_reference=True)
 def robust(s: PairScores, o: PreferenceOptions) -> PairLoss:
     """Robust DPO (Chowdhury et al. 2024): unbiased under a label-flip rate of label_smoothing."""
     if not 0.0 <= o.label_smoothing < 0.5:
@@ -82,12 +64,14 @@ def robust(s: PairScores, o: PreferenceOptions) -> PairLoss:
     return PairLoss(losses, *_dpo_rewards(o, cr, rr))
 
 
+@declare(needs_reference=True)
 def hinge(s: PairScores, o: PreferenceOptions) -> PairLoss:
     """SLiC-HF hinge loss on the reference-relative margin."""
     cr, rr = _logratios(s)
     return PairLoss(torch.relu(1 - o.beta * (cr - rr)), *_dpo_rewards(o, cr, rr))
 
 
+@declare(needs_reference=True)
 def ipo(s: PairScores, o: PreferenceOptions) -> PairLoss:
     """IPO (Azar et al. 2023): squared distance of the per-token log-ratio margin to 1/(2 beta)."""
     cr, rr = _logratios(s)
@@ -96,6 +80,7 @@ def ipo(s: PairScores, o: PreferenceOptions) -> PairLoss:
     return PairLoss((cr - rr - 1 / (2 * o.beta)) ** 2, *_dpo_rewards(o, cr, rr))
 
 
+@declare(needs_reference=False)
 def simpo(s: PairScores, o: PreferenceOptions) -> PairLoss:
     """SimPO (Meng et al. 2024): length-normalised log-prob as the reward, target margin gamma, no reference."""
     chosen_avg = s.chosen / s.chosen_tokens.clamp(min=1)
@@ -111,6 +96,7 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
+@declare(needs_reference=False)
 def orpo(s: PairScores, o: PreferenceOptions) -> PairLoss:
     """ORPO (Hong et al. 2024): log-sigmoid of the log odds ratio of the average token probabilities,
     weighted by beta (the paper's lambda); the NLL on chosen comes from rpo_alpha (1.0 in the preset)."""
@@ -119,9 +105,6 @@ def orpo(s: PairScores, o: PreferenceOptions) -> PairLoss:
     log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
     return PairLoss(-o.beta * F.logsigmoid(log_odds), o.beta * chosen_avg.detach(), o.beta * rejected_avg.detach())
 
-
-simpo.needs_reference = False
-orpo.needs_reference = False
 
 PAIR_LOSSES = {"sigmoid": sigmoid, "robust": robust, "hinge": hinge, "ipo": ipo, "simpo": simpo, "orpo": orpo}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -13,39 +14,34 @@ from rlgen.algorithms.preference_losses import bradley_terry
 from rlgen.data.preferences import interleave, read_pairs
 from rlgen.evaluation.reward_models import pair_accuracy
 from rlgen.errors import RlgenError
-from rlgen.models.causal_lm import ModelConfig, resolve_model_path
-from rlgen.models.reward_model import HEADS, load_reward_model, reward_scores
+from rlgen.models.causal_lm import resolve_model_path
+from rlgen.models.reward_model import load_reward_model, reward_scores
 from rlgen.training.data import PromptSampler
-from rlgen.training.trainer import OptimConfig, RunConfig, Trainer
+from rlgen.config import section, setting
+from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
+from rlgen.training.trainer import Trainer
 
 
 @dataclass
 class RewardDataConfig:
-    path: str | None = None  # pairs: JSONL or Parquet with prompt, chosen, rejected (optional margin, tie)
-    eval_path: str | None = None  # held-out pairs: pairwise accuracy every run.eval_every steps
-    task: str | None = None  # unused by rm; accepted so that --task does not fail
+    path: str | None = setting(None, "pairs: JSONL or Parquet with prompt, chosen, rejected (optional margin, tie)")
+    eval_path: str | None = setting(None, "held-out pairs: pairwise accuracy every run.eval_every steps")
+    task: str | None = setting(None, "unused by rm; accepted so that --task does not fail")
 
 
 @dataclass
 class RewardAlgoConfig:
-    batch_size: int = 32  # pairs per optimiser step
-    head: str = "auto"  # auto | sequence-classification | value-head
-    use_margin: bool = False  # subtract each pair's `margin` field inside the sigmoid (Llama 2's margin loss)
-    center_rewards_coefficient: float = 0.0  # TRL: penalise (r_c + r_r)^2 to keep rewards centred near 0
-    disable_dropout: bool = True  # as TRL's RewardConfig: deterministic scores while training
-
-    def validate(self):
-        if self.batch_size < 1:
-            raise RlgenError("config key 'algorithm.batch_size' must be >= 1")
-        if self.head not in HEADS:
-            raise RlgenError(f"config key 'algorithm.head' must be one of {', '.join(HEADS)}, got {self.head!r}")
+    batch_size: int = setting(32, "pairs per optimiser step")
+    head: Literal["auto", "sequence-classification", "value-head"] = setting("auto", "the scalar head: auto picks by the model's architecture")  # rlgen.models.reward_model.HEADS
+    use_margin: bool = setting(False, "subtract each pair's `margin` field inside the sigmoid (Llama 2's margin loss)")
+    center_rewards_coefficient: float = setting(0.0, "TRL: penalise (r_c + r_r)^2 to keep rewards centred near 0")
+    disable_dropout: bool = setting(True, "dropout off, as TRL's RewardConfig: deterministic scores while training")
 
 
 @dataclass
-class RewardModelConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: RewardDataConfig = field(default_factory=RewardDataConfig)
-    algorithm: RewardAlgoConfig = field(default_factory=RewardAlgoConfig)
+class RewardModelConfig(TrainConfig):
+    data: RewardDataConfig = section(RewardDataConfig, "preference pairs (training and held-out)")
+    algorithm: RewardAlgoConfig = section(RewardAlgoConfig, "reward-model head and loss options")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/rm", steps=100))
 

@@ -8,29 +8,24 @@ import torch
 from rlgen.models.logprobs import completion_logprobs
 from rlgen.data.records import check_text
 from rlgen.errors import RlgenError
-from rlgen.models.causal_lm import ModelConfig
 from rlgen.rollout.engine import HFEngine, check_context, context_limit
 from rlgen.training.data import PromptSampler
-from rlgen.training.trainer import DataConfig, OptimConfig, RunConfig, Trainer, load_records
+from rlgen.config import section, setting
+from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
+from rlgen.training.trainer import Trainer, load_records
 
 
 @dataclass
-class SFTOptions:
-    batch_size: int = 32
-    completion_only_loss: bool = True  # False: the prompt tokens are trained on too
-    completion_field: str = "answer"  # used when a record has no `completion`
-    max_new_tokens: int = 256  # for the periodic held-out evaluation
-
-    def validate(self):
-        if self.batch_size < 1:
-            raise RlgenError("config key 'sft.batch_size' must be >= 1")
+class SFTAlgoConfig:
+    batch_size: int = setting(32, "examples per optimiser step")
+    completion_only_loss: bool = setting(True, "loss on the completion tokens only; false trains on the prompt tokens too")
+    completion_field: str = setting("answer", "the record field used as the completion when a record has no `completion`")
+    max_new_tokens: int = setting(256, "completion length of the periodic held-out evaluation")
 
 
 @dataclass
-class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sft: SFTOptions = field(default_factory=SFTOptions)
+class SFTConfig(TrainConfig):
+    algorithm: SFTAlgoConfig = section(SFTAlgoConfig, "SFT's batch and loss options")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5))  # TRL's SFT default
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/sft", steps=200))
 
@@ -42,13 +37,13 @@ class SFTTrainer(Trainer):
         cfg = self.config
         self.records = load_records(cfg.data, cfg.data.split)
         for record in self.records:
-            if "completion" not in record and cfg.sft.completion_field not in record:
+            if "completion" not in record and cfg.algorithm.completion_field not in record:
                 where = f"line {record['_line']}" if "_line" in record else "a record"
-                raise RlgenError(f"{cfg.data.path or cfg.data.task}, {where}: missing field 'completion' or '{cfg.sft.completion_field}'")
+                raise RlgenError(f"{cfg.data.path or cfg.data.task}, {where}: missing field 'completion' or '{cfg.algorithm.completion_field}'")
             # the target must be text (a null would train on the word "None")
             check_text(cfg.data.path or cfg.data.task, record,
-                       "completion" if "completion" in record else cfg.sft.completion_field)
-        self.sampler = PromptSampler(self.records, cfg.sft.batch_size, cfg.run.seed)
+                       "completion" if "completion" in record else cfg.algorithm.completion_field)
+        self.sampler = PromptSampler(self.records, cfg.algorithm.batch_size, cfg.run.seed)
         self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
 
     def prepare(self) -> None:
@@ -63,8 +58,8 @@ class SFTTrainer(Trainer):
             return
         cfg = self.config
         if self.eval_records:
-            check_context(self.model, self.tokenizer, [r["prompt"] for r in self.eval_records], cfg.sft.max_new_tokens,
-                          "sft.max_new_tokens")
+            check_context(self.model, self.tokenizer, [r["prompt"] for r in self.eval_records], cfg.algorithm.max_new_tokens,
+                          "algorithm.max_new_tokens")
         longest, where = 0, None
         for start in range(0, len(self.records), 1024):
             batch = self.records[start : start + 1024]
@@ -87,7 +82,7 @@ class SFTTrainer(Trainer):
         self.sampler.restore(state["sampler"])
 
     def completion_of(self, record: dict) -> str:
-        return str(record.get("completion", record.get(self.config.sft.completion_field)))
+        return str(record.get("completion", record.get(self.config.algorithm.completion_field)))
 
     def encode(self, batch: list[dict]):
         completions = [self.completion_of(r) for r in batch]
@@ -99,7 +94,7 @@ class SFTTrainer(Trainer):
         cfg = self.config
         batch = self.sampler.next_batch()
         prompt_ids, prompt_mask, completion_ids, completion_mask = self.encode(batch)
-        if not cfg.sft.completion_only_loss:
+        if not cfg.algorithm.completion_only_loss:
             # Train on prompt tokens too: move them into the "completion" part after the first token.
             completion_ids = torch.cat([prompt_ids[:, 1:], completion_ids], dim=1)
             completion_mask = torch.cat([prompt_mask[:, 1:], completion_mask], dim=1)
@@ -119,4 +114,4 @@ class SFTTrainer(Trainer):
 
     @property
     def eval_max_new_tokens(self) -> int:
-        return self.config.sft.max_new_tokens
+        return self.config.algorithm.max_new_tokens

@@ -18,8 +18,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from rlgen.api._backbone import flow_for
 from rlgen.data.records import json_text
+from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
+from rlgen.diffusion.sampling import DiffusionSamplingParams
 from rlgen.errors import RlgenError, show_value
+from rlgen.evaluation.images import evaluate_image_model
+from rlgen.evaluation.pareto import hypervolume, pareto_front
+from rlgen.evaluation.plot import plot_front
+from rlgen.merging.config import merged_models, validate
+from rlgen.merging.merge import merge_models
+from rlgen.models.causal_lm import ModelConfig, load_policy
+from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rollout.engine import HFEngine, SamplingParams
+from rlgen.training.trainer import DataConfig, load_records
 
 
 @dataclass
@@ -81,15 +93,10 @@ def objectives(means: dict[str, float], specs) -> list[float]:
 
 
 def _lm_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]:
-    from rlgen.training.trainer import DataConfig, load_records
-
     records = load_records(DataConfig(task=settings.task, path=settings.data), settings.split, required=("prompt",))
     records = records[: settings.limit] if settings.limit else records
 
     def evaluate(model_dir: Path) -> dict:
-        from rlgen.models.causal_lm import ModelConfig, load_policy
-        from rlgen.rollout.engine import HFEngine, SamplingParams
-
         policy, tokenizer, _ = load_policy(ModelConfig(path=str(model_dir)))
         engine = HFEngine(policy.eval(), tokenizer)
         out = engine.generate([r["prompt"] for r in records],
@@ -102,17 +109,11 @@ def _lm_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]:
 
 
 def _image_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]:
-    from rlgen.diffusion.sampling import DiffusionSamplingParams
-    from rlgen.evaluation.images import evaluate_image_model
-    from rlgen.training.trainer import DataConfig, load_records
-
     records = load_records(DataConfig(task=settings.task, path=settings.data), settings.split)
     records = records[: settings.limit] if settings.limit else records
     params = DiffusionSamplingParams(settings.num_steps, 1.0, 0.0, 0.0)
 
     def evaluate(model_dir: Path) -> dict:
-        from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
-
         model = load_diffusion_model(DiffusionModelConfig(path=str(model_dir)))
         model.eval()
         model.check_prompts(records)
@@ -125,11 +126,6 @@ def _image_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]
 def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str], None] | None = None) -> dict:
     """Merge and evaluate every grid point of `config` (its models' weights are set by the grid); write
     OUT/sweep.jsonl, OUT/front.png and OUT/summary.json; return the summary."""
-    from rlgen.diffusion.pipeline import is_image_model
-    from rlgen.evaluation.pareto import hypervolume, pareto_front
-    from rlgen.merging.merge import merge_models
-    from rlgen.rewards.base import RewardSet, RewardSpec
-
     if not settings.rewards:
         raise RlgenError("--sweep needs at least one --reward to evaluate the points with")
     if not settings.task and not settings.data:
@@ -137,16 +133,14 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
     specs = [RewardSpec.parse(r) for r in settings.rewards]
     rewards = RewardSet(specs)
     hv_reference, hv_source = hypervolume_reference(specs, settings.hv_ref)
-    from rlgen.merging.config import merged_models, validate
-
     # Checked before anything is written, with a weight on every model as each point will have.
     method = validate(replace(config, models=[replace(m, parameters={**m.parameters, "weight": 1.0})
                                               for m in config.models]))
     listed = merged_models(config, method)
     swept = [i for i, m in enumerate(config.models) if m in listed]
     weights_grid = simplex_grid(len(listed), settings.grid)
-    image = is_image_model(listed[0].model)
-    evaluate = (_image_evaluator if image else _lm_evaluator)(settings, rewards)
+    evaluator = flow_for({"causal-lm": _lm_evaluator, "diffusers": _image_evaluator}, listed[0].model, "the merge sweep")
+    evaluate = evaluator(settings, rewards)
 
     target = Path(out)
     if target.exists() and any(target.iterdir()):
@@ -192,8 +186,6 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
     }
     _write_jsonl(target / "sweep.jsonl", points)
     if len(specs) >= 2:
-        from rlgen.evaluation.plot import plot_front
-
         plot_front(points, specs[0].name, specs[1].name, str(target / "front.png"),
                    title=f"{config.method} sweep: {' vs '.join(_short_name(m.model) for m in listed)}",
                    labels=[f"{s.name} ({'higher' if s.weight >= 0 else 'lower'} is better)" for s in specs[:2]])

@@ -37,19 +37,84 @@ def _root(
 
 
 def _register_commands() -> None:
-    from rlgen.cli import evaluate, info, merge, pairs, sample, score, train  # noqa: F401 - they add themselves
+    from rlgen.cli import config_cmd, evaluate, info, merge, pairs, sample, score, train
 
-    for module in (sample, score, pairs, train, merge, evaluate, info):
+    for module in (sample, score, pairs, train, merge, evaluate, config_cmd, info):
         module.register(app)
 
 
 _register_commands()
 
 
-def _plugin_commands() -> None:
-    from rlgen.plugins import plugin_manager
+_plugin_entries: list = []  # what add_plugin_commands put into `app`, taken out again before the next call
 
-    plugin_manager().hook.register_commands(app=app)
+
+def _describe(text) -> str:
+    text = text if isinstance(text, str) else ""
+    return next((line.strip() for line in text.strip().splitlines() if line.strip()), "")
+
+
+def _collected(collector: typer.Typer) -> list[tuple[str | None, object, str, str]]:
+    """(name, entry, "command" | "group", summary) of what one plugin added to its own typer app."""
+    found = []
+    for info in collector.registered_commands:
+        callback = info.callback
+        name = info.name or (typer.main.get_command_name(callback.__name__) if callback is not None else None)
+        found.append((name, info, "command", _describe(info.help) or _describe(getattr(callback, "__doc__", None))))
+    for info in collector.registered_groups:
+        group = info.typer_instance.info if info.typer_instance is not None else None
+        name = info.name if isinstance(info.name, str) else getattr(group, "name", None)
+        summary = _describe(info.help) or _describe(getattr(group, "help", None))
+        found.append((name if isinstance(name, str) else None, info, "group", summary))
+    return found
+
+
+def add_plugin_commands(distributions: set[str] | None = None):
+    """Add the subcommands of entry-point plugins (the `register_commands(app)` hook) to `app`, and return
+    every command (built-in and plugin) as a Registry of kind "command".
+
+    Each plugin gets a typer app of its own, so that what it adds is attributed to it: a name that a
+    built-in or an earlier plugin holds is a clash (one warning line naming both packages; the later
+    command is dropped), a hook that raises marks the plugin broken (one warning line), and every other
+    command keeps working. `distributions` limits the plugins to those packages (scripts/gen_cli_docs.py).
+    Only the plugin modules are imported, no built-in plugin (torch ...): `rlgen --help` stays quick."""
+    from rlgen import plugins
+    from rlgen.registry import Registry
+
+    for entry in _plugin_entries:  # a previous call in this process (tests run main() many times)
+        for listing in (app.registered_commands, app.registered_groups):
+            if entry in listing:
+                listing.remove(entry)
+    _plugin_entries.clear()
+    commands: Registry = Registry(plugins.COMMAND_KIND)
+    for name, entry, _, summary in _collected(app):
+        commands.add(name, entry, plugins.BUILTIN_PROVIDER, summary)
+    collectors: dict[int, typer.Typer] = {}
+
+    def make_kwargs(plugin):
+        collector = typer.Typer()
+        collectors[id(plugin)] = collector
+        return {"app": collector}
+
+    clashes = []
+    for plugin, _ in plugins.hook_calls("register_commands", make_kwargs, manager=plugins.third_party_manager()):
+        if distributions is not None and plugin.distribution not in distributions:
+            continue
+        for name, entry, how, summary in _collected(collectors[id(plugin)]):
+            if not name:
+                plugins.warn(f"{plugin.label()} added a command without a name; it is ignored")
+                continue
+            if name in commands:
+                clashes.append(plugins.Clash(plugins.COMMAND_KIND, name, commands.entry(name).provider, plugin.provider))
+                continue
+            commands.add(name, entry, plugin.provider, summary)
+            (app.registered_commands if how == "command" else app.registered_groups).append(entry)
+            _plugin_entries.append(entry)
+    plugins.record_commands(commands, clashes)
+    return commands
+
+
+BUILTIN_COMMANDS = tuple(name for name, *_ in _collected(app))  # commands and command groups
 
 
 def _click_exception_types():
@@ -108,8 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     exit_types, abort_types, usage_types = _click_exception_types()
     try:
-        if args and args[0] not in {"sample", "score", "pairs", "train", "merge", "eval", "plugins", "env", "-h", "--help", "--version"}:
-            _plugin_commands()
+        # A built-in command starts without importing plugins for commands (it imports those it needs, e.g.
+        # for rewards, later); the help, `rlgen plugins` and anything else (a plugin command) need them.
+        if not args or (args[0] not in BUILTIN_COMMANDS and args[0] != "--version") or args[0] == "plugins":
+            add_plugin_commands()
         command = typer.main.get_command(app)
         code = command.main(args=args, prog_name="rlgen", standalone_mode=False)
         if sys.stdout is not None:

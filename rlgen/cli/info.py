@@ -23,26 +23,48 @@ Example:
 """
 
 
+def plugin_listing() -> dict[str, list[dict]]:
+    """{kind: [{name, provider, description, status}]}: every registered item (commands included when
+    the CLI loaded them), each dropped item of a name clash (status "dropped", `kept_by` the package that
+    holds the name), and under kind "plugin" every third-party plugin with its distribution, version,
+    status ("ok" / "broken") and error."""
+    from rlgen import plugins
+
+    listing: dict[str, list[dict]] = {}
+    kinds = dict(plugins.registries())
+    commands = plugins.commands()
+    if commands is not None:
+        kinds[plugins.COMMAND_KIND] = commands
+    clashes = plugins.clashes()
+    for kind, registry in kinds.items():
+        rows = [{"name": e.name, "provider": e.provider, "description": e.description, "status": "ok"} for e in registry]
+        rows += [{"name": c.name, "provider": c.dropped, "description": f"dropped: the name is taken by package '{c.kept}'",
+                  "status": "dropped", "kept_by": c.kept} for c in clashes if c.kind == kind]
+        listing[kind] = sorted(rows, key=lambda row: (row["name"], row["status"] != "ok"))
+    listing["plugin"] = [
+        {"name": info.name, "provider": info.distribution or info.name, "version": info.version,
+         "description": info.error or "", "status": info.status, "error": info.error}
+        for info in plugins.plugin_infos()
+    ]
+    return listing
+
+
 def plugins(json_output: bool = opt.Json):
     from rlgen.cli.report import Reporter
-    from rlgen.plugins import registries
 
     reporter = Reporter(json_output=json_output)
-    listing = {
-        kind: [{"name": e.name, "provider": e.provider, "description": e.description} for e in registry]
-        for kind, registry in registries().items()
-    }
+    listing = plugin_listing()
     if json_output:
         reporter.emit_json(listing)
         return
     from rich.table import Table
 
     table = Table(show_header=True, header_style="bold")
-    for column in ("kind", "name", "package", "description"):
+    for column in ("kind", "name", "package", "status", "description"):
         table.add_column(column)
     for kind, entries in listing.items():
         for entry in entries:
-            table.add_row(kind, entry["name"], entry["provider"], entry["description"])
+            table.add_row(kind, entry["name"], entry["provider"], entry["status"], entry["description"])
     from rich.console import Console
 
     Console(highlight=False).print(table)
@@ -75,6 +97,14 @@ def _kernel_info() -> dict:
     return info
 
 
+def _plugins() -> list[dict]:
+    """Installed plugins (entry points of the "rlgen" group) with their distribution versions; broken
+    ones with their error."""
+    from rlgen.plugins import plugin_infos
+
+    return [info.as_dict() for info in plugin_infos()]
+
+
 def env(json_output: bool = opt.Json):
     import torch
 
@@ -93,13 +123,20 @@ def env(json_output: bool = opt.Json):
         "kernel_backend": kernels.backend_name(device),
         "kernels": _kernel_info(),
         "packages": {p: _version(p) for p in ("transformers", "safetensors", "tokenizers", "peft", "pluggy", "typer", "rich", "trl", "diffusers")},
+        "plugins": _plugins(),
     }
     reporter = Reporter(json_output=json_output)
     if json_output:
         reporter.emit_json(info)
         return
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key == "plugins":
+            for plugin in value:
+                state = "" if plugin["status"] == "ok" else f" (broken: {plugin['error']})"
+                typer.echo(f"plugins.{plugin['name']}: {plugin['distribution']} {plugin['version']}{state}")
+            if not value:
+                typer.echo("plugins: none")
+        elif isinstance(value, dict):
             for inner, v in value.items():
                 typer.echo(f"{key}.{inner}: {v if v is not None else 'not installed'}")
         else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import typer
 
 from rlgen.cli import options as opt
-from rlgen.errors import RlgenError, show_value
 
 HELP = """Merge models of one architecture (Hugging Face causal LMs, diffusers pipelines or denoisers), or fold a LoRA adapter into its base. Tensors are streamed one at a time from memory-mapped safetensors, so memory stays at a few tensors whatever the model size; the output is written atomically.
 
@@ -24,64 +23,6 @@ Examples:
 
     rlgen merge tiny-arith --lora runs/lora/final --out folded
 """
-
-
-def _numbers(flag: str, text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise RlgenError(f"{flag} must be comma-separated numbers, got {show_value(text)}") from None
-
-
-def _params(items: list[str] | None) -> dict:
-    from rlgen.merging.config import parse_value
-
-    params = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise RlgenError(f"--param must be KEY=VALUE, got {show_value(item)}")
-        params[key.strip()] = parse_value(value.strip(), f"--param {key.strip()[:200]}")
-    return params
-
-
-def build_config(models, *, config_file, method, base, weights, density, params, dtype, seed, max_shard_size):
-    """The MergeConfig of the command line: --config's file with flags on top, or the flags alone."""
-    from dataclasses import replace
-
-    from rlgen.merging.config import check_dtype, from_flags, load_config, method_name
-
-    shard = _shard_size(max_shard_size)
-    if config_file:
-        if models:
-            raise RlgenError("give the models either as arguments or in --config, not both")
-        for flag, value in (("--weights", weights), ("--density", density)):
-            if value is not None:
-                raise RlgenError(f"{flag} cannot be combined with --config (set per-model parameters in the file)")
-        config = load_config(config_file)
-        changes = {"parameters": {**config.parameters, **_params(params)}}
-        for key, value in (("method", method and method_name(method)), ("base", base),
-                           ("dtype", check_dtype("command line", "dtype", dtype)), ("seed", seed),
-                           ("max_shard_size", shard)):
-            if value is not None:
-                changes[key] = value
-        return replace(config, **changes)
-    if not models:
-        raise RlgenError("give the models to merge (or --config FILE)")
-    return from_flags(models, method=method or "linear", base=base, weights=_numbers("--weights", weights),
-                      densities=_numbers("--density", density), params=_params(params), dtype=dtype,
-                      seed=seed or 0, **({"max_shard_size": shard} if shard else {}))
-
-
-def _shard_size(text: str | None) -> int | None:
-    from rlgen.merging.config import parse_size
-
-    try:
-        return parse_size(text) if text is not None else None
-    except RlgenError as exc:
-        raise RlgenError(f"--max-shard-size: {exc}") from None
 
 
 def merge(
@@ -110,44 +51,27 @@ def merge(
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
+    from rlgen.api import merge as run_merge
     from rlgen.cli.report import Reporter
 
     reporter = Reporter(quiet=quiet, json_output=json_output)
+    summary = run_merge(models, out=out, method=method, base=base, weights=weights, density=density, params=params,
+                        config=config_file, lora=lora, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
+                        sweep=sweep, grid=grid, task=task, data=data, limit=limit, reward=reward,
+                        max_new_tokens=max_new_tokens, images_per_prompt=images_per_prompt, keep_models=keep_models,
+                        hv_ref=hv_ref, callbacks=reporter.events())
     if lora:
-        summary = _fold(reporter, models, lora, out, dtype=dtype, max_shard_size=max_shard_size,
-                        others=(method, base, weights, density, params, config_file, seed))
         reporter.result(summary, f"folded {lora} into {summary['base']} ({summary['tensors']} tensors, "
                                  f"{_size(summary['bytes'])}) -> {out} in {summary['seconds']:.2f} s")
-        return
-    config = build_config(models, config_file=config_file, method=method, base=base, weights=weights,
-                          density=density, params=params, dtype=dtype, seed=seed, max_shard_size=max_shard_size)
-    if sweep:
-        if weights is not None:
-            raise RlgenError("--sweep sets the weights itself (the grid): drop --weights")
-        _sweep(reporter, config, out, grid=grid, task=task, data=data, limit=limit, reward=reward,
-               max_new_tokens=max_new_tokens, images_per_prompt=images_per_prompt, keep_models=keep_models,
-               hv_ref=hv_ref)
-        return
-    if task or data or reward or limit is not None or keep_models or hv_ref is not None:
-        raise RlgenError("--task, --data, --reward, --limit, --keep-models and --hv-ref go with --sweep")
-    from rlgen.merging.merge import merge_models
-
-    with _progress(reporter) as progress:
-        summary = merge_models(config, out, progress=progress)
-    reporter.result(summary, f"merged {len(summary['models'])} model(s) with {summary['method']} "
-                             f"({summary['tensors']} tensors, {summary['shards']} shard(s), {_size(summary['bytes'])}) "
-                             f"into {out} in {summary['seconds']:.2f} s, peak RSS {summary['peak_rss_mb']:.0f} MB")
+    elif sweep:
+        _print_sweep(reporter, summary, out)
+    else:
+        reporter.result(summary, f"merged {len(summary['models'])} model(s) with {summary['method']} "
+                                 f"({summary['tensors']} tensors, {summary['shards']} shard(s), {_size(summary['bytes'])}) "
+                                 f"into {out} in {summary['seconds']:.2f} s, peak RSS {summary['peak_rss_mb']:.0f} MB")
 
 
-def _sweep(reporter, config, out, **settings) -> None:
-    from rlgen.api.merge_sweep import SweepSettings, run_sweep
-
-    summary = run_sweep(config, SweepSettings(grid=settings["grid"], task=settings["task"], data=settings["data"],
-                                              limit=settings["limit"], rewards=list(settings["reward"] or []),
-                                              max_new_tokens=settings["max_new_tokens"],
-                                              images_per_prompt=settings["images_per_prompt"],
-                                              keep_models=settings["keep_models"], hv_ref=settings["hv_ref"]),
-                        out, progress=reporter.log)
+def _print_sweep(reporter, summary: dict, out: str) -> None:
     if reporter.json_output:
         reporter.emit_json(summary)
         return
@@ -171,46 +95,8 @@ def _sweep(reporter, config, out, **settings) -> None:
     reporter.console.print(f"wrote {out}/sweep.jsonl, summary.json" + (", front.png" if summary.get("plot") else ""))
 
 
-def _fold(reporter, models, lora, out, *, dtype, max_shard_size, others) -> dict:
-    from rlgen.merging.config import check_dtype
-    from rlgen.merging.merge import fold_adapter
-
-    if not models or len(models) != 1:
-        raise RlgenError("--lora folds an adapter into exactly one MODEL (the base)")
-    if any(v for v in others):
-        raise RlgenError("--lora takes only MODEL, --out, --dtype and --max-shard-size")
-    shard = _shard_size(max_shard_size) or 2 * 10**9
-    with _progress(reporter) as progress:
-        return fold_adapter(models[0], lora, out, dtype=check_dtype("command line", "dtype", dtype), max_shard_size=shard,
-                            progress=progress)
-
-
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
-class _progress:
-    """A progress callback (done, total) drawing a rich bar on stderr once the total is known."""
-
-    def __init__(self, reporter):
-        self.reporter = reporter
-        self.context = None
-        self.advance = None
-
-    def __enter__(self):
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.advance is None:
-            self.context = self.reporter.progress(total, "merging tensors")
-            self.advance = self.context.__enter__()
-        if done:
-            self.advance()
-
-    def __exit__(self, *exc):
-        if self.context is not None:
-            self.context.__exit__(*exc)
-        return False
 
 
 def register(app: typer.Typer) -> None:

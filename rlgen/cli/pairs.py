@@ -28,39 +28,20 @@ def pairs(
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
+    from rlgen.api import pair_stats
+    from rlgen.api import pairs as make_pairs
     from rlgen.cli.report import Reporter
-    from rlgen.data.preferences import make_pairs
     from rlgen.data.records import read_records, write_records
 
     reporter = Reporter(quiet=quiet, json_output=False)
     records = read_records(source)
-    made = make_pairs(records, mode=mode, field=field, margin=margin, group_by=group_by,
-                      source="<stdin>" if source == "-" else source)
-    groups = len({str(r.get(group_by)) for r in records})
-    write_records(_rebase_image_paths(made, records, source, out), out)
-    summary = {"samples": len(records), "groups": groups, "pairs": len(made)}
+    made = make_pairs(records, mode=mode, field=field, margin=margin, group_by=group_by, source=source, out=out)
+    write_records(made, out)
+    summary = pair_stats(records, made, group_by)
     if json_output and out != "-":
         reporter.emit_json(summary)
     else:
-        reporter.log(f"{len(made)} pairs from {len(records)} samples in {groups} groups")
-
-
-def _rebase_image_paths(made: list[dict], records: list[dict], source: str, out: str) -> list[dict]:
-    """Image samples' PNG paths are relative to their JSONL's folder: keep them valid from the pairs file's."""
-    import os
-    from pathlib import Path
-
-    if not records or "completion" in records[0] or not isinstance(records[0].get("image"), str):
-        return made
-    src = Path(source).resolve().parent if source != "-" else Path.cwd()
-    dst = Path(out).resolve().parent if out != "-" else Path.cwd()
-    if src == dst:
-        return made
-
-    def rebase(path: str) -> str:
-        return path if os.path.isabs(path) else os.path.relpath(src / path, dst)
-
-    return [{**pair, "chosen": rebase(pair["chosen"]), "rejected": rebase(pair["rejected"])} for pair in made]
+        reporter.log(f"{summary['pairs']} pairs from {summary['samples']} samples in {summary['groups']} groups")
 
 
 def register(app: typer.Typer) -> None:

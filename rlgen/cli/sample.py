@@ -4,7 +4,6 @@ from __future__ import annotations
 import typer
 
 from rlgen.cli import options as opt
-from rlgen.errors import RlgenError
 
 HELP = """Generate completions for a task's prompts or a prompts file; JSONL on stdout (or --out FILE).
 
@@ -26,21 +25,6 @@ JSONL line per image with its path in `image`; samplers: plain, best-of-n, reno,
 
     rlgen sample --model tiny-digits --task digits --sampler fk-steering --sampler-reward digit-classifier
 """
-
-
-def prompt_records(task: str | None, prompts: str | None, split: str, limit: int | None) -> list[dict]:
-    from rlgen.data.records import read_records
-    from rlgen.plugins import registry
-
-    if prompts and task:
-        raise RlgenError("give either --task or --prompts, not both")
-    if prompts:
-        records = read_records(prompts, required=("prompt",))
-    elif task:
-        records = registry("task").get(task).split(split)
-    else:
-        raise RlgenError("no prompts: give --task NAME or --prompts FILE")
-    return records[:limit] if limit else records
 
 
 def sample(
@@ -68,53 +52,22 @@ def sample(
     batch_size: int = typer.Option(64, "--batch-size", help="Image models: prompts per sampling batch."),
     quiet: bool = opt.Quiet,
 ):
-    import torch
-
+    from rlgen.api import sample as draw_samples
     from rlgen.cli.report import Reporter
     from rlgen.config import COUNT
     from rlgen.data.records import write_records
-    from rlgen.diffusion.pipeline import is_image_model
-    from rlgen.models.causal_lm import ModelConfig, load_policy
-    from rlgen.rollout.engine import HFEngine, SamplingParams, check_context
-    from rlgen.rollout.samplers import call_sampler, prepare_sampler
 
     opt.check_options(
         ("-n", n, COUNT), ("--limit", limit, COUNT), ("--batch-size", batch_size, COUNT),
         *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, top_k=top_k),
         *opt.image_checks(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta))
     reporter = Reporter(quiet=quiet)
-    if is_image_model(model):
-        from rlgen.cli.sample_images import sample_images_cli
-
-        records = prompt_records(task, prompts, split, limit)
-        return sample_images_cli(model=model, records=records, n=n, sampler=sampler, sampler_opt=sampler_opt,
-                                 sampler_reward=sampler_reward, num_steps=num_steps, guidance_scale=guidance_scale,
-                                 eta=eta, seed=seed, batch_size=batch_size, out=out, image_dir=image_dir, grid=grid,
-                                 reporter=reporter)
-    strategy, options, guide = prepare_sampler(sampler, sampler_opt, sampler_reward)
-    records = prompt_records(task, prompts, split, limit)
-    policy, tokenizer, _ = load_policy(ModelConfig(path=model or "tiny-arith"))
-    policy.eval()
-    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
-    engine = HFEngine(policy, tokenizer)
-    params = SamplingParams(max_new_tokens, temperature, top_p, top_k)
-    generator = torch.Generator().manual_seed(seed)
-    results = []
-    stats: dict = {}
-    chunk = max(1, 256 // n)
-    with reporter.progress(total=len(records), description="sampling") as advance:
-        for start in range(0, len(records), chunk):
-            part = records[start : start + chunk]
-            expanded = [r for r in part for _ in range(n)]
-            rollouts = call_sampler(strategy, engine, [r["prompt"] for r in expanded], params, generator,
-                                    rewards=guide, records=expanded, stats=stats, options=options)
-            for i, (record, text) in enumerate(zip(expanded, rollouts.texts)):
-                results.append({**record, "completion": text, "sample_index": i % n})
-            for _ in part:
-                advance()
-    if stats:
-        reporter.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
-    write_records(results, out)
+    records = draw_samples(model, prompts, task=task, split=split, limit=limit, n=n, sampler=sampler,
+                           sampler_options=sampler_opt, sampler_reward=sampler_reward, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out, image_dir=image_dir,
+                           grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
+                           batch_size=batch_size, callbacks=reporter.events())
+    write_records(records, out)
 
 
 def register(app: typer.Typer) -> None:

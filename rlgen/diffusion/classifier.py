@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rlgen.diffusion.digits import load_digit_images
 from rlgen.errors import RlgenError
 
 NUM_CLASSES = 10
@@ -167,8 +168,6 @@ def train_classifier(steps: int = 1500, seed: int = 0, *, batch_size: int = 128,
                      junk_fraction: float = 0.125, junk_weight: float = 0.5,
                      log_every: int = 0) -> tuple[DigitClassifier, float]:
     """Train on the digits train split (deterministic for a seed); returns (model, test-split accuracy)."""
-    from rlgen.diffusion.digits import load_digit_images
-
     if steps < 1 or batch_size < 1:
         raise RlgenError(f"steps and batch_size must be positive, got steps={steps}, batch_size={batch_size}")
     junk_size = int(round(batch_size * junk_fraction))

@@ -7,7 +7,6 @@ Only the denoiser is trained; every other component is copied unchanged when the
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import shutil
@@ -17,8 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlgen.errors import RlgenError
-from rlgen.models.locate import is_diffusion_dir, is_image_model, model_dir  # noqa: F401 - re-exported
+from rlgen.diffusion.digits import parse_digit_prompt
+from rlgen.errors import RlgenError, show_value
+from rlgen.models import safe_load
+from rlgen.models.backbone import ReferencePolicy, claiming_backbone
+from rlgen.models.causal_lm import ModelConfig, quiet_transformers, replace_dir
+from rlgen.models.locate import is_diffusion_dir, model_dir
+from rlgen.models.safe_load import load_peft_adapter
+from rlgen.plugins import registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INFO_FILE = "rlgen_diffusion.json"  # rlgen's notes on a pipeline: class names, recommended sampling
@@ -30,38 +35,26 @@ ALLOWED_LIBRARIES = ("diffusers", "transformers")
 
 
 @dataclass
-class DiffusionModelConfig:
+class DiffusionModelConfig(ModelConfig):
+    """The model section of the image trainers: the shared one with an image model's defaults."""
     path: str = "tiny-digits"
-    dtype: str = "float32"
-    lora_r: int = 0  # 0 = full fine-tuning of the denoiser; > 0 trains a peft LoRA adapter on it
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    lora_merge_on_save: bool = True  # final/ holds merged weights; false keeps the adapter beside the base
-
-    def validate(self):
-        if self.dtype not in DTYPES:
-            raise RlgenError(f"config key 'model.dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.lora_r < 0:
-            raise RlgenError("config key 'model.lora_r' must be >= 0")
 
 
 def resolve_pipeline_path(name_or_path: str) -> Path:
-    from rlgen.plugins import registry
-
     path = model_dir(name_or_path)
     if not path.exists():
         known = ", ".join(registry("model").names())
         raise RlgenError(f"unknown model '{name_or_path}': not a built-in name ({known}) nor an existing directory")
     if not is_diffusion_dir(path):
-        raise RlgenError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+        other = claiming_backbone(name_or_path)  # say what it is when another backbone knows
+        what = f"{other.description}, not " if other is not None else "not "
+        raise RlgenError(f"{path} is {what}a diffusers pipeline directory (no model_index.json)")
     return path
 
 
 def _quiet_diffusers() -> None:
     import diffusers
-
-    from rlgen.models.causal_lm import quiet_transformers
 
     quiet_transformers()
     diffusers.utils.logging.set_verbosity_error()
@@ -82,8 +75,6 @@ def component_class(path: Path, name: str, spec) -> type:
     `diffusers` and `transformers` packages are ever imported, never a module the file names."""
     import importlib
 
-    from rlgen.errors import show_value
-
     where = f"{path / 'model_index.json'}: key '{name}'"
     if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(part, str) for part in spec)):
         raise RlgenError(f"{where} must be [library, class name], got {show_value(spec)}")
@@ -102,8 +93,6 @@ def component_class(path: Path, name: str, spec) -> type:
 def _load_component(path: Path, name: str, spec, dtype=None):
     import diffusers
     import transformers
-
-    from rlgen.models import safe_load
 
     cls = component_class(path, name, spec)
     directory = path / name
@@ -158,7 +147,8 @@ class DiffusionModel(nn.Module):
             raise RlgenError(f"{path}: scheduler {type(self.scheduler).__name__} has no alphas_cumprod (DDPM family) and is not flow matching")
         self.text_conditioned = kind == "UNet2DConditionModel"
         self.class_names = [str(c).lower() for c in info.get("class_names", [])]
-        self._reference: nn.Module | None = None
+        # the frozen reference (KL, DPO), built by the diffusers backbone's reference_policy()
+        self.reference: ReferencePolicy | None = None
         self.lora = False
 
     # --- shapes and conditioning ---
@@ -193,8 +183,6 @@ class DiffusionModel(nn.Module):
         if text in self.class_names:
             return self.class_names.index(text)
         if self.info.get("prompt_parser") == "digits":
-            from rlgen.diffusion.digits import parse_digit_prompt
-
             label = parse_digit_prompt(text)
             if label is not None:
                 return label
@@ -246,31 +234,22 @@ class DiffusionModel(nn.Module):
 
     def predict(self, x, t, cond, null=None, guidance_scale: float = 1.0, reference: bool = False):
         """Denoiser output; with guidance_scale != 1 the classifier-free-guided combination
-        uncond + w * (cond - uncond), both branches in one batched forward (as DDPO trains it)."""
-        net = self.denoiser
-        with self.reference_mode() if reference else contextlib.nullcontext():
-            if reference and self._reference is not None:
-                net = self._reference
-            if guidance_scale == 1.0 or cond is None:
-                return self._forward(net, x, t, cond)
-            t = torch.as_tensor(t, device=x.device)
-            both = self._forward(net, torch.cat([x, x]), torch.cat([t.expand(x.shape[0])] * 2), torch.cat([null, cond]))
-            uncond, conditional = both.chunk(2)
-            return uncond + guidance_scale * (conditional - uncond)
+        uncond + w * (cond - uncond), both branches in one batched forward (as DDPO trains it).
+        `reference` runs the reference policy instead (the backbone's reference_policy() builds it)."""
+        if not reference:
+            return self._guided(self.denoiser, x, t, cond, null, guidance_scale)
+        if self.reference is None:
+            raise RuntimeError("predict(reference=True) before the reference policy was built")
+        with self.reference.forward() as net:
+            return self._guided(net, x, t, cond, null, guidance_scale)
 
-    @contextlib.contextmanager
-    def reference_mode(self):
-        """The frozen reference denoiser: the base with the LoRA adapter switched off, or a frozen copy."""
-        if self.lora:
-            with self.denoiser.disable_adapter():
-                yield
-        else:
-            yield
-
-    def keep_reference(self) -> None:
-        """Keep a frozen copy for KL / DPO references when the whole denoiser is trained (LoRA needs none)."""
-        if not self.lora and self._reference is None:
-            self._reference = copy.deepcopy(self.base_denoiser).requires_grad_(False).eval()
+    def _guided(self, net, x, t, cond, null, guidance_scale: float):
+        if guidance_scale == 1.0 or cond is None:
+            return self._forward(net, x, t, cond)
+        t = torch.as_tensor(t, device=x.device)
+        both = self._forward(net, torch.cat([x, x]), torch.cat([t.expand(x.shape[0])] * 2), torch.cat([null, cond]))
+        uncond, conditional = both.chunk(2)
+        return uncond + guidance_scale * (conditional - uncond)
 
     def _vae_scale(self) -> tuple[float, float]:
         cfg = self.vae.config
@@ -305,8 +284,6 @@ class DiffusionModel(nn.Module):
     # --- saving ---
     def save(self, out_dir: Path, merge_lora: bool = True) -> None:
         """Write a complete diffusers directory atomically; only the denoiser differs from the base."""
-        from rlgen.models.causal_lm import replace_dir
-
         out_dir = Path(out_dir)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         if tmp.exists():
@@ -338,8 +315,6 @@ def add_lora(model: DiffusionModel, cfg: DiffusionModelConfig) -> None:
 def load_diffusion_model(cfg: DiffusionModelConfig, adapter_dir: Path | None = None) -> DiffusionModel:
     """Load a pipeline directory (built-in name or path); LoRA attached when cfg.lora_r > 0
     (from `adapter_dir` when resuming)."""
-    from rlgen.models.safe_load import load_peft_adapter
-
     _quiet_diffusers()
     path = resolve_pipeline_path(cfg.path)
     try:

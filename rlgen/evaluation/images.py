@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from rlgen.diffusion.generate import expand, generate_images
+from rlgen.rollout.samplers import call_sampler
+
 
 def reward_statistics(samples: list[dict], rewards) -> dict:
     """Mean / std / min / max of the combined reward, each reward's mean, and the mean per prompt."""
@@ -28,9 +31,6 @@ def reward_statistics(samples: list[dict], rewards) -> dict:
 def evaluate_image_model(model, records: list[dict], rewards, n: int, params, seed: int = 0, batch_size: int = 64,
                          sampler=None, sampler_options: dict | None = None, guide=None) -> tuple[dict, list[dict]]:
     """(statistics, samples): n images per record from `sampler` (default plain), scored by `rewards`."""
-    from rlgen.diffusion.generate import expand, generate_images
-    from rlgen.rollout.samplers import call_sampler
-
     if sampler is None:
         samples = generate_images(model, records, n, params, seed=seed, batch_size=batch_size)
     else:

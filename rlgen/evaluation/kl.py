@@ -10,13 +10,17 @@ The estimates of KL(p || q) are the means over sequences of these per-sequence s
 when the completions were sampled from p itself at temperature 1 (e.g. `rlgen eval --model P -k K
 --temperature 1 --ref Q`). On other completions (greedy ones) they are only the log-ratio statistics of
 those completions. The per-token log-probs come from the trainers' own code
-(`rlgen.models.logprobs.completion_logprobs`, the fused log-prob kernels), at temperature 1.
+(`rlgen.models.logprobs.completion_logprobs`, the fused log-prob kernels), at temperature 1. The reference
+may be a separately loaded model or a trainer's `ReferencePolicy` (e.g. the LoRA base, adapter off).
 """
 from __future__ import annotations
 
 import torch
 
-from rlgen.models.logprobs import completion_logprobs
+from rlgen.errors import RlgenError
+from rlgen.models.backbone import ReferencePolicy
+from rlgen.models.logprobs import token_logprobs
+from rlgen.rollout.engine import HFEngine
 
 
 def kl_estimates(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -28,27 +32,32 @@ def kl_estimates(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> 
     return {"k1": k1.sum(1), "k3": k3.sum(1), "tokens": m.sum(1)}
 
 
+def as_reference(reference) -> ReferencePolicy:
+    """A trainer's ReferencePolicy as it is (e.g. the policy's LoRA base, adapter off), or a separately
+    loaded model used as one (run in eval mode without gradients, its own mode restored after)."""
+    return reference if isinstance(reference, ReferencePolicy) else ReferencePolicy(reference, "frozen-copy", token_logprobs)
+
+
 @torch.no_grad()
 def sequence_kl(policy, reference, prompt_ids, prompt_mask, completion_ids, completion_mask,
                 batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Per-sequence k1, k3 and token counts [B] of completions (right-padded ids and mask, as in Rollouts)
-    after their left-padded prompts, policy vs reference."""
-    check_vocabularies(policy, reference)
+    after their left-padded prompts, policy vs reference (a model or a ReferencePolicy)."""
+    reference = as_reference(reference)
+    check_vocabularies(policy, reference.module)
     parts: dict[str, list[torch.Tensor]] = {"k1": [], "k3": [], "tokens": []}
-    modes = (policy.training, reference.training)
+    was_training = policy.training
     policy.eval()
-    reference.eval()
     try:
         for start in range(0, prompt_ids.shape[0], batch_size):
             rows = slice(start, start + batch_size)
             inputs = (prompt_ids[rows], prompt_mask[rows], completion_ids[rows], completion_mask[rows])
-            logp = completion_logprobs(policy, *inputs, 1.0)[0]
-            logq = completion_logprobs(reference, *inputs, 1.0)[0]
+            logp = token_logprobs(policy, *inputs, 1.0)
+            logq = reference.logprobs(*inputs, 1.0)
             for key, value in kl_estimates(logp, logq, inputs[3]).items():
                 parts[key].append(value)
     finally:
-        policy.train(modes[0])
-        reference.train(modes[1])
+        policy.train(was_training)
     return {key: torch.cat(values) if values else torch.zeros(0, dtype=torch.float64) for key, values in parts.items()}
 
 
@@ -77,8 +86,6 @@ def kl_of_rollouts(policy, reference, rollouts, batch_size: int = 64) -> dict:
 def kl_to_reference(policy, reference, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64) -> dict:
     """KL estimates on (prompt, completion) texts: each completion is tokenised and ends with the stop token,
     as if the policy had generated it (the tokenisation of the trainers' fixed answers)."""
-    from rlgen.rollout.engine import HFEngine
-
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     engine = HFEngine(policy, tokenizer)
@@ -92,7 +99,5 @@ def check_vocabularies(policy, reference) -> None:
     a = getattr(getattr(policy, "config", None), "vocab_size", None)
     b = getattr(getattr(reference, "config", None), "vocab_size", None)
     if a is not None and b is not None and a != b:
-        from rlgen.errors import RlgenError
-
         raise RlgenError(f"the policy and the reference have different vocabularies ({a} vs {b} tokens): "
                          "KL needs the same tokenizer")

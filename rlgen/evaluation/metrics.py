@@ -9,10 +9,13 @@ from math import comb
 import torch
 
 from rlgen.errors import RlgenError, show_value
-from rlgen.evaluation import diversity, pareto
+from rlgen.evaluation import diversity, kl, pareto
+from rlgen.evaluation.reward_models import pair_accuracy
 from rlgen.hookspecs import hookimpl
+from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.engine import SamplingParams
+from rlgen.rollout.samplers import call_sampler
 
 
 class MetricInputError(RlgenError, ValueError):
@@ -95,9 +98,6 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
     if sampler is None:
         evaluated = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
     else:
-        from rlgen.plugins import registry
-        from rlgen.rollout.samplers import call_sampler
-
         stats: dict = {}
         evaluated = call_sampler(registry("sampler").get(sampler), engine, prompts,
                                  SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), generator,
@@ -133,17 +133,13 @@ def rm_pair_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 64) 
     """Pairwise accuracy of a reward model on preference pairs, RewardBench's convention (chosen must
     score strictly higher; a tie is wrong), overall and per `subset`
     (rlgen.evaluation.reward_models.pair_accuracy)."""
-    from rlgen.evaluation.reward_models import pair_accuracy
-
     return pair_accuracy(model, tokenizer, pairs, batch_size)
 
 
 def kl_to_reference(policy, reference, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 64) -> dict:
     """KL(policy || reference) on given samples: means of per-sequence k1 = sum(log p - log q) and
     k3 = sum((r - 1) - log r), r = q / p (rlgen.evaluation.kl)."""
-    from rlgen.evaluation.kl import kl_to_reference as estimate
-
-    return estimate(policy, reference, tokenizer, prompts, completions, batch_size)
+    return kl.kl_to_reference(policy, reference, tokenizer, prompts, completions, batch_size)
 
 
 @hookimpl

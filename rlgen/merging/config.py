@@ -34,12 +34,15 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlgen.config import TomlError, loads_toml
 from rlgen.errors import RlgenError, show_value
+from rlgen.extension import capabilities
+from rlgen.merging.methods import REQUIRED
 from rlgen.merging.safetensors_io import parse_size
+from rlgen.plugins import registry
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 10**9
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16",
@@ -232,13 +235,10 @@ def load_config(path: str) -> MergeConfig:
         data = _read_yaml(path, text)
     elif file.suffix.lower() == ".toml":
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise RlgenError(f"{path}: bad TOML ({exc})") from None
-        except ValueError:  # a decimal integer of more than 4300 digits
-            raise RlgenError(f"{path}: bad TOML ({TOO_LONG})") from None
-        except RecursionError:
-            raise RlgenError(f"{path}: bad TOML (nested too deeply)") from None
+            data = loads_toml(text, str(path))
+        except TomlError as exc:
+            reason = {"too_long": TOO_LONG, "too_deep": "nested too deeply"}.get(exc.kind, exc.reason)
+            raise RlgenError(f"{path}: bad TOML ({reason})") from None
         if _long_int(data):
             raise RlgenError(f"{path}: bad TOML ({TOO_LONG})")
     else:
@@ -310,13 +310,13 @@ def parse_value(text: str, flag: str = "--param"):
     """A --param value as TOML (0.5, true, [0, 0.5, 1], [{filter="mlp", value=0.3}, {value=0.5}]); `flag`
     names it in errors."""
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word: reported by validation if the parameter wants a number
-    except ValueError:  # a decimal integer of more than 4300 digits
-        value = None
-    except RecursionError:
-        raise RlgenError(f"{flag}: nested too deeply, got {show_value(text)}") from None
+        value = loads_toml(f"v = {text}")["v"]
+    except TomlError as exc:
+        if exc.kind == "too_deep":
+            raise RlgenError(f"{flag}: nested too deeply, got {show_value(text)}") from None
+        if exc.kind == "syntax":
+            return text  # a bare word: reported by validation if the parameter wants a number
+        value = None  # a decimal integer of more than 4300 digits
     if value is None or _long_int(value):
         raise RlgenError(f"{flag}: {TOO_LONG}, got {show_value(text)}")
     return value
@@ -326,11 +326,9 @@ def from_flags(models: list[str], *, method: str, base: str | None = None, weigh
                densities: list[float] | None = None, params: dict | None = None, dtype: str | None = None,
                seed: int = 0, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> MergeConfig:
     """The command-line form: per-model weights / densities (one value = every model), global params."""
-    from rlgen.plugins import registry
-
     name = method_name(method)
     merger = registry("merger").get(name) if name in registry("merger") else None
-    listed = [m for m in models if not (merger is not None and merger.needs_base and m == base)]
+    listed = [m for m in models if not (merger is not None and capabilities(merger).needs_base and m == base)]
     count = len(listed) or 1
     per_model: list[dict] = [{} for _ in models]
     for flag, values in (("--weights", weights), ("--density", densities)):
@@ -357,7 +355,7 @@ def from_flags(models: list[str], *, method: str, base: str | None = None, weigh
 def merged_models(config: MergeConfig, method) -> list[ModelEntry]:
     """The models whose tensors go to the method: the base is left out of the list when the method takes
     it separately (mergekit lists it among the models, without parameters)."""
-    if method.needs_base:
+    if capabilities(method).needs_base:
         return [m for m in config.models if m.model != config.base]
     return list(config.models)
 
@@ -365,30 +363,27 @@ def merged_models(config: MergeConfig, method) -> list[ModelEntry]:
 def validate(config: MergeConfig):
     """The config's MergeMethod, after checking the method, the model count and every parameter name
     and value shape (filter lists are resolved per tensor at merge time)."""
-    from rlgen.merging.methods import REQUIRED
-    from rlgen.plugins import registry
-
     source = config.source
     mergers = registry("merger")
     if config.method not in mergers:
         _fail(source, "merge_method", f"unknown merge method {show_value(config.method)} (known: {', '.join(mergers.names())})")
     method = mergers.get(config.method)
-    if method.needs_base and not config.base:
+    if capabilities(method).needs_base and not config.base:
         _fail(source, "base_model", f"merge method '{config.method}' needs a base model")
     models = merged_models(config, method)
     count, low, high = len(models), method.min_models, method.max_models
     if count < low or (high is not None and count > high):
-        extra = 1 if method.needs_base else 0
+        extra = 1 if capabilities(method).needs_base else 0
         wanted = f"exactly {low + extra}" if high == low else f"at least {low + extra}" if high is None \
             else f"{low + extra} to {high + extra}"
-        including = " including the base model" if method.needs_base else ""
+        including = " including the base model" if capabilities(method).needs_base else ""
         _fail(source, "models", f"merge method '{config.method}' needs {wanted} models{including}, got {count + extra}")
     model_names = set(method.model_params)
     known = model_names | set(method.global_params) | IGNORED_PARAMETERS
     for key, value in config.parameters.items():
         _check_param(source, f"parameters.{key}", key, known, value, config.method)
     for i, entry in enumerate(config.models):
-        if method.needs_base and entry.model == config.base:
+        if capabilities(method).needs_base and entry.model == config.base:
             continue  # the base's own parameters are not used (as in mergekit)
         for key, value in entry.parameters.items():
             _check_param(source, f"models[{i}].parameters.{key}", key, model_names | IGNORED_PARAMETERS, value,
@@ -556,8 +551,6 @@ class ParameterResolver:
         return model_params, global_params
 
     def _final(self, value, default, key, tensor):
-        from rlgen.merging.methods import REQUIRED
-
         if value is None:
             if default is REQUIRED:
                 raise RlgenError(f"{_where(self.config.source, key)}: no value for tensor '{tensor}' (no filter "

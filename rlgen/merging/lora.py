@@ -31,6 +31,7 @@ import torch
 from rlgen.errors import RlgenError, show_value
 from rlgen.merging.model_files import checked_file, read_text
 from rlgen.merging.safetensors_io import SafetensorsFile
+from rlgen.models.safe_load import check_adapter_weights
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -88,8 +89,6 @@ class LoraAdapter:
         self._check_config(config_path)
         weights = self.directory / ADAPTER_WEIGHTS
         if not os.path.lexists(weights):
-            from rlgen.models.safe_load import check_adapter_weights
-
             check_adapter_weights(self.directory)  # names adapter_model.bin and its conversion command
             raise RlgenError(f"{self.label}: no {ADAPTER_WEIGHTS} (it is missing)")
         checked_file(self.directory, weights)  # no link out of the adapter directory, a regular file

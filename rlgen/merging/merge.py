@@ -30,10 +30,15 @@ from typing import Callable
 import torch
 
 from rlgen.errors import RlgenError, show_value
+from rlgen.extension import capabilities
 from rlgen.merging.config import MergeConfig, ParameterResolver, merged_models, validate
+from rlgen.merging.contracts import MergeInput, merge_tensor
 from rlgen.merging.lora import ADAPTER_CONFIG, FoldedCheckpoint, LoraAdapter, is_adapter_dir
+from rlgen.merging.methods import dare_key
 from rlgen.merging.model_files import copy_file, copy_tree, read_text
 from rlgen.merging.safetensors_io import Checkpoint, ShardedWriter, find_weights
+from rlgen.models.causal_lm import replace_dir
+from rlgen.plugins import registry
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DENOISERS = ("unet", "transformer")  # as rlgen.diffusion.pipeline.DENOISERS (not imported: keeps this light)
@@ -59,8 +64,6 @@ class Source:
 
 def _locate(name: str) -> Path | None:
     """A built-in model's directory, an existing path, or None."""
-    from rlgen.plugins import registry
-
     models = registry("model")
     if name in models:
         return Path(models.get(name))
@@ -79,8 +82,6 @@ def _split_adapter(spec: str) -> tuple[Path, Path] | None:
 
 
 def _unknown(spec: str) -> RlgenError:
-    from rlgen.plugins import registry
-
     known = ", ".join(registry("model").names())
     return RlgenError(f"unknown model '{spec}': not a built-in name ({known}), an existing directory, nor DIR+ADAPTER")
 
@@ -283,8 +284,6 @@ def _stream(template: Source, entries: list[tuple], produce: Callable[[str], tor
     """Write produce(name) for every planned (name, dtype, shape) into OUT (atomically); a summary. A
     produced tensor holding NaN / inf is an error (nothing written), naming culprit(name) when it names
     the input that holds them."""
-    from rlgen.models.causal_lm import replace_dir
-
     target, tmp, created, lock = _prepare_out(out)
     writer = None
     try:
@@ -356,8 +355,6 @@ def _out_entries(template: Source, dtype: str | None) -> list[tuple]:
 def merge_models(config: MergeConfig, out: str, progress: Progress | None = None) -> dict:
     """Merge `config`'s models into the model directory OUT, streaming; the summary (out, tensors, shards,
     bytes, method, seconds, ...)."""
-    from rlgen.merging.methods import dare_key
-
     started = time.perf_counter()
     method = validate(config)
     listed = merged_models(config, method)
@@ -376,7 +373,7 @@ def merge_models(config: MergeConfig, out: str, progress: Progress | None = None
         for name, dtype, _ in entries:  # parameter errors (a filter list missing a tensor) before any output
             if dtype.is_floating_point:
                 resolver.resolve(name)
-        base_for_method = base if method.needs_base else None
+        base_for_method = base if capabilities(method).needs_base else None
 
         def produce(name: str) -> torch.Tensor:
             if not template.checkpoint.info(name).dtype.is_floating_point:
@@ -385,7 +382,8 @@ def merge_models(config: MergeConfig, out: str, progress: Progress | None = None
             base_tensor = base_for_method.checkpoint.tensor(name) if base_for_method else None
             model_params, global_params = resolver.resolve(name)
             keys = [dare_key(config.seed, name, i) for i in range(len(models))]
-            return method.fn(tensors, base_tensor, model_params, global_params, keys=keys, out_dtype=out_dtypes[name])
+            return merge_tensor(method.fn, MergeInput(name, tensors, base_tensor, model_params, global_params, keys,
+                                                      out_dtypes[name]))
 
         def release(name: str) -> None:
             for source in opened.values():

@@ -6,7 +6,7 @@ views of memory-mapped files), `base` the base model's (or None), `model_params`
 `global_params` one dict, every declared parameter resolved for this tensor (`rescale_norm`: None, or
 mergekit's "l1" / "l2" / "linf" norm-preserving rescale of the kept deltas instead of DARE's 1/density),
 `keys` the DARE key of each model (dare_key). Arithmetic is float32 (float64 for float64 inputs); the result is a new contiguous
-tensor of `out_dtype`. All the task-vector methods are one call of rlgen.merging.kernels.sparse_task_merge.
+tensor of `out_dtype`. A plugin's `fn` may take one MergeInput instead (rlgen.merging.contracts). All the task-vector methods are one call of rlgen.merging.kernels.sparse_task_merge.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from rlgen.extension import Capabilities
 from rlgen.hookspecs import hookimpl
 from rlgen.merging.kernels import sparse_task_merge
 
@@ -40,6 +41,11 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     description: str = ""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Read through rlgen.extension.capabilities, like every other registered item's."""
+        return Capabilities(needs_base=self.needs_base)
 
 
 def dare_key(seed: int, name: str, model_index: int) -> int:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from rlgen.errors import RlgenError, show_value
+from rlgen.merging.model_files import allowed_roots, checked_file, inside, read_text
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -202,8 +203,6 @@ def find_weights(directory: Path, root: Path | None = None) -> tuple[str, Path |
 
     Every file is checked with model_files.checked_file against `root` (the model directory, default
     `directory`): no link out of it, regular files only; an index's shard names must stay inside it."""
-    from rlgen.merging.model_files import checked_file
-
     directory = Path(directory)
     root = Path(root) if root is not None else directory
     for prefix in WEIGHT_PREFIXES:
@@ -222,8 +221,6 @@ def find_weights(directory: Path, root: Path | None = None) -> tuple[str, Path |
 
 def read_weight_map(root: Path, index: Path) -> dict[str, str]:
     """The index's weight_map (tensor name -> shard file name), checked: a mapping of strings."""
-    from rlgen.merging.model_files import read_text
-
     try:
         weight_map = json.loads(read_text(root, index))["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
@@ -236,8 +233,6 @@ def read_weight_map(root: Path, index: Path) -> dict[str, str]:
 
 def _index_shards(root: Path, index: Path) -> list[Path]:
     """The shard files an index names, each one inside the index's folder (no '..', no absolute path)."""
-    from rlgen.merging.model_files import allowed_roots, inside
-
     folder = index.parent
     shards = set()
     for name in set(read_weight_map(root, index).values()):

@@ -1,4 +1,4 @@
-"""Built-in models shipped inside the package, and the causal-LM backbone."""
+"""Built-in models shipped inside the package (the backbones register in rlgen.rollout.backbones)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +19,3 @@ def register_models(register):
     for name, description in BUILTIN_MODELS.items():
         register(name, BUILTIN_DIR / name, description)
 
-
-@hookimpl
-def register_backbones(register):
-    from rlgen.models import causal_lm
-
-    register("causal-lm", causal_lm, "Hugging Face AutoModelForCausalLM + AutoTokenizer directories")

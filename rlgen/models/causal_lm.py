@@ -6,10 +6,23 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from rlgen.data.records import use_umask_modes
 from rlgen.errors import RlgenError
+from rlgen.models.backbone import claiming_backbone
+from rlgen.models.safe_load import (
+    adapter_base_path,
+    check_model_dir,
+    check_no_custom_code,
+    load_errors,
+    load_peft_adapter,
+    no_download_kwargs,
+    weights_kwargs,
+)
+from rlgen.plugins import registry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -17,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class ModelConfig:
     path: str = "tiny-arith"
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # DTYPES' names
     lora_r: int = 0  # 0 = full fine-tuning; > 0 trains a peft LoRA adapter
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -47,14 +60,11 @@ def quiet_transformers() -> None:
 
 def resolve_model_path(name_or_path: str) -> Path:
     """A built-in name or a local HF model directory; anything else is a clear error."""
-    from rlgen.plugins import registry
-
     models = registry("model")
-    from rlgen.models.locate import is_image_model
-
-    if is_image_model(name_or_path):
-        raise RlgenError(f"'{name_or_path}' is a diffusers pipeline, not a causal LM: use it with a diffusion algorithm "
-                         "(ddpo, flow-grpo, reward-backprop, diffusion-dpo, diffusion-sft) or `rlgen sample`")
+    other = claiming_backbone(name_or_path)
+    if other is not None and other.name != "causal-lm":  # another backbone's model (a diffusers pipeline ...)
+        usage = getattr(other, "usage", "")
+        raise RlgenError(f"'{name_or_path}' is {other.description}, not a causal LM" + (f": {usage}" if usage else ""))
     if name_or_path in models:
         path = Path(models.get(name_or_path))
         if not (path / "config.json").is_file():
@@ -81,8 +91,6 @@ def tokenizer_dir(path: Path) -> Path:
     path = Path(path)
     if not (path / "adapter_config.json").is_file():
         return path
-    from rlgen.models.safe_load import adapter_base_path
-
     base = adapter_base_path(path)
     return path if any((path / name).is_file() for name in TOKENIZER_FILES) else base
 
@@ -91,8 +99,6 @@ def load_tokenizer(path: Path):
     """The directory's tokenizer (an adapter's base's when the adapter has none), with an EOS token and a
     pad id inside the model's vocabulary."""
     from transformers import AutoTokenizer
-
-    from rlgen.models.safe_load import check_no_custom_code, load_errors, no_download_kwargs
 
     quiet_transformers()
     source = tokenizer_dir(Path(path))
@@ -118,8 +124,6 @@ def _model_config(path: Path) -> dict:
 def _adapter_base_or_none(path: Path) -> Path | None:
     if not (path / "adapter_config.json").is_file():
         return None
-    from rlgen.models.safe_load import adapter_base_path
-
     try:
         return adapter_base_path(path)
     except RlgenError:
@@ -152,8 +156,6 @@ def _settle_special_tokens(tokenizer, path: Path) -> None:
 def load_model(path: Path, dtype: str = "float32"):
     """A causal LM, or a saved LoRA adapter on its local base (safetensors only, no code, no network)."""
     from transformers import AutoModelForCausalLM
-
-    from rlgen.models.safe_load import adapter_base_path, check_model_dir, load_errors, load_peft_adapter, weights_kwargs
 
     quiet_transformers()
     path = Path(path)
@@ -211,8 +213,6 @@ def save_hf(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> None:
 
 def replace_dir(tmp: Path, target: Path) -> None:
     """Swap a finished temporary directory into place (rename is atomic on one filesystem)."""
-    from rlgen.data.records import use_umask_modes
-
     use_umask_modes(tmp)  # safetensors writes 0600 files: saved models get the user's umask instead
     if target.exists():
         old = target.with_name(f".{target.name}.old")

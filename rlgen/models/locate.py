@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlgen.plugins import registry
+
 
 def is_diffusion_dir(path: Path) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
+def is_causal_lm_dir(path: Path) -> bool:
+    """A Hugging Face model directory (config.json) or a saved LoRA adapter (adapter_config.json) that is
+    not the root of a diffusers pipeline (whose components hold config.json files of their own)."""
+    path = Path(path)
+    has_config = (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+    return has_config and not is_diffusion_dir(path)
+
+
 def model_dir(name_or_path: str) -> Path:
     """A built-in model's directory, or the path as given (which may not exist)."""
-    from rlgen.plugins import registry
-
     models = registry("model")
     return Path(models.get(name_or_path)) if name_or_path in models else Path(name_or_path)
-
-
-def is_image_model(name_or_path: str | None) -> bool:
-    """Whether a --model value names a diffusers pipeline (built-in name or directory)."""
-    return bool(name_or_path) and is_diffusion_dir(model_dir(name_or_path))

@@ -38,6 +38,13 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     return _full_logprobs(head, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature)
 
 
+def token_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
+                   shared_prefix: bool = True) -> torch.Tensor:
+    """The log-probs [B, C] of `completion_logprobs` without the entropies (references, KL, DPO scores)."""
+    return completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                               shared_prefix)[0]
+
+
 class Head:
     """Runs the model up to what the log-prob kernel takes: hidden states (fused path) or logits."""
 

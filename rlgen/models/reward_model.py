@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from rlgen.errors import RlgenError
-from rlgen.models.causal_lm import DTYPES, load_tokenizer, quiet_transformers
+from rlgen.models.causal_lm import DTYPES, load_tokenizer, quiet_transformers, resolve_model_path
 from rlgen.models.safe_load import NO_CODE, check_model_dir, load_errors, weights_kwargs
+from rlgen.models.sequences import pad_tokens
 
 HEADS = ("auto", "sequence-classification", "value-head")
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -98,8 +99,6 @@ def _load(cls, path: Path, dtype: str):
 
 def encode_texts(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and mask of prompt + completion (one text, tokenised together)."""
-    from rlgen.models.sequences import pad_tokens
-
     return pad_tokens(tokenizer([p + c for p, c in zip(prompts, completions)]).input_ids, tokenizer.pad_token_id, left=False)
 
 
@@ -120,8 +119,6 @@ class RewardModelReward:
     is_correctness = False
 
     def __init__(self, path: str, batch_size: int = 64):
-        from rlgen.models.causal_lm import resolve_model_path
-
         self.path = resolve_model_path(path)
         self.batch_size = batch_size
         self.model, self.tokenizer = load_reward_model(self.path)

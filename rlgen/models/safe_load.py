@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from rlgen.errors import RlgenError, show_value
+from rlgen.plugins import registry
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Files whose `auto_map` can name code shipped in the directory.
@@ -145,8 +146,6 @@ def check_adapter_weights(directory: Path) -> None:
 def adapter_base_path(directory: Path) -> Path:
     """The local base model named by an adapter's `base_model_name_or_path` (a directory or a built-in
     name); a Hub repository id is an error at once (nothing is downloaded)."""
-    from rlgen.plugins import registry
-
     config_file = Path(directory) / "adapter_config.json"
     base = _read_json(config_file).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:

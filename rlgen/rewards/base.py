@@ -8,7 +8,8 @@ each entry is a real number (bool counts as 0 / 1) or None. Anything else is a R
 reward (see `reward_values`, `reward_number`).
 
 `module:function` rewards import (i.e. run) the user's module, found in the current directory first during
-that import only (rlgen.plugins.load_dotted). A reward may declare `required_fields` (exact-match: `answer`);
+that import only (rlgen.plugins.load_dotted). A reward may declare `required_fields` (exact-match: `answer`;
+`@declare(required_fields=(...))`, or the old attribute; rlgen.rewards.contracts);
 training checks them against the data before the model loads (`RewardSet.check_fields`).
 """
 from __future__ import annotations
@@ -24,7 +25,11 @@ import numpy as np
 import torch
 
 from rlgen.errors import RewardError, RlgenError, show_value
+from rlgen.extension import capabilities, check_options
+from rlgen.models.reward_model import reward_model_reward
+from rlgen.plugins import load_dotted, registry
 from rlgen.rewards.combine import Combiner, Shaping
+from rlgen.rewards.contracts import REWARD_DEFAULTS
 
 
 @dataclass
@@ -59,14 +64,10 @@ def _is_trl_style(fn: Callable) -> bool:
 
 
 def resolve_reward(name: str) -> Callable:
-    from rlgen.plugins import load_dotted, registry
-
     rewards = registry("reward")
     if name in rewards:
         return rewards.get(name)
     if name.startswith("rm:"):  # a trained reward model directory
-        from rlgen.models.reward_model import reward_model_reward
-
         return reward_model_reward(name[3:])
     if ":" in name:
         fn = load_dotted(name)
@@ -153,6 +154,9 @@ class RewardSet:
         self.specs = specs
         self.on_error = on_error
         self.functions = [resolve_reward(spec.name) for spec in specs]
+        for spec, fn in zip(specs, self.functions):  # a misspelt option fails here, not silently at every step
+            inputs = ("prompts", "completions") if _is_trl_style(fn) else 1
+            check_options("reward", spec.name, fn, spec.options, skip=inputs)
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise RlgenError(f"reward listed twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
@@ -165,7 +169,7 @@ class RewardSet:
         it are "not applicable"; with none the reward would be None throughout and GRPO would learn
         nothing), and a shaping that needs a reference needs its `ref_field` in every record."""
         for spec, fn in zip(self.specs, self.functions):
-            for name in getattr(fn, "required_fields", ()):
+            for name in capabilities(fn, REWARD_DEFAULTS).required_fields:
                 if not any(record.get(name) is not None for record in records):
                     fields = show_value(sorted({str(key) for record in records[:100] for key in record if key != "_line"}))
                     raise RlgenError(f"reward '{spec.name}' needs the field '{name}', but no record of {source} has "
@@ -286,7 +290,7 @@ class RewardSet:
             column = column[~torch.isnan(column)]
             metrics[f"rewards/{name}/mean"] = float(column.mean()) if column.numel() else float("nan")
             metrics[f"rewards/{name}/std"] = float(column.std()) if column.numel() > 1 else 0.0
-            if getattr(self.functions[k], "is_correctness", False) and "accuracy" not in metrics:
+            if capabilities(self.functions[k], REWARD_DEFAULTS).is_correctness and "accuracy" not in metrics:
                 metrics["accuracy"] = metrics[f"rewards/{name}/mean"]
         return metrics
 

@@ -8,8 +8,8 @@ and a sample for which no reward applies gets 0 under every combiner (weighted-s
 0 there; a NaN total would poison the group baselines of the advantage estimators).
 
 Shapings transform the combined value: `fn(values [N], reference [N] | None, **options) -> [N]`. A shaping
-that needs the combined reward of a reference response to the same prompt says so with the attribute
-`needs_reference = True`; RewardSet then scores a copy of each sample whose `completion` is the sample's
+that needs the combined reward of a reference response to the same prompt declares it
+(`@declare(needs_reference=True)`); RewardSet then scores a copy of each sample whose `completion` is the sample's
 `ref_field` (an option every such shaping accepts; default "reference") and combines it the same way.
 
 A shaping may freeze statistics from the first batch it sees: it names an `estimate(values) -> dict`
@@ -17,19 +17,27 @@ attribute returning the options to freeze when the user did not give them (ref-n
 The `Shaping` object keeps the frozen values (`state()` / `restore()`, saved in training checkpoints), so the
 functions themselves stay pure.
 
+These are the old-style forms of the contracts in rlgen.rewards.contracts (CombineInput -> CombineOutput,
+ShapingInput -> ShapingOutput); `Combiner` and `Shaping` call either form and check the options with
+rlgen.extension.check_options.
+
 Specs are strings "NAME" or "NAME:key=value,key=value"; values are TOML scalars (`k=0.5`,
 `ref_field=answer`). A string value cannot contain a comma.
 """
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from rlgen.config import parse_value
 from rlgen.errors import RlgenError
+from rlgen.extension import capabilities, check_options, declare
 from rlgen.hookspecs import hookimpl
+from rlgen.plugins import registry
+from rlgen.rewards.contracts import (REWARD_SHAPING_DEFAULTS, CombineInput, ShapingInput, combine, option_skip,
+                                     shape)
 
 
 # --- combiners ---------------------------------------------------------------------------------------
@@ -86,20 +94,18 @@ COMBINERS = {
 
 # --- shapings ----------------------------------------------------------------------------------------
 
+@declare(needs_reference=True)
 def par(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Preference As Reward (Fu et al. 2025): sigmoid(reward - reward of the reference response)."""
     return torch.sigmoid(values - reference)
 
 
-par.needs_reference = True
 
-
+@declare(needs_reference=True)
 def center(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """reward - reward of the reference response (no squashing)."""
     return values - reference
 
-
-center.needs_reference = True
 
 
 def clip(values: torch.Tensor, reference: torch.Tensor | None = None, low: float | None = None, high: float | None = None) -> torch.Tensor:
@@ -176,8 +182,6 @@ def register_reward_shapings(register):
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
     """'NAME' or 'NAME:key=value,key=value' -> (NAME, {key: TOML value})."""
-    from rlgen.config import parse_value
-
     name, sep, rest = text.strip().partition(":")
     name = name.strip()
     if not name:
@@ -197,56 +201,19 @@ def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
     return name, options
 
 
-def _wants_number(param: inspect.Parameter) -> bool:
-    default = param.default
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        return True
-    annotation = param.annotation
-    if isinstance(annotation, str):
-        return annotation.replace(" ", "").split("|")[0] in ("float", "int")
-    return annotation in (int, float)
-
-
-def check_options(kind: str, name: str, fn: Callable, options: dict, extra: tuple[str, ...] = ()) -> None:
-    """Every option must be a keyword of `fn` after its two positional tensors (or one of `extra`);
-    number-valued keywords need numbers."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())[2:]
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        allowed = None
-    else:
-        allowed = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    for key, value in options.items():
-        if key in extra:
-            continue
-        if allowed is not None and key not in allowed:
-            known = ", ".join([*allowed, *extra]) or "none"
-            raise RlgenError(f"{kind} '{name}' has no option '{key}' (its options: {known})")
-        param = allowed.get(key) if allowed is not None else None
-        if param is not None and _wants_number(param) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise RlgenError(f"option '{key}' of {kind} '{name}' must be a number, got {value!r}")
-    check = getattr(fn, "check_options", None)
-    if check is not None:
-        check({k: v for k, v in options.items() if k not in extra})
-
-
 class Combiner:
     """A parsed combiner spec: `combiner(components, weights) -> [N]`."""
 
     kind = "reward-combiner"
 
     def __init__(self, spec: str = "weighted-sum"):
-        from rlgen.plugins import registry
-
         self.spec = spec.strip() or "weighted-sum"
         self.name, self.options = parse_spec(self.spec)
         self.fn = registry(self.kind).get(self.name)
-        check_options(self.kind, self.name, self.fn, self.options)
+        check_options(self.kind, self.name, self.fn, self.options, skip=option_skip(self.fn, CombineInput))
 
     def __call__(self, components: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.fn(components, weights, **self.options)
+        return combine(self.fn, CombineInput(components, weights), self.options, self.name)
 
 
 class Shaping:
@@ -255,14 +222,12 @@ class Shaping:
     kind = "reward-shaping"
 
     def __init__(self, spec: str):
-        from rlgen.plugins import registry
-
         self.spec = spec.strip()
         self.name, options = parse_spec(self.spec)
         self.fn = registry(self.kind).get(self.name)
-        self.needs_reference = bool(getattr(self.fn, "needs_reference", False))
+        self.needs_reference = capabilities(self.fn, REWARD_SHAPING_DEFAULTS).needs_reference
         extra = ("ref_field",) if self.needs_reference else ()
-        check_options(self.kind, self.name, self.fn, options, extra)
+        check_options(self.kind, self.name, self.fn, options, skip=option_skip(self.fn, ShapingInput), extra=extra)
         self.ref_field = str(options.pop("ref_field", "reference"))
         self.options = options
         self.estimate = getattr(self.fn, "estimate", None)
@@ -279,7 +244,7 @@ class Shaping:
                     return values  # nothing valid to learn from (and nothing valid to shape): wait for a batch
                 self.frozen = {k: v for k, v in self.estimate(seen).items() if options.get(k) is None}
             options.update(self.frozen)
-        return self.fn(values, reference, **options)
+        return shape(self.fn, ShapingInput(values, reference, valid), options, self.name)
 
     def state(self) -> dict:
         """JSON-safe frozen statistics (empty until the first batch, or when nothing is estimated)."""

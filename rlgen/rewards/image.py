@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlgen.diffusion.classifier import load_digit_classifier
+from rlgen.diffusion.digits import parse_digit_prompt
+from rlgen.diffusion.images import sample_images, to_pil
 from rlgen.errors import RlgenError
 from rlgen.hookspecs import hookimpl
 
 
 def _pixels(samples: list[dict]) -> torch.Tensor:
-    from rlgen.diffusion.images import sample_images
-
     return sample_images(samples)
 
 
@@ -44,8 +45,6 @@ def _plain(differentiable, samples: list[dict], **options) -> list[float]:
 
 def requested_digit(sample: dict) -> int | None:
     """The digit a sample asks for: its integer `label` when present, else the digit its prompt names."""
-    from rlgen.diffusion.digits import parse_digit_prompt
-
     label = sample.get("label")
     if label is not None:
         if isinstance(label, bool) or not isinstance(label, numbers.Integral) or not 0 <= label <= 9:
@@ -57,8 +56,6 @@ def requested_digit(sample: dict) -> int | None:
 
 @lru_cache(maxsize=8)
 def _classifier_on(path: str | None, device: str) -> torch.nn.Module:
-    from rlgen.diffusion.classifier import load_digit_classifier
-
     model = load_digit_classifier(path)
     # the loader's instance stays on the CPU; other devices get their own (frozen) copy
     return model if device == "cpu" else _frozen_copy(model).to(device)
@@ -117,8 +114,6 @@ JPEG_QUALITY = 95
 
 def jpeg_kilobytes(image: torch.Tensor) -> float:
     """Size of the image encoded as JPEG at quality 95, in thousands of bytes."""
-    from rlgen.diffusion.images import to_pil
-
     picture = to_pil(image)
     if picture.mode == "RGBA":  # JPEG has no alpha channel
         picture = picture.convert("RGB")

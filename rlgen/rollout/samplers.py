@@ -13,28 +13,29 @@ names are reserved and passed by the caller instead:
 - `stats`: a dict the sampler may fill with diagnostics (counts; the CLI sums them over batches).
 
 An option annotated `Annotated[int, Bounds(...)]` (rlgen.config's COUNT, PROBABILITY ...) has its range
-checked by `check_sampler` before any model loads; every numeric option must be finite.
+checked by `check_sampler` (rlgen.extension.check_options) before any model loads; every numeric option must
+be finite.
 
 A catch-all `**_` means "ignore what I do not use" (so `plain` takes no options); a catch-all with any
-other name accepts every key.
+other name accepts every key. This is the old-style form of the sampler contract; the typed form takes a
+`SampleRequest` (rlgen.rollout.contracts), and `call_sampler` / `check_sampler` handle both.
 """
 from __future__ import annotations
 
-import inspect
 import math
-import typing
 from typing import Annotated, Callable, Literal
 
 import torch
 
-from rlgen.config import ANY, COUNT, PROBABILITY, Bounds
+from rlgen.config import COUNT, PROBABILITY, parse_value
 from rlgen.errors import RlgenError, show_value
+from rlgen.extension import check_options, schema_of, takes
 from rlgen.hookspecs import hookimpl
+from rlgen.plugins import registry
+from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rollout.contracts import RESERVED, SampleRequest, option_skip, sampler_capabilities
 from rlgen.rollout.engine import Rollouts, SamplingParams
 from rlgen.models.sequences import pad_tokens
-
-RESERVED = ("rewards", "records", "stats")
-_POSITIONAL = ("engine", "prompts", "params", "generator")
 
 
 def plain(engine, prompts, params, generator=None, **_):
@@ -261,22 +262,14 @@ def _build_rollouts(engine, prompts, token_lists, stopped, texts) -> Rollouts:
 
 # --- options: checking and calling ----------------------------------------------------------------
 
-def sampler_parameters(fn: Callable) -> tuple[dict[str, inspect.Parameter], bool]:
-    """(named parameters after the positional four, whether any other key is accepted)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}, True
-    named = {n: p for n, p in params.items() if n not in _POSITIONAL
-             and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD and not n.startswith("_") for n, p in params.items())
-    return named, open_ended
+def sampler_parameters(fn: Callable) -> tuple[dict, bool]:
+    """(named options and reserved keys after the inputs, whether any other key is accepted)."""
+    schema = schema_of(fn, option_skip(fn))
+    return schema.options, schema.open_ended
 
 
 def parse_sampler_options(items: list[str] | None) -> dict:
     """`--sampler-opt KEY=VALUE` items -> {key: value}, values read as TOML scalars."""
-    from rlgen.config import parse_value
-
     options: dict = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -287,81 +280,31 @@ def parse_sampler_options(items: list[str] | None) -> dict:
     return options
 
 
-def _option_bounds(fn: Callable) -> dict[str, Bounds]:
-    """{option: range} for options annotated `Annotated[type, Bounds(...)]`."""
-    try:
-        hints = typing.get_type_hints(fn, include_extras=True)
-    except Exception:  # noqa: BLE001 - a plugin's annotations may not resolve: then it checks its own options
-        return {}
-    out = {}
-    for key, hint in hints.items():
-        if typing.get_origin(hint) is Annotated:
-            found = [m for m in hint.__metadata__ if isinstance(m, Bounds)]
-            if found:
-                out[key] = found[0]
-    return out
-
-
-def _option_choices(fn: Callable) -> dict[str, tuple]:
-    """{option: allowed values} for options annotated `Literal[...]` (a sampler's named choices)."""
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # a plugin's annotations may not resolve: then it checks its own options
-        return {}
-    return {key: typing.get_args(hint) for key, hint in hints.items() if typing.get_origin(hint) is Literal}
-
-
-def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool) -> None:
+def check_sampler(name: str, fn: Callable, options: dict, has_guide: bool, kind: str = "sampler") -> None:
     """Unknown or reserved option keys, values of the wrong type or out of range (every number must be finite),
     and a missing guide, as one-line errors (before any model is loaded)."""
-    named, open_ended = sampler_parameters(fn)
-    choices = _option_choices(fn)
-    ranges = _option_bounds(fn)
-    for key, value in options.items():
-        if key in RESERVED:
-            hint = " (use --sampler-reward)" if key == "rewards" else ""
-            raise RlgenError(f"--sampler-opt {key}: '{key}' is not a sampler option{hint}")
-        if key not in named and not open_ended:
-            known = ", ".join(k for k in named if k not in RESERVED) or "none"
-            raise RlgenError(f"unknown --sampler-opt '{key}' for sampler '{name}' (known: {known})")
-        default = named[key].default if key in named else inspect.Parameter.empty
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise RlgenError(f"--sampler-opt {key} expects true or false, got {show_value(value)}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            wanted = int if isinstance(default, int) else (int, float)
-            if isinstance(value, bool) or not isinstance(value, wanted):
-                kind = "an integer" if isinstance(default, int) else "a number"
-                raise RlgenError(f"--sampler-opt {key} expects {kind}, got {show_value(value)}")
-        if key in choices and value not in choices[key]:
-            allowed = ", ".join(str(c) for c in choices[key])
-            raise RlgenError(f"--sampler-opt {key} expects one of {allowed}, got {show_value(value)}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            bounds = ranges.get(key, ANY)
-            if not bounds.holds(value):
-                integer = isinstance(default, int) if isinstance(default, (int, float)) else isinstance(value, int)
-                raise RlgenError(f"sampler '{name}': --sampler-opt {key} = {show_value(value)}: "
-                                 f"must be {bounds.describe(integer)}")
-    guide = named.get("rewards")
-    if guide is not None and guide.default is inspect.Parameter.empty and not has_guide:
-        raise RlgenError(f"sampler '{name}' needs a guide reward: give --sampler-reward NAME")
+    reserved = {key: " (use --sampler-reward)" if key == "rewards" else " (the caller gives it)" for key in RESERVED}
+    check_options(kind, name, fn, options, skip=option_skip(fn), reserved=reserved)
+    if sampler_capabilities(fn).needs_guide and not has_guide:
+        raise RlgenError(f"{kind} '{name}' needs a guide reward: give --sampler-reward NAME")
 
 
 def prepare_sampler(name: str, option_items: list[str] | None, reward_specs: list[str] | None, kind: str = "sampler"):
     """(sampler function, options, guide RewardSet or None) from the CLI's --sampler, --sampler-opt and
     --sampler-reward, checked before any model is loaded; kind "image-sampler" for diffusers pipelines."""
-    from rlgen.plugins import registry
-    from rlgen.rewards.base import RewardSet, RewardSpec
-
     fn = registry(kind).get(name)
     options = parse_sampler_options(option_items)
-    check_sampler(name, fn, options, has_guide=bool(reward_specs))
+    check_sampler(name, fn, options, has_guide=bool(reward_specs), kind=kind)
     guide = RewardSet([RewardSpec.parse(spec) for spec in reward_specs]) if reward_specs else None
     return fn, options, guide
 
 
 def call_sampler(fn: Callable, engine, prompts, params, generator=None, *, rewards=None, records=None,
                  stats: dict | None = None, options: dict | None = None) -> Rollouts:
-    """Call a sampler with its options plus whichever of rewards / records / stats it declares."""
+    """Call a sampler of either form: the typed one with a SampleRequest, the old one with its options plus
+    whichever of rewards / records / stats it declares."""
+    if takes(fn, SampleRequest):
+        return fn(SampleRequest(engine, list(prompts), params, generator, rewards, records, stats), **(options or {}))
     named, open_ended = sampler_parameters(fn)
     extra = {key: value for key, value in (("rewards", rewards), ("records", records), ("stats", stats))
              if key in named or open_ended}

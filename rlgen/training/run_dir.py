@@ -13,6 +13,7 @@ from typing import Callable
 from rlgen.config import dumps_toml, to_dict
 from rlgen.data.records import json_text
 from rlgen.errors import RlgenError
+from rlgen.merging.safetensors_io import read_header
 
 try:
     import fcntl
@@ -252,8 +253,6 @@ def checkpoint_problem(path: Path, step: int) -> str | None:
     """What is wrong with checkpoint `path` of `step`, or None. Cheap: JSON files parsed, safetensors
     headers and sizes checked, no tensor read (a checkpoint is renamed into place complete, so damage
     means a disk fault or someone's hand)."""
-    from rlgen.merging.safetensors_io import read_header
-
     try:
         state = _json_file(path / "trainer_state.json")
         if not isinstance(state, dict) or state.get("step") != step:

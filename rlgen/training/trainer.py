@@ -6,7 +6,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,58 +14,14 @@ from safetensors import SafetensorError
 from rlgen import kernels
 from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
+from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
+from rlgen.models.backbone import LoadedModel, ReferencePolicy, backbone_named
 from rlgen.models.causal_lm import load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
+from rlgen.models.safe_load import load_peft_adapter
+from rlgen.plugins import registry
+from rlgen.training.config import DataConfig, OptimConfig, RunConfig  # noqa: F401 - re-exported (their home before)
 from rlgen.training.run_dir import RunDir
 from rlgen.training.state import load_state, restore_rng, rng_state, save_state
-
-
-@dataclass
-class DataConfig:
-    task: str | None = "arithmetic"  # a built-in or plugin task; ignored when `path` is set
-    path: str | None = None  # JSONL or Parquet with `prompt` and `answer` fields
-    split: str = "train"
-    eval_split: str = "test"
-    eval_samples: int = 200  # held-out problems scored greedily every run.eval_every steps
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    lr_scheduler: str = "constant"  # constant | linear | cosine
-    warmup_steps: int = 0
-    gradient_accumulation_steps: int = 1  # micro-batches per optimiser step
-    # A NaN/inf gradient norm stops the run (the update is never applied); true skips such updates instead
-    # and counts them in metrics.jsonl as `nonfinite_skipped`.
-    skip_nonfinite_steps: bool = False
-
-    def validate(self):
-        if self.lr_scheduler not in ("constant", "linear", "cosine"):
-            raise RlgenError(f"config key 'optim.lr_scheduler' must be constant, linear or cosine, got {self.lr_scheduler!r}")
-        if self.gradient_accumulation_steps < 1:
-            raise RlgenError("config key 'optim.gradient_accumulation_steps' must be >= 1")
-
-
-@dataclass
-class RunConfig:
-    out: str = "runs/run"
-    steps: int = 100
-    seed: int = 0
-    save_every: int = 0  # 0 = only the final model
-    keep_checkpoints: int = 0  # 0 = keep all
-    eval_every: int = 0  # 0 = no periodic held-out evaluation
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    kernels: str = "auto"  # log-prob kernels: auto (native where built) | native | torch | reference (eager, for debugging)
-
-    def validate(self):
-        if self.steps < 1:
-            raise RlgenError("config key 'run.steps' must be >= 1")
-        if self.kernels not in kernels.MODES:
-            raise RlgenError(f"config key 'run.kernels' must be one of {', '.join(kernels.MODES)}, got {self.kernels!r}")
 
 
 def load_records(data: DataConfig, split: str, required=("prompt",)) -> list[dict]:
@@ -74,8 +29,6 @@ def load_records(data: DataConfig, split: str, required=("prompt",)) -> list[dic
         return read_records(data.path, required=required)
     if not data.task:
         raise RlgenError("no data: give --task NAME or --data FILE")
-    from rlgen.plugins import registry
-
     records = registry("task").get(data.task).split(split)
     if not records:
         raise RlgenError(f"task '{data.task}' has an empty '{split}' split")
@@ -167,8 +120,6 @@ class Trainer:
         base_path = resolve_model_path(cfg.path)
         tokenizer = load_tokenizer(base_path)
         if cfg.lora_r > 0:
-            from rlgen.models.safe_load import load_peft_adapter
-
             model = load_peft_adapter(load_model(base_path, cfg.dtype), checkpoint / "model", is_trainable=True)
         else:
             model = load_model(checkpoint / "model", cfg.dtype)
@@ -179,6 +130,14 @@ class Trainer:
 
     def prepare(self) -> None:
         """Algorithm-specific setup that needs the model: rollout engine, reference model."""
+
+    backbone_name = "causal-lm"  # the backbone (rlgen.models.backbone) whose models this trainer trains
+
+    def reference_policy(self) -> ReferencePolicy:
+        """The frozen reference for KL penalties and DPO-family losses, built by the model's backbone (the
+        LoRA base with the adapter off, or a frozen copy of the base), the same way for every trainer."""
+        handle = LoadedModel(self.model, self.tokenizer, Path(self.base_path))
+        return backbone_named(self.backbone_name).reference_policy(handle, self.config.model)
 
     # --- checkpoints ---
     def extra_state(self) -> dict:
@@ -286,7 +245,7 @@ class Trainer:
         cfg = self.config.run
         last: dict = {}
         if cfg.eval_every and self.step == 0:  # the starting point of the held-out curve
-            self.run.log_metrics({"step": 0, **{k: _plain(v) for k, v in self.evaluate().items()}})
+            self._log_metrics({"step": 0, **{k: _plain(v) for k, v in self.evaluate().items()}})
         with self.reporter.progress(total=cfg.steps, completed=self.step, description=f"training ({self.run.root})") as advance:
             while self.step < cfg.steps:
                 self.step += 1
@@ -301,20 +260,26 @@ class Trainer:
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     metrics.update(self.evaluate())
                 last = {"step": self.step, **{k: _plain(v) for k, v in metrics.items()}}
-                self.run.log_metrics(last)
+                self._log_metrics(last)
                 advance(last)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
         self.save_model(self.run.final, final=True)
         return last
 
+    def _log_metrics(self, row: dict) -> None:
+        """Write a metrics row and hand it to the callbacks (rlgen.events.Events.metrics); a reporter without
+        a metrics event (an older or hand-made one) only logs and shows progress."""
+        self.run.log_metrics(row)
+        emit = getattr(self.reporter, "metrics", None)
+        if emit is not None:
+            emit(row["step"], row)
+
     eval_records: list[dict] | None = None
     eval_max_new_tokens: int = 16
 
     def eval_task_rewards(self) -> tuple[str, ...]:
         """The correctness rewards of the held-out evaluation: the task's own, or exact-match for a file."""
-        from rlgen.plugins import registry
-
         data = self.config.data
         return registry("task").get(data.task).default_rewards if data.task and not data.path else ("exact-match",)
 
@@ -322,8 +287,6 @@ class Trainer:
         """Greedy accuracy on the held-out records, judged by the task's correctness reward."""
         if not self.eval_records:
             return {}
-        from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
-
         result = evaluate_model(self.engine, self.eval_records, correctness_rewards(self.eval_task_rewards()), self.eval_max_new_tokens)
         self.model.train()
         return {"eval/accuracy": result["metrics"]["accuracy"]}

@@ -1,17 +1,29 @@
-"""rlgen-example: a template third-party rlgen plugin.
+"""rlgen-example: a template third-party rlgen plugin that registers one item of every hook kind.
 
 rlgen finds this module through the entry point in pyproject.toml (`[project.entry-points.rlgen]`)
 and calls the functions marked `@hookimpl` below. Each hook gets a `register(name, item,
-description="")` callable; call it once per item you provide. The first line of an item's
-docstring is its description in `rlgen plugins` unless you pass one.
+description="")` callable; call it once per item you provide (`register_commands` gets the typer app
+instead). The first line of an item's docstring is its description in `rlgen plugins` unless you
+pass one.
+
+Keep this module's top level light: rlgen imports every plugin to build `rlgen --help`, so heavy
+imports (torch, rlgen's trainers ...) live inside the hook functions and the submodules they import.
+The contract of each kind is written next to its item:
+
+    reward, advantage estimator ........ this module
+    policy loss, preference loss, algorithm .. rlgen_example.training
+    a trainer built from public parts .. rlgen_example.raft
+    reward combiner, reward shaping, metric .. rlgen_example.scoring
+    sampler, image sampler ............. rlgen_example.sampling
+    merger ............................. rlgen_example.merging
+    task, model alias, backbone alias .. rlgen_example.data
+    command ............................ rlgen_example.commands
 """
 from __future__ import annotations
 
-import torch
-
 from rlgen.hookspecs import hookimpl
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 # --- a reward -------------------------------------------------------------------------------------
@@ -51,8 +63,10 @@ digit_overlap.is_correctness = False
 # extra keyword arguments (components, weights, scale_rewards, ...): accept and ignore what you don't use.
 
 
-def rank(rewards: torch.Tensor, **_) -> torch.Tensor:
+def rank(rewards, **_):
     """Rank-based: each completion's centred rank within its group, in [-1, 1]; ties share their average rank."""
+    import torch
+
     group_size = rewards.shape[1]
     if group_size < 2:
         return torch.zeros_like(rewards)
@@ -65,8 +79,9 @@ def rank(rewards: torch.Tensor, **_) -> torch.Tensor:
 
 
 # --- the hooks ------------------------------------------------------------------------------------
-# Names are global across rlgen and every installed plugin: a name registered twice is an error
-# naming both packages, so choose distinctive names.
+# Names are global across rlgen and every installed plugin: a name that is already taken is dropped
+# (with a warning naming both packages; built-ins keep theirs), so every name here starts "example-"
+# (the two oldest items excepted).
 
 
 @hookimpl
@@ -77,3 +92,97 @@ def register_rewards(register):
 @hookimpl
 def register_advantage_estimators(register):
     register("rank", rank)
+
+
+@hookimpl
+def register_policy_losses(register):
+    from rlgen_example import training
+
+    register("example-unclipped", training.unclipped_surrogate)
+
+
+@hookimpl
+def register_preference_losses(register):
+    from rlgen_example import training
+
+    register("example-ref-free", training.reference_free_sigmoid)
+
+
+@hookimpl
+def register_algorithms(register):
+    from rlgen_example import training
+
+    register("example-grpo", training.example_grpo())
+    from rlgen_example import raft  # a trainer of its own, built from rlgen.api's parts
+
+    register("example-raft", raft.example_raft())
+
+
+@hookimpl
+def register_reward_combiners(register):
+    from rlgen_example import scoring
+
+    register("example-max", scoring.maximum)
+
+
+@hookimpl
+def register_reward_shapings(register):
+    from rlgen_example import scoring
+
+    register("example-affine", scoring.affine)
+
+
+@hookimpl
+def register_metrics(register):
+    from rlgen_example import scoring
+
+    register("example-well-formed", scoring.well_formed)
+
+
+@hookimpl
+def register_samplers(register):
+    from rlgen_example import sampling
+
+    register("example-cooled", sampling.cooled)
+
+
+@hookimpl
+def register_image_samplers(register):
+    from rlgen_example import sampling
+
+    register("example-plain", sampling.plain_images)
+
+
+@hookimpl
+def register_mergers(register):
+    from rlgen_example import merging
+
+    register("example-mean", merging.MEAN)
+
+
+@hookimpl
+def register_tasks(register):
+    from rlgen_example import data
+
+    register(data.DOUBLING.name, data.DOUBLING)
+
+
+@hookimpl
+def register_models(register):
+    from rlgen_example import data
+
+    register("example-tiny", data.tiny_arith_dir(), "the built-in tiny-arith model under another name")
+
+
+@hookimpl
+def register_backbones(register):
+    from rlgen_example import data
+
+    register("example-causal-lm", data.CausalLMAlias(), "the built-in causal-lm backbone under another name")
+
+
+@hookimpl
+def register_commands(app):
+    from rlgen_example import commands
+
+    app.command("example-hello")(commands.hello)

@@ -2,35 +2,41 @@
 rewards, and the held-out evaluation (mean reward on fixed prompts and fixed seeds)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from rlgen.diffusion.pipeline import load_diffusion_model
+from rlgen.config import section, setting
+from rlgen.diffusion.generate import generate_images
+from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
 from rlgen.errors import RlgenError
+from rlgen.evaluation.images import reward_statistics
 from rlgen.rewards.base import RewardSpec
+from rlgen.training.config import DataConfig, TrainConfig
 from rlgen.training.trainer import Trainer, load_records
 
 
+TimeDensity = Literal["uniform", "logit-normal"]  # how training noise levels are drawn (logit-normal: SD3)
+
+
 @dataclass
-class PromptDataConfig:
-    task: str | None = "digits"  # a built-in or plugin prompt task; ignored when `path` is set
-    path: str | None = None  # JSONL / Parquet with a `prompt` field (and any fields rewards read)
-    split: str = "train"
-    eval_split: str = "test"
-    eval_samples: int = 200  # 0 = no held-out evaluation
+class PromptDataConfig(DataConfig):
+    task: str | None = "digits"
+    path: str | None = setting(None, "JSONL / Parquet with a `prompt` field (and any fields rewards read), instead of a task")
+    eval_samples: int = setting(200, "held-out prompts of the evaluation every run.eval_every steps; 0 = none")
 
 
 @dataclass
 class EvalSamplingConfig:
     """How the held-out evaluation samples, at a fixed seed: by default deterministic (ODE / eta 0) with more
     steps than training (Flow-GRPO's denoising reduction); DDPO evaluates with its training sampler."""
-    num_steps: int = 20
-    guidance_scale: float = 1.0
-    eta: float = 0.0  # step noise (DDIM eta / flow SDE noise level); 0 = deterministic. The noise is seeded too.
-    images_per_prompt: int = 8
-    seed: int = 1234
-    batch_size: int = 64
+    num_steps: int = setting(20, "denoising steps of the held-out samples")
+    guidance_scale: float = setting(1.0, "classifier-free guidance scale; 1 = none")
+    eta: float = setting(0.0, "step noise (DDIM eta / flow SDE noise level); 0 = deterministic. The noise is seeded too")
+    num_generations: int = setting(8, "images per held-out prompt")
+    seed: int = setting(1234, "seed of the held-out samples' noise (the same for every checkpoint)")
+    batch_size: int = setting(64, "images per sampling forward pass")
 
 
 def default_image_rewards() -> list[RewardSpec]:
@@ -39,11 +45,11 @@ def default_image_rewards() -> list[RewardSpec]:
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = 10
-    guidance_scale: float = 1.0
-    eta: float = 1.0
-    noise_level: float = 0.7
-    sde_window: list[int] = field(default_factory=list)  # [start, end): noise only there (Flow-GRPO-Fast); [] = all steps
+    num_steps: int = setting(10, "denoising steps of a training sample")
+    guidance_scale: float = setting(1.0, "classifier-free guidance scale; 1 = none")
+    eta: float = setting(1.0, "DDIM step noise (1 = DDPM-like, 0 = deterministic)")
+    noise_level: float = setting(0.7, "flow-matching SDE noise level (Flow-GRPO's a)")
+    sde_window: list[int] = setting(doc="[start, end): noise only on these steps (Flow-GRPO-Fast); [] = all steps", factory=list)
 
     def params(self) -> DiffusionSamplingParams:
         if self.sde_window and len(self.sde_window) != 2:
@@ -54,8 +60,19 @@ class SamplingConfig:
         return params
 
 
+@dataclass
+class ImageTrainConfig(TrainConfig):
+    """What the image trainers' configs share: a diffusers model, prompts, rewards and the held-out evaluation."""
+    model: DiffusionModelConfig = section(DiffusionModelConfig, "the diffusers pipeline whose denoiser is trained")
+    data: PromptDataConfig = section(PromptDataConfig, "prompts (training and held-out)")
+    rewards: list[RewardSpec] = setting(doc="image rewards ([[rewards]] tables: name, weight, options): the held-out evaluation's, and the training signal of reward-driven trainers", factory=default_image_rewards)
+    eval: EvalSamplingConfig = section(EvalSamplingConfig, "how the held-out evaluation samples")
+
+
 class DiffusionTrainer(Trainer):
     """Trainer for a diffusers pipeline: the denoiser is the trained module."""
+
+    backbone_name = "diffusers"
 
     def _load_model(self, checkpoint: Path | None):
         cfg = self.config.model
@@ -97,15 +114,11 @@ class DiffusionTrainer(Trainer):
         the base model and every checkpoint, so the numbers compare)."""
         if not self.eval_records:
             return {}
-        from rlgen.diffusion.generate import generate_images
-
         e = self.config.eval
         params = DiffusionSamplingParams(e.num_steps, e.guidance_scale, e.eta, e.eta)
         self.model.eval()
-        samples = generate_images(self.model, self.eval_records, e.images_per_prompt, params, seed=e.seed, batch_size=e.batch_size)
+        samples = generate_images(self.model, self.eval_records, e.num_generations, params, seed=e.seed, batch_size=e.batch_size)
         self.model.train()
-        from rlgen.evaluation.images import reward_statistics
-
         stats = reward_statistics(samples, self.eval_rewards)  # one scoring pass for every figure
         out = {"eval/reward": stats["reward_mean"]}
         out.update({f"eval/{name}": stats[f"rewards/{name}/mean"] for name in self.eval_rewards.names})

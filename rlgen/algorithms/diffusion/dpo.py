@@ -5,56 +5,52 @@ error gap is compared with the reference's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
 
-from rlgen.algorithms.diffusion.base import DiffusionTrainer, EvalSamplingConfig, default_image_rewards
+from rlgen.algorithms.diffusion.base import DiffusionTrainer, ImageTrainConfig, TimeDensity
+from rlgen.data.preferences import read_pairs
+from rlgen.diffusion.images import sample_images
 from rlgen.diffusion.objectives import denoising_errors, diffusion_dpo_loss, noised, sample_times
-from rlgen.diffusion.pipeline import DiffusionModelConfig
 from rlgen.errors import RlgenError
-from rlgen.rewards.base import RewardSet, RewardSpec
-from rlgen.training.trainer import OptimConfig, RunConfig
+from rlgen.plugins import registry
+from rlgen.rewards.base import RewardSet
+from rlgen.config import section, setting
+from rlgen.training.config import OptimConfig, RegisteredName
 
 
 @dataclass
 class PairDataConfig:
-    path: str | None = None  # JSONL with prompt, chosen, rejected (PNG paths, relative to the file)
-    task: str | None = "digits"  # prompts of the held-out evaluation
-    eval_split: str = "test"
-    eval_samples: int = 200
+    path: str | None = setting(None, "JSONL with prompt, chosen, rejected (PNG paths, relative to the file)")
+    task: str | None = setting("digits", "a prompt task whose held-out split the evaluation samples for")
+    eval_split: str = setting("test", "the task's held-out split")
+    eval_samples: int = setting(200, "held-out prompts of the evaluation; 0 = none")
+
+    def registered_names(self) -> list[RegisteredName]:
+        return [("data.task", "task", self.task)] if self.task else []
 
 
 @dataclass
 class DiffusionDPOAlgoConfig:
     # the loss scales beta by -1/2 as the SDXL script does, whose default (5000) this is; the SD1.5 script
     # has no 1/2 and defaults to 2500: the same effective 2500 on the error gaps
-    beta: float = 5000.0
-    loss_type: str = "sigmoid"  # sigmoid | hinge
-    batch_size: int = 32  # pairs per step
-    time_density: str = "uniform"
-
-    def validate(self):
-        if self.loss_type not in ("sigmoid", "hinge"):
-            raise RlgenError("config key 'algorithm.loss_type' must be sigmoid or hinge")
+    beta: float = setting(5000.0, "inverse temperature on the denoising-error gaps (SDXL script's convention, > 0)")
+    loss_type: Literal["sigmoid", "hinge"] = setting("sigmoid", "Diffusion-DPO loss")
+    batch_size: int = setting(32, "pairs per step")
+    time_density: TimeDensity = setting("uniform", "how training noise levels are drawn (logit-normal: SD3)")
 
 
 @dataclass
-class DiffusionDPOConfig:
-    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
-    data: PairDataConfig = field(default_factory=PairDataConfig)
-    algorithm: DiffusionDPOAlgoConfig = field(default_factory=DiffusionDPOAlgoConfig)
-    rewards: list[RewardSpec] = field(default_factory=default_image_rewards)  # for the held-out evaluation
-    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+class DiffusionDPOConfig(ImageTrainConfig):
+    data: PairDataConfig = section(PairDataConfig, "image preference pairs and the held-out prompts")
+    algorithm: DiffusionDPOAlgoConfig = section(DiffusionDPOAlgoConfig, "Diffusion-DPO's loss options")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 def read_image_pairs(path: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
     """(records, chosen [P,C,H,W], rejected [P,C,H,W]) in [0, 1]; problems name the file and line."""
-    from rlgen.data.preferences import read_pairs
-    from rlgen.diffusion.images import sample_images
-
     pairs = read_pairs(path)
     base = Path(path).resolve().parent
     chosen = sample_images([{"image": p["chosen"]} for p in pairs], base_dir=base)
@@ -70,8 +66,6 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         self.pairs, chosen, rejected = read_image_pairs(data.path)
         self.chosen, self.rejected = chosen, rejected  # pixels in [0, 1]; encoded once the model is loaded
         if data.task and data.eval_samples:
-            from rlgen.plugins import registry
-
             self.eval_records = registry("task").get(data.task).split(data.eval_split)[: data.eval_samples]
         self.eval_rewards = RewardSet(self.config.rewards)
 
@@ -81,7 +75,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         self.chosen = self.model.encode(self.chosen, source=source)
         self.rejected = self.model.encode(self.rejected, source=source)
         self.model.check_prompts(self.pairs)
-        self.model.keep_reference()
+        self.reference = self.reference_policy()  # run by predict(reference=True)
 
     def train_step(self) -> dict:
         a = self.config.algorithm

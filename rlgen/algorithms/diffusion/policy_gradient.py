@@ -1,6 +1,6 @@
 """`rlgen train ddpo` and `rlgen train flow-grpo`: PPO-clipped policy gradient over denoising steps.
 
-Each step: sample `prompts_per_step` prompts x `images_per_prompt` images with a stochastic sampler,
+Each step: sample `prompts_per_step` prompts x `num_generations` images with a stochastic sampler,
 keeping every step's latents and log-probs; score the images; turn rewards into advantages (DDPO:
 per-prompt statistics; Flow-GRPO: group z-scores from the advantage-estimator registry), clip them; then
 re-run the denoiser on the stored (x_t, t) and apply the clipped surrogate to each (sample, step) pair,
@@ -13,73 +13,58 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlgen.algorithms.diffusion.base import (
-    DiffusionTrainer, EvalSamplingConfig, PromptDataConfig, SamplingConfig, default_image_rewards,
-)
+from rlgen.algorithms.diffusion.base import DiffusionTrainer, ImageTrainConfig, SamplingConfig
+from rlgen.algorithms.contracts import ADVANTAGE_ESTIMATOR_DEFAULTS, AdvantageInput, estimate_advantages
 from rlgen.algorithms.losses import LossContext, clipped_surrogate
 from rlgen.diffusion.generate import expand, rollout
-from rlgen.diffusion.pipeline import DiffusionModelConfig
 from rlgen.diffusion.sampling import denoise_step, initial_noise, make_schedule, stochastic
 from rlgen.diffusion.stat_tracking import PerPromptStatTracker
 from rlgen.diffusion.steps import step_kl
 from rlgen.errors import RlgenError
-from rlgen.rewards.base import RewardSet, RewardSpec, counted
-from rlgen.training.trainer import OptimConfig, RunConfig
+from rlgen.extension import capabilities
+from rlgen.plugins import registry
+from rlgen.rewards.base import RewardSet, counted
+from rlgen.config import POSITIVE, section, setting
+from rlgen.training.config import GroupRolloutConfig, OptimConfig, RegisteredName, RewardedTrainConfig, ScaleRewards
 
 PER_PROMPT = "per-prompt"  # DDPO's stat tracker; any other name is an advantage-estimator registry entry
 
 
 @dataclass
-class DiffusionRolloutConfig:
-    prompts_per_step: int = 8  # groups per step
-    images_per_prompt: int = 8  # group size (Flow-GRPO's num_image_per_prompt)
-    batch_size: int = 64  # images per sampling forward pass
-    same_noise_in_group: bool = False  # DanceGRPO's init_same_noise
-
-    def validate(self):
-        if min(self.prompts_per_step, self.images_per_prompt, self.batch_size) < 1:
-            raise RlgenError("rollout.prompts_per_step, images_per_prompt and batch_size must be >= 1")
+class DiffusionRolloutConfig(GroupRolloutConfig):
+    prompts_per_step: int = 8
+    num_generations: int = 8  # Flow-GRPO's num_image_per_prompt
+    batch_size: int = setting(64, "images per sampling forward pass")
+    same_noise_in_group: bool = setting(False, "one initial noise per group (DanceGRPO's init_same_noise)")
 
 
 @dataclass
 class DiffusionPGAlgoConfig:
-    advantage: str = "grpo"  # per-prompt (DDPO stat tracking) | grpo | rloo | ... (advantage-estimator registry)
-    scale_rewards: str = "group"  # group | batch (Flow-GRPO's global_std) | none
-    stat_buffer_size: int = 16  # per-prompt tracking: history per prompt
-    stat_min_count: int = 16  # per-prompt tracking: batch statistics until a prompt has this many rewards
-    clip_range: float = 1e-4  # PPO clip on the per-step ratio (tiny: log-probs are means over pixels)
-    adv_clip_max: float = 5.0
-    beta: float = 0.0  # KL to the reference denoiser (LoRA off, or a frozen copy)
-    timestep_fraction: float = 1.0  # train on the first fraction of the (stochastic) steps
-    num_inner_epochs: int = 1
-    updates_per_step: int = 1  # optimiser steps per rollout: the samples are split into this many parts
-    train_batch_size: int = 64  # samples per training forward pass
-    shuffle_timesteps: bool = False  # DDPO trains each sample's steps in its own random order
-    skip_zero_advantage: bool = True  # Flow-GRPO drops samples whose advantage is 0 (all-equal groups)
+    advantage: str = setting("grpo", "advantage: per-prompt (DDPO's stat tracking) or an advantage-estimator name (grpo | rloo | ... | plugin)")
+    scale_rewards: ScaleRewards = setting("group", "reward standard-deviation scaling: per group, over the batch (Flow-GRPO's global_std), or none")
+    stat_buffer_size: int = setting(16, "per-prompt tracking: rewards kept per prompt")
+    stat_min_count: int = setting(16, "per-prompt tracking: batch statistics until a prompt has this many rewards")
+    # tiny: the per-step log-probs are means over pixels
+    epsilon: float = setting(1e-4, "PPO clip on the per-step ratio: [1 - epsilon, 1 + epsilon]", bounds=POSITIVE)
+    adv_clip_max: float = setting(5.0, "advantages are clipped to [-adv_clip_max, adv_clip_max]")
+    beta: float = setting(0.0, "KL coefficient to the reference denoiser (LoRA off, or a frozen copy); 0 = none")
+    timestep_fraction: float = setting(1.0, "train on the first fraction of the (stochastic) denoising steps")
+    num_inner_epochs: int = setting(1, "passes over each rollout")
+    updates_per_step: int = setting(1, "optimiser steps per rollout: the samples are split into this many parts")
+    train_batch_size: int = setting(64, "samples per training forward pass")
+    shuffle_timesteps: bool = setting(False, "train each sample's steps in its own random order (DDPO)")
+    skip_zero_advantage: bool = setting(True, "drop samples whose advantage is 0, i.e. all-equal groups (Flow-GRPO)")
 
-    def validate(self):
-        if self.clip_range <= 0 or self.adv_clip_max <= 0:
-            raise RlgenError("algorithm.clip_range and algorithm.adv_clip_max must be > 0")
-        if not 0 < self.timestep_fraction <= 1:
-            raise RlgenError("config key 'algorithm.timestep_fraction' must be in (0, 1]")
-        if min(self.num_inner_epochs, self.updates_per_step, self.train_batch_size) < 1:
-            raise RlgenError("algorithm.num_inner_epochs, updates_per_step and train_batch_size must be >= 1")
+    def registered_names(self) -> list[RegisteredName]:
+        return [] if self.advantage == PER_PROMPT else [("algorithm.advantage", "advantage-estimator", self.advantage)]
 
 
 @dataclass
-class DiffusionPGConfig:
-    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    rollout: DiffusionRolloutConfig = field(default_factory=DiffusionRolloutConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    algorithm: DiffusionPGAlgoConfig = field(default_factory=DiffusionPGAlgoConfig)
-    rewards: list[RewardSpec] = field(default_factory=default_image_rewards)
-    reward_combine: str = "weighted-sum"
-    reward_shaping: str = ""
-    rewards_on_error: str = "raise"
-    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+class DiffusionPGConfig(ImageTrainConfig, RewardedTrainConfig):
+    rollout: DiffusionRolloutConfig = section(DiffusionRolloutConfig, "prompts and images per step (the groups)")
+    sampling: SamplingConfig = section(SamplingConfig, "the stochastic sampler of the training rollouts")
+    algorithm: DiffusionPGAlgoConfig = section(DiffusionPGAlgoConfig, "advantages, PPO clip, KL and update schedule")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=1e-4))
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 class DiffusionPolicyGradientTrainer(DiffusionTrainer):
@@ -93,18 +78,16 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         if a.advantage == PER_PROMPT:
             self.tracker = PerPromptStatTracker(a.stat_buffer_size, a.stat_min_count)
         else:
-            from rlgen.plugins import registry
-
             self.tracker = None
             self.advantage_fn = registry("advantage-estimator").get(a.advantage)
-            if getattr(self.advantage_fn, "needs_greedy_baseline", False):
+            if capabilities(self.advantage_fn, ADVANTAGE_ESTIMATOR_DEFAULTS).needs_greedy_baseline:
                 raise RlgenError(f"advantage '{a.advantage}' needs a greedy baseline, which image models do not have")
         self._order: list[int] = []
 
     def prepare(self) -> None:
         super().prepare()
-        if self.config.algorithm.beta > 0:
-            self.model.keep_reference()
+        # the KL term's reference: the pipeline's predict(reference=True) runs it
+        self.reference = self.reference_policy() if self.config.algorithm.beta > 0 else None
         self.train_steps = self._trained_steps()
         self.schedule = make_schedule(self.model, self.params.num_steps)  # the rollouts' step coefficients
 
@@ -140,7 +123,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
     def _collect(self):
         cfg = self.config
         r = cfg.rollout
-        records = expand(self._next_prompts(r.prompts_per_step), r.images_per_prompt)
+        records = expand(self._next_prompts(r.prompts_per_step), r.num_generations)
         self.model.eval()
         rollouts = []
         group_noise = None
@@ -150,7 +133,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
             part = records[start : start + r.batch_size]
             noise = None
             if group_noise is not None:
-                noise = group_noise[[(start + i) // r.images_per_prompt for i in range(len(part))]]
+                noise = group_noise[[(start + i) // r.num_generations for i in range(len(part))]]
             with torch.no_grad():
                 rollouts.append(rollout(self.model, part, self.params, self.generator, noise=noise))
         self.model.train()
@@ -161,7 +144,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         """Advantages; an image without any reward (`mask` False) gets exactly 0 and is left out of the
         statistics, as in the LM trainers."""
         a = self.config.algorithm
-        g = self.config.rollout.images_per_prompt
+        g = self.config.rollout.num_generations
         grouped = total.view(-1, g)
         zero_std = float((grouped.std(dim=1) == 0).float().mean()) if g > 1 else 0.0
         advantages = torch.zeros_like(total)
@@ -171,10 +154,10 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
                 advantages[rows] = self.tracker.advantages([str(records[i]["prompt"]) for i in rows.tolist()], total[rows])
         else:
             # the same keyword arguments as the LM trainers give, so gdpo's per-reward normalisation works here too
-            advantages = self.advantage_fn(grouped, scale_rewards=a.scale_rewards, weights=self.rewards.weights,
-                                           components=components.view(-1, g, components.shape[-1]),
-                                           mask=mask.view(-1, g)).reshape(-1)
-            advantages = torch.where(mask, advantages, torch.zeros_like(advantages))  # estimators ignoring `mask`
+            # zero outside `mask` also for estimators ignoring it; an image has no tokens, so per-sample only
+            advantages = estimate_advantages(self.advantage_fn, AdvantageInput(
+                grouped, mask.view(-1, g), components=components.view(-1, g, components.shape[-1]),
+                weights=self.rewards.weights, scale_rewards=a.scale_rewards)).advantages.reshape(-1)
         return advantages.clamp(-a.adv_clip_max, a.adv_clip_max), zero_std
 
     def train_step(self) -> dict:
@@ -241,7 +224,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         result = denoise_step(self.model, schedule, index, x_t, c, n, self.params, prev_sample=x_next)
         old = old_log_probs[rows, step_index]
         per_sample, _ = clipped_surrogate(result.log_prob.unsqueeze(-1), old.unsqueeze(-1), advantages[rows],
-                                             torch.ones(len(rows), 1), LossContext(epsilon=a.clip_range))
+                                             torch.ones(len(rows), 1), LossContext(epsilon=a.epsilon))
         loss = per_sample.mean()
         stats = {}
         if a.beta > 0:
@@ -257,9 +240,9 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
             stats.update({
                 "loss": float(loss.detach()),
                 "approx_kl": float(0.5 * (log_ratio**2).mean()),
-                "clipfrac": float(((ratio - 1).abs() > a.clip_range).float().mean()),
-                "clipfrac_gt_one": float((ratio - 1 > a.clip_range).float().mean()),
-                "clipfrac_lt_one": float((1 - ratio > a.clip_range).float().mean()),
+                "clipfrac": float(((ratio - 1).abs() > a.epsilon).float().mean()),
+                "clipfrac_gt_one": float((ratio - 1 > a.epsilon).float().mean()),
+                "clipfrac_lt_one": float((1 - ratio > a.epsilon).float().mean()),
                 "ratio_mean": float(ratio.mean()),
                 "max_abs_ratio_minus_one": float((ratio - 1).abs().max()),
             })

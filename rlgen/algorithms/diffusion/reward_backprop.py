@@ -5,46 +5,33 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from rlgen.algorithms.diffusion.base import (
-    DiffusionTrainer, EvalSamplingConfig, PromptDataConfig, SamplingConfig, default_image_rewards,
-)
+from rlgen.algorithms.diffusion.base import DiffusionTrainer, ImageTrainConfig, SamplingConfig
 from rlgen.diffusion.generate import expand
-from rlgen.diffusion.pipeline import DiffusionModelConfig
 from rlgen.diffusion.sampling import initial_noise, sample
 from rlgen.errors import RlgenError
-from rlgen.rewards.base import RewardSet, RewardSpec
-from rlgen.training.trainer import OptimConfig, RunConfig
+from rlgen.rewards.base import RewardSet
+from rlgen.config import section, setting
+from rlgen.training.config import GroupRolloutConfig, OptimConfig
 
 
 @dataclass
 class RewardBackpropAlgoConfig:
-    prompts_per_step: int = 8
-    images_per_prompt: int = 4
-    backprop_steps: int = 1  # K: gradients flow through the last K steps (DRaFT-K; K = 1 is AlignProp's fixed:49)
-    backprop_strategy: str = "fixed"  # fixed (always K) | uniform (K drawn in [1, backprop_steps] each step)
-    gradient_checkpointing: bool = True  # recompute each step in backward: memory of one step instead of K
-    reward_target: float | None = None  # AlignProp's |target - reward| loss; None = maximise the reward
-
-    def validate(self):
-        if self.backprop_steps < 1:
-            raise RlgenError("config key 'algorithm.backprop_steps' must be >= 1")
-        if self.backprop_strategy not in ("fixed", "uniform"):
-            raise RlgenError("config key 'algorithm.backprop_strategy' must be fixed or uniform")
+    backprop_steps: int = setting(1, "K: gradients flow through the last K sampling steps (DRaFT-K; K = 1 is AlignProp's fixed:49)")
+    backprop_strategy: Literal["fixed", "uniform"] = setting("fixed", "fixed: always K steps; uniform: K drawn in [1, backprop_steps] each step")
+    gradient_checkpointing: bool = setting(True, "recompute each step in backward: the memory of one step instead of K")
+    reward_target: float | None = setting(None, "AlignProp's |target - reward| loss; unset = maximise the reward")
 
 
 @dataclass
-class RewardBackpropConfig:
-    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(eta=0.0, noise_level=0.0))
-    algorithm: RewardBackpropAlgoConfig = field(default_factory=RewardBackpropAlgoConfig)
-    rewards: list[RewardSpec] = field(default_factory=default_image_rewards)
-    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+class RewardBackpropConfig(ImageTrainConfig):
+    rollout: GroupRolloutConfig = section(GroupRolloutConfig, "prompts and images per step", prompts_per_step=8, num_generations=4)
+    sampling: SamplingConfig = section(SamplingConfig, "the sampler the reward is backpropagated through", eta=0.0, noise_level=0.0)
+    algorithm: RewardBackpropAlgoConfig = section(RewardBackpropAlgoConfig, "how many sampling steps the gradient flows through, and the loss")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=1e-4))
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 class RewardBackpropTrainer(DiffusionTrainer):
@@ -60,8 +47,8 @@ class RewardBackpropTrainer(DiffusionTrainer):
     def train_step(self) -> dict:
         a = self.config.algorithm
         started = time.perf_counter()
-        picks = torch.randint(len(self.records), (a.prompts_per_step,), generator=self.generator)
-        records = expand([self.records[int(i)] for i in picks], a.images_per_prompt)
+        picks = torch.randint(len(self.records), (self.config.rollout.prompts_per_step,), generator=self.generator)
+        records = expand([self.records[int(i)] for i in picks], self.config.rollout.num_generations)
         k = a.backprop_steps if a.backprop_strategy == "fixed" else int(torch.randint(1, a.backprop_steps + 1, (1,), generator=self.generator))
         cond = self.model.conditioning([str(r["prompt"]) for r in records], records)
         null = self.model.null_conditioning(len(records)) if self.params.guidance_scale != 1.0 else None

@@ -3,50 +3,48 @@ denoiser), with label / prompt dropout so classifier-free guidance works. The ti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from rlgen.algorithms.diffusion.base import DiffusionTrainer, EvalSamplingConfig, default_image_rewards
+from rlgen.algorithms.diffusion.base import DiffusionTrainer, ImageTrainConfig, TimeDensity
+from rlgen.data.records import read_records
+from rlgen.diffusion.digits import CLASS_NAMES, load_digit_images
+from rlgen.diffusion.images import sample_images
 from rlgen.diffusion.objectives import denoising_errors, noised, sample_times
-from rlgen.diffusion.pipeline import DiffusionModelConfig
 from rlgen.errors import RlgenError
-from rlgen.rewards.base import RewardSet, RewardSpec
-from rlgen.training.trainer import OptimConfig, RunConfig
+from rlgen.plugins import registry
+from rlgen.rewards.base import RewardSet
+from rlgen.config import section, setting
+from rlgen.training.config import OptimConfig, RegisteredName
 
 
 @dataclass
 class ImageDataConfig:
-    dataset: str | None = "digits"  # built-in image dataset (digits: scikit-learn's 8x8 handwritten digits)
-    path: str | None = None  # JSONL with `image` (PNG path, relative to the file) and `prompt` fields
-    split: str = "train"
-    label_noise: float = 0.0  # built-in dataset: this fraction of examples gets a wrong class (a sloppy annotator)
-    eval_task: str | None = "digits"  # prompts for the held-out evaluation (None = none)
-    eval_split: str = "test"
-    eval_samples: int = 200
+    dataset: Literal["digits"] | None = setting("digits", "built-in image dataset (digits: scikit-learn's 8x8 handwritten digits); ignored when `path` is set")
+    path: str | None = setting(None, "JSONL with `image` (PNG path, relative to the file) and `prompt` fields")
+    split: str = setting("train", "the built-in dataset's split to train on")
+    label_noise: float = setting(0.0, "built-in dataset: this fraction of examples gets a wrong class (a sloppy annotator)")
+    eval_task: str | None = setting("digits", "prompts for the held-out evaluation (unset = none)")
+    eval_split: str = setting("test", "the evaluation task's held-out split")
+    eval_samples: int = setting(200, "held-out prompts of the evaluation; 0 = none")
+
+    def registered_names(self) -> list[RegisteredName]:
+        return [("data.eval_task", "task", self.eval_task)] if self.eval_task else []
 
 
 @dataclass
 class DiffusionSFTAlgoConfig:
-    batch_size: int = 128
-    cond_dropout: float = 0.1  # fraction of examples trained unconditionally (null class / empty prompt)
-    time_density: str = "uniform"  # uniform | logit-normal (SD3)
-
-    def validate(self):
-        if self.time_density not in ("uniform", "logit-normal"):
-            raise RlgenError("config key 'algorithm.time_density' must be uniform or logit-normal")
-        if not 0 <= self.cond_dropout < 1:
-            raise RlgenError("config key 'algorithm.cond_dropout' must be in [0, 1)")
+    batch_size: int = setting(128, "images per optimiser step")
+    cond_dropout: float = setting(0.1, "fraction of examples trained unconditionally (null class / empty prompt), for guidance")
+    time_density: TimeDensity = setting("uniform", "how training noise levels are drawn (logit-normal: SD3)")
 
 
 @dataclass
-class DiffusionSFTConfig:
-    model: DiffusionModelConfig = field(default_factory=DiffusionModelConfig)
-    data: ImageDataConfig = field(default_factory=ImageDataConfig)
-    algorithm: DiffusionSFTAlgoConfig = field(default_factory=DiffusionSFTAlgoConfig)
-    rewards: list[RewardSpec] = field(default_factory=default_image_rewards)  # for the held-out evaluation
-    eval: EvalSamplingConfig = field(default_factory=EvalSamplingConfig)
+class DiffusionSFTConfig(ImageTrainConfig):
+    data: ImageDataConfig = section(ImageDataConfig, "images to train on and the held-out prompts")
+    algorithm: DiffusionSFTAlgoConfig = section(DiffusionSFTAlgoConfig, "batch size, label dropout, noise-level density")
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3))
-    run: RunConfig = field(default_factory=RunConfig)
 
 
 def load_image_dataset(data: ImageDataConfig) -> tuple[torch.Tensor, list[dict]]:
@@ -54,14 +52,9 @@ def load_image_dataset(data: ImageDataConfig) -> tuple[torch.Tensor, list[dict]]
     if data.path:
         from pathlib import Path
 
-        from rlgen.data.records import read_records
-        from rlgen.diffusion.images import sample_images
-
         records = read_records(data.path, required=("prompt", "image"))
         return sample_images(records, base_dir=Path(data.path).resolve().parent), records
     if data.dataset == "digits":
-        from rlgen.diffusion.digits import CLASS_NAMES, load_digit_images
-
         images, labels = load_digit_images(data.split)
         return images, [{"prompt": CLASS_NAMES[int(c)], "label": int(c)} for c in sloppy_labels(labels, data.label_noise)]
     raise RlgenError(f"unknown image dataset {data.dataset!r} (built-in: digits; or give data.path)")
@@ -84,8 +77,6 @@ class DiffusionSFTTrainer(DiffusionTrainer):
         self.images = images  # pixels in [0, 1]; encoded once the model is loaded
         data = self.config.data
         if data.eval_task and data.eval_samples:
-            from rlgen.plugins import registry
-
             self.eval_records = registry("task").get(data.eval_task).split(data.eval_split)[: data.eval_samples]
             self.eval_rewards = RewardSet(self.config.rewards)
 

@@ -1,0 +1,80 @@
+"""Trainer parts that need the algorithms' objectives: the preference update (`PairwiseUpdate`), which the
+offline preference trainers and online DPO share, and `sequence_logps`, the per-sequence log-probs it scores."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlgen.algorithms.preference_losses import PairLoss, PairScores, PreferenceOptions
+from rlgen.models.logprobs import completion_logprobs
+from rlgen.rollout.groups import ModelInputs
+
+
+def sequence_logps(model, inputs, temperature: float = 1.0, shared_prefix: bool = True):
+    """(summed log-prob per row [B], token count per row [B], per-token log-probs [B, C], entropy)."""
+    logp, entropy = completion_logprobs(model, *inputs, temperature, shared_prefix)
+    mask = inputs[3].to(logp.dtype)
+    return (logp * mask).sum(1), mask.sum(1), logp, entropy
+
+
+@dataclass
+class PairwiseUpdate:
+    """One optimiser step of a preference loss on interleaved pairs (`PairEncoder`'s rows [chosen_0,
+    rejected_0, ...]), micro-batched by whole pairs for gradient accumulation -> the step's metrics.
+
+    `optimizer_step` applies the accumulated gradient and returns its norm (the trainer's, which clips and
+    stops on non-finite updates). The loss is the mean over the step's pairs, plus `rpo_alpha` x the NLL of
+    the chosen answers (token mean over the whole step)."""
+
+    model: torch.nn.Module
+    loss_fn: Callable[[PairScores, PreferenceOptions], PairLoss]
+    options: PreferenceOptions
+    optimizer_step: Callable[[], float]
+    rpo_alpha: float = 0.0
+    shared_prefix: bool = True
+    accumulation_steps: int = 1
+
+    def step(self, inputs: ModelInputs, ref: torch.Tensor | None) -> dict:
+        """`ref`: [B, 2] (chosen, rejected) summed reference log-probs, or None for a reference-free loss."""
+        inputs = ModelInputs(*inputs)
+        n = inputs.prompt_ids.shape[0] // 2
+        chosen_tokens = float(inputs.completion_mask[0::2].sum())
+        sums: dict[str, float] = {"loss": 0.0, "nll": 0.0}
+        for idx in torch.arange(n).chunk(min(self.accumulation_steps, n)):
+            rows = torch.stack([2 * idx, 2 * idx + 1], dim=1).flatten()
+            loss, nll, stats = self.pair_loss(inputs.rows(rows), ref[idx] if ref is not None else None, n, chosen_tokens)
+            loss.backward()
+            sums["loss"] += float(loss.detach())
+            sums["nll"] += nll
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        metrics = {k: v / n for k, v in sums.items() if k.startswith(("rewards/", "logps/"))}
+        metrics.update(loss=sums["loss"], nll=sums["nll"], entropy=sums["entropy_sum"] / max(sums["tokens"], 1.0),
+                       grad_norm=self.optimizer_step(), pairs=n)
+        return metrics
+
+    def pair_loss(self, inputs: ModelInputs, ref: torch.Tensor | None, total_pairs: int, total_chosen_tokens: float):
+        """(loss of one micro-batch of interleaved pairs scaled to its share of the step, its NLL term, its
+        summed statistics)."""
+        summed, tokens, _, entropy = sequence_logps(self.model, inputs, 1.0, self.shared_prefix)
+        scores = PairScores(summed[0::2], summed[1::2], tokens[0::2], tokens[1::2],
+                            ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
+        out = self.loss_fn(scores, self.options)
+        loss = out.losses.sum() / total_pairs
+        nll = -summed[0::2].sum() / max(total_chosen_tokens, 1.0)  # token mean over the step's chosen answers
+        if self.rpo_alpha > 0:
+            loss = loss + self.rpo_alpha * nll
+        mask = inputs.completion_mask.float()
+        stats = {
+            "rewards/chosen": out.chosen_rewards.sum(),
+            "rewards/rejected": out.rejected_rewards.sum(),
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
+            "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
+            "logps/chosen": scores.chosen.detach().sum(),
+            "logps/rejected": scores.rejected.detach().sum(),
+            "entropy_sum": (entropy.detach() * mask).sum(),
+            "tokens": mask.sum(),
+        }
+        return loss, float(nll.detach()), stats

@@ -1,0 +1,131 @@
+"""`rlgen.load_config`: the typed config of a training run, from every source in order of precedence.
+
+Lowest first: the config class defaults, the model's recommended settings (`rlgen_defaults.toml` in its
+directory, e.g. the built-in models'), the algorithm preset, the config file / dict, keyword overrides,
+`sets` ("section.key=value" strings, as `--set` gives them). A resumed run's saved config.toml replaces
+the defaults, the model's settings, the preset and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from rlgen.config import apply_override, deep_merge, from_dict, read_toml, upgrade_keys
+from rlgen.errors import RlgenError
+from rlgen.plugins import registry
+
+
+def algorithm_entry(algo: str):
+    """The registered algorithm `algo` (its config class, trainer class, preset and family)."""
+    return registry("algorithm").get(algo)
+
+
+def model_recommended(algorithm, data: dict) -> dict:
+    """Settings a model directory recommends for an algorithm family ([grpo], [sft] ... tables of its
+    rlgen_defaults.toml): how a built-in model carries its own learning rate and lengths."""
+    default = algorithm.config_cls().model.path
+    model_path = data.get("model", {}).get("path", default) if isinstance(data.get("model"), dict) else default
+    # function-level: the backbone module imports torch, which `rlgen.train` must not load before it is called
+    from rlgen.models.backbone import claiming_backbone
+
+    backbone = claiming_backbone(str(model_path))
+    if backbone is None:
+        return {}  # reported with a proper message when the model is loaded
+    try:
+        path = backbone.resolve(str(model_path))
+    except RlgenError:
+        return {}  # reported with a proper message when the model is loaded
+    recommended = path / "rlgen_defaults.toml"
+    if not recommended.is_file():
+        return {}
+    # renamed keys are upgraded source by source, so that each source's precedence holds for them too
+    settings = upgrade_keys(algorithm.config_cls, read_toml(recommended).get(algorithm.family, {}), f"{recommended} [{algorithm.family}]")
+    try:
+        from_dict(algorithm.config_cls, settings)
+    except RlgenError as exc:
+        raise RlgenError(f"{recommended} [{algorithm.family}]: {exc}") from None
+    return settings
+
+
+# Keyword shorthands named like the `rlgen train` flags: train("grpo", model="tiny-arith", task="arithmetic", steps=2).
+SHORTHANDS = {"task": "data.task", "out": "run.out", "steps": "run.steps", "seed": "run.seed",
+              "save_every": "run.save_every"}
+
+
+def _expand_shorthand(key: str, value):
+    """(dotted key, value) of one keyword override: a shorthand, a model / data path given as a string, or
+    rewards given as NAME[:WEIGHT] strings."""
+    if key in SHORTHANDS:
+        return SHORTHANDS[key], value
+    if key in ("model", "data") and isinstance(value, (str, Path)):
+        return f"{key}.path", str(value)
+    if key in ("reward", "rewards") and value is not None:
+        from rlgen.rewards.base import RewardSpec  # imports torch: `import rlgen; rlgen.load_config` must not load it
+
+        items = [value] if isinstance(value, str) else list(value)
+        return "rewards", [dataclasses.asdict(RewardSpec.parse(r)) if isinstance(r, str) else r for r in items]
+    return key, value
+
+
+def overrides_to_sections(algorithm, overrides: dict[str, Any], what: str = "override") -> dict:
+    """{"run.steps": 5, "optim": {...}, "rewards": [...]} -> nested sections; None values are skipped
+    (an option not given). An unknown section is an error naming the key."""
+    sections = {f.name for f in dataclasses.fields(algorithm.config_cls)}
+    nested: dict = {}
+    for given, value in overrides.items():
+        if value is None:
+            continue
+        dotted, value = _expand_shorthand(given, value)
+        section, key = dotted.split(".", 1) if "." in dotted else (dotted, None)
+        if section not in sections:
+            raise RlgenError(f"`rlgen train {algorithm.name}` has no '{section}' settings ({what} {dotted})")
+        if key is None:
+            if isinstance(value, dict):  # a copy: later dotted keys must not change the caller's dict
+                nested[section] = deep_merge(nested.get(section) if isinstance(nested.get(section), dict) else {}, value)
+            else:
+                nested[section] = value
+        else:
+            target = nested.setdefault(section, {})
+            for part in key.split(".")[:-1]:
+                target = target.setdefault(part, {})
+            target[key.split(".")[-1]] = value
+    return nested
+
+
+def load_config(algo, config: str | Path | dict | None = None, *, sets: list[str] | None = None,
+                resume: str | Path | None = None, model_defaults: bool = True, **overrides):
+    """The typed config of `rlgen train ALGO`: `config` is a TOML path or a dict of sections; `overrides`
+    are dotted keys (pass them as a dict: `**{"run.steps": 5}`), sections (`optim={"lr": 1e-3}`) or the
+    flag-like shorthands model=, data= (paths), task=, reward= / rewards= (NAME[:WEIGHT] strings), out=,
+    steps=, seed=, save_every=; `sets` are "section.key=value" strings. `model_defaults=False` leaves out
+    the model's rlgen_defaults.toml (a benchmark that must run exactly the settings it states). Local model /
+    data paths are stored absolute."""
+    algorithm = algorithm_entry(algo) if isinstance(algo, str) else algo
+    if resume:
+        saved = Path(resume) / "config.toml"
+        if not saved.is_file():
+            raise RlgenError(f"cannot resume: {saved} not found (is {resume} a run directory?)")
+        data = upgrade_keys(algorithm.config_cls, read_toml(saved), str(saved))
+    else:
+        data = deep_merge({}, algorithm.defaults)
+        if isinstance(config, dict):
+            data = deep_merge(data, upgrade_keys(algorithm.config_cls, config))
+        elif config is not None:
+            data = deep_merge(data, upgrade_keys(algorithm.config_cls, read_toml(str(config)), str(config)))
+    user = overrides_to_sections(algorithm, overrides)
+    for assignment in sets or []:
+        apply_override(user, assignment)
+    data = deep_merge(data, upgrade_keys(algorithm.config_cls, user, "--set" if sets else ""))
+    if resume:
+        data.setdefault("run", {})["out"] = str(resume)
+    elif model_defaults:  # a resumed run's config.toml already holds what the model recommended
+        data = deep_merge(model_recommended(algorithm, data), data)
+    typed = from_dict(algorithm.config_cls, data)
+    # Local paths are stored absolute, so a resumed run or a saved adapter finds them from anywhere.
+    for section, key in (("model", "path"), ("data", "path")):
+        part = getattr(typed, section, None)
+        value = getattr(part, key, None) if part is not None else None
+        if value and Path(value).exists():
+            setattr(part, key, str(Path(value).resolve()))
+    return typed

@@ -1,0 +1,230 @@
+"""`rlgen.evaluate`: every evaluation `rlgen eval` runs: a model on a task (greedy, pass@k or a sampler;
+images: reward statistics), a file or list of scored samples, a run directory, several runs compared, and
+a reward model's pairwise accuracy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlgen.api._backbone import flow_for
+from rlgen.api._sample import sampler_setup
+from rlgen.data.preferences import read_pairs
+from rlgen.data.records import read_records, write_records
+from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
+from rlgen.diffusion.sampling import DiffusionSamplingParams
+from rlgen.errors import RlgenError
+from rlgen.evaluation.compare import compare_runs, read_metrics
+from rlgen.evaluation.diversity import diversity_report
+from rlgen.evaluation.embeddings import resolve_similarity
+from rlgen.evaluation.images import evaluate_image_model
+from rlgen.evaluation.kl import check_vocabularies, kl_of_rollouts
+from rlgen.evaluation.metric_contract import check_metric, parse_metric, run_metric
+from rlgen.evaluation.metrics import correctness_rewards, evaluate_model, reward_column, reward_stats
+from rlgen.evaluation.plot import plot_run
+from rlgen.evaluation.reward_models import pair_accuracy
+from rlgen.models.causal_lm import ModelConfig, load_policy, resolve_model_path
+from rlgen.models.reward_model import load_reward_model
+from rlgen.plugins import registry
+from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rollout.engine import HFEngine, check_context
+from rlgen.training.trainer import DataConfig, load_records
+
+
+def evaluate(source=None, *, model: str | None = None, task: str | None = None, data: str | None = None,
+             split: str = "test", limit: int | None = None, k: int = 1, temperature: float = 1.0,
+             max_new_tokens: int = 16, reward=None, seed: int = 0, plot: str | None = None, similarity: str = "auto",
+             ref: str | None = None, samples_out: str | None = None, sampler: str | None = None,
+             sampler_options=None, sampler_reward=None, reward_model: str | None = None, num_steps: int = 20,
+             guidance_scale: float = 1.0, eta: float = 0.0, compare: list[str] | None = None,
+             plot_dir: str | None = None, metrics: list[str] | None = None) -> dict:
+    """The result `rlgen eval --json` prints, for whichever of these is given:
+
+    - `model` with `task` or `data`: accuracy (greedy, or one `sampler` completion at `temperature`),
+      pass@k with `k` > 1 (plus diversity), KL to `ref`; for an image model, reward statistics of `k`
+      images per prompt;
+    - `reward_model` with `data` (pairs): pairwise accuracy, overall and per `subset`;
+    - `source`, a run directory: its final metrics (and `plot`, a PNG of the curves);
+    - `source`, a JSONL/Parquet file ('-' = stdin) or a list of scored samples: reward statistics,
+      accuracy and diversity;
+    - `compare`, a list of run directories: their final metrics side by side (`plot_dir`: one PNG per metric).
+
+    `metrics` ('NAME' or 'NAME:key=value,...' specs of registered metrics, the metric contract of
+    rlgen.evaluation.metric_contract) run on the evaluated samples: the scored samples given, or the
+    samples a model evaluation drew; their results go under `metrics`, keyed by spec.
+
+    `reward` and `sampler_reward` are NAME[:WEIGHT] strings; `sampler_options` a dict or KEY=VALUE strings."""
+    if isinstance(reward, str):
+        reward = [reward]
+    specs = _metric_specs(metrics)  # unknown metrics and bad options fail before any model loads
+    if specs and (compare is not None or reward_model or (source and not model and not isinstance(source, (list, tuple))
+                                                          and source != "-" and Path(source).is_dir())):
+        raise RlgenError("--metric runs on samples: scored JSONL, '-', or --model with --task/--data")
+    if compare is not None:
+        if model or reward_model or task or data or plot or ref or samples_out or sampler:
+            raise RlgenError("`rlgen eval compare` takes run directories only (and --plot-dir, --json)")
+        return compare_runs(list(compare), plot_dir)
+    if plot_dir:
+        raise RlgenError("--plot-dir is for `rlgen eval compare RUN ...` (use --plot with one run directory)")
+    if ref and not model:
+        raise RlgenError("--ref (KL to a reference model) needs --model")
+    resolve_similarity(similarity)  # an unknown name, or embedding without its package, fails before any model loads
+    if reward_model:
+        if model:
+            raise RlgenError("give either --rm (pairwise accuracy of a reward model) or --model, not both")
+        return _eval_reward_model(reward_model, data, limit)
+    if model:
+        flow = flow_for({"causal-lm": _eval_model, "diffusers": _eval_image_model}, model, "evaluating a model")
+        return flow(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
+                    sampler, sampler_options, sampler_reward, ref, similarity, num_steps, guidance_scale, eta, specs=specs)
+    if isinstance(source, (list, tuple)):
+        return _eval_samples(list(source), similarity, specs)
+    if source and source != "-" and Path(source).is_dir():
+        return _eval_run(Path(source), plot)
+    if source:
+        return _eval_samples(str(source), similarity, specs)
+    raise RlgenError("nothing to evaluate: give --model M --task T, a scored JSONL file, '-' or a run directory")
+
+
+def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
+                sampler=None, sampler_opt=None, sampler_reward=None, ref=None, similarity="auto", *_image_options, specs=()):
+    """A causal LM on a task: accuracy (greedy or one sampler completion), pass@k and diversity, KL to `ref`."""
+    import torch
+
+    if not task and not data:
+        raise RlgenError("--model needs --task NAME or --data FILE to evaluate on")
+    sampler_options, guide = _sampler_setup(sampler, sampler_opt, sampler_reward)
+    records = load_records(DataConfig(task=task, path=data), split, required=("prompt", "answer"))
+    if limit:
+        records = records[:limit]
+    if reward:
+        rewards = RewardSet([RewardSpec.parse(r) for r in reward])
+    else:
+        rewards = correctness_rewards(registry("task").get(task).default_rewards if task and not data else ("exact-match",))
+    policy, tokenizer, path = load_policy(ModelConfig(path=model))
+    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
+    reference = None
+    if ref:
+        reference, _, ref_path = load_policy(ModelConfig(path=ref))
+        reference.eval().requires_grad_(False)
+        check_vocabularies(policy, reference)
+    engine = HFEngine(policy.eval(), tokenizer)
+    result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
+                            generator=torch.Generator().manual_seed(seed), sampler=sampler, sampler_rewards=guide,
+                            sampler_options=sampler_options)
+    if samples_out:
+        write_records(result["samples"], samples_out)
+    out = {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], "sampler": "greedy",
+           **result["metrics"]}
+    if k > 1:
+        out["diversity"] = {"samples": f"{k} per problem at temperature {temperature:g}",
+                            **diversity_report(result["k_samples"], similarity)}
+    if reference is not None:
+        on_k = k > 1
+        kl = kl_of_rollouts(policy, reference, result["k_rollouts"] if on_k else result["rollouts"])
+        where = (f"the {k} samples per problem at temperature {temperature:g}" if on_k
+                 else f"the evaluated {'greedy' if sampler is None else sampler} completions")
+        out["kl_to_reference"] = {"reference": str(ref_path), "on": where, **kl}
+    return _with_metrics(out, result["samples"], specs)
+
+
+def _eval_image_model(model, task, data, split, limit, k, _temperature, _max_new_tokens, reward, seed, samples_out,
+                      sampler, sampler_opt, sampler_reward, ref, _similarity, num_steps, guidance_scale, eta,
+                      specs=()) -> dict:
+    """Reward statistics of k images per prompt at fixed seeds (overall and per prompt)."""
+    if ref:
+        raise RlgenError("--ref (KL to a reference model) is for language models")
+    if not task and not data:
+        raise RlgenError("--model needs --task NAME or --data FILE (prompts) to evaluate on")
+    if k < 1:
+        raise RlgenError("-k (images per prompt) must be >= 1")
+    strategy, options, guide = (sampler_setup(sampler, sampler_opt, sampler_reward, kind="image-sampler")
+                                if sampler else (None, {}, None))
+    names = reward or (list(registry("task").get(task).default_rewards) if task and not data else [])
+    if not names:
+        raise RlgenError("no reward given for the image evaluation (use --reward NAME, e.g. digit-classifier)")
+    rewards = RewardSet([RewardSpec.parse(r) for r in names])
+    records = load_records(DataConfig(task=task, path=data), split)
+    records = records[:limit] if limit else records
+    params = DiffusionSamplingParams(num_steps, guidance_scale, eta, eta)
+    params.validate()
+    diffusion = load_diffusion_model(DiffusionModelConfig(path=model))
+    diffusion.eval()
+    diffusion.check_prompts(records)
+    stats, samples = evaluate_image_model(diffusion, records, rewards, k, params, seed=seed, sampler=strategy,
+                                          sampler_options=options, guide=guide)
+    if samples_out:
+        write_records([{key: v for key, v in s.items() if key != "image"} for s in samples], samples_out)
+    result = {"model": str(diffusion.path), "task": task or data, "split": split, "reward": "+".join(rewards.names),
+              "sampler": sampler or "plain", "images_per_prompt": k, "num_steps": num_steps, **stats}
+    return _with_metrics(result, [{key: v for key, v in s.items() if key != "image"} for s in samples], specs)
+
+
+def _sampler_setup(sampler, sampler_opt, sampler_reward):
+    """(--sampler-opt options, --sampler-reward guide), checked before any model is loaded."""
+    if sampler is None:
+        if sampler_opt or sampler_reward:
+            raise RlgenError("--sampler-opt and --sampler-reward need --sampler NAME")
+        return {}, None
+    _, options, guide = sampler_setup(sampler, sampler_opt, sampler_reward)
+    return options, guide
+
+
+def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:
+    if not data:
+        raise RlgenError("--rm needs --data PAIRS (JSONL/Parquet with prompt, chosen, rejected)")
+    pairs = read_pairs(data)
+    if limit:
+        pairs = pairs[:limit]
+    model, tokenizer = load_reward_model(resolve_model_path(path))
+    return {"reward_model": path, "data": data, **pair_accuracy(model, tokenizer, pairs)}
+
+
+def _metric_specs(metrics) -> list[tuple[str, str, dict]]:
+    """(spec, name, options) of each --metric, checked now: an unknown name or option is one line."""
+    if not metrics:
+        return []
+    specs = []
+    for spec in [metrics] if isinstance(metrics, str) else metrics:
+        name, options = parse_metric(spec)
+        check_metric(name, options)
+        specs.append((spec, name, options))
+    return specs
+
+
+def _with_metrics(result: dict, samples: list[dict], specs) -> dict:
+    if specs:
+        result["metrics"] = {spec: run_metric(name, samples, **options) for spec, name, options in specs}
+    return result
+
+
+def _eval_samples(source, similarity: str = "auto", specs=()) -> dict:
+    """Summary of scored samples: a JSONL/Parquet path ('-' = stdin) or a list of records."""
+    records = source if isinstance(source, list) else read_records(source)
+    name = "records" if isinstance(source, list) else ("<stdin>" if source == "-" else source)
+    fields = sorted({key for r in records for key in r if key == "reward" or key.startswith("reward_")})
+    result: dict = {"num_samples": len(records)}
+    for field in fields:
+        result[field] = reward_stats(reward_column(records, field, name))
+    correctness = [f for f in fields if f in ("reward_exact-match", "reward_numeric-match", "reward_countdown")]
+    if correctness:
+        result["accuracy"] = result[correctness[0]].get("mean")
+    texts = [r for r in records if isinstance(r.get("completion"), str)]
+    if texts:
+        result["diversity"] = diversity_report(texts, similarity)
+    if not fields and not texts:
+        raise RlgenError(f"{name}: no reward fields or completions to summarise (run `rlgen sample` / `rlgen score` first)")
+    return _with_metrics(result, records, specs)
+
+
+def _eval_run(run: Path, plot: str | None) -> dict:
+    rows = read_metrics(run)
+    if plot:
+        plot_run(rows, plot, title=str(run))
+    last = rows[-1]
+    evals = [r["eval/accuracy"] for r in rows if r.get("eval/accuracy") is not None]
+    result = {"run": str(run), "steps": last.get("step"), "final": last}
+    if evals:
+        result["eval_accuracy_first"] = evals[0]
+        result["eval_accuracy_last"] = evals[-1]
+    if plot:
+        result["plot"] = plot
+    return result

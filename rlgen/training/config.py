@@ -1,0 +1,135 @@
+"""The sections every trainer's config is built from, declared once: model, data, optim, run (TrainConfig),
+the rewards of reward-driven trainers (RewardedTrainConfig) and the rollout shape text and image trainers
+share (GroupRolloutConfig: prompts_per_step x num_generations). An algorithm's config subclasses one of
+these, adds its own sections (`algorithm`, `rollout`, ...) and re-declares a shared field only to give it
+its own default (e.g. GRPO's lr 1e-6). Registry names in a config (task, advantage, loss_type, rewards,
+combiner, shaping) are checked when it is loaded, so a typo fails before any data or model is read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlgen.config import section, setting
+from rlgen.errors import RlgenError
+from rlgen.models.causal_lm import ModelConfig
+from rlgen.plugins import registry
+from rlgen.rewards.base import RewardSpec
+from rlgen.rewards.combine import parse_spec
+
+# Closed choices, shared by the configs that use them (one spelling of each).
+ScaleRewards = Literal["group", "batch", "none"]
+LrScheduler = Literal["constant", "linear", "cosine"]
+KernelMode = Literal["auto", "native", "torch", "reference"]  # rlgen.kernels.MODES
+OnError = Literal["raise", "skip"]
+
+# (config key, registry kind, name): a name a config asks a registry for
+RegisteredName = tuple[str, str, str]
+
+
+def check_registered(names: list[RegisteredName]) -> None:
+    """One line naming the key, the unknown name and the known ones, for the first unknown name."""
+    for key, kind, name in names:
+        known = registry(kind)
+        if name not in known:
+            raise RlgenError(f"config key '{key}': unknown {kind} '{name}' (known: {', '.join(known.names()) or 'none'})")
+
+
+def reward_names(key: str, rewards: list[RewardSpec]) -> list[RegisteredName]:
+    """Registry look-ups of a rewards list: `module:function` and `rm:PATH` rewards are not registry names."""
+    return [(f"{key}[{i}].name", "reward", spec.name) for i, spec in enumerate(rewards) if ":" not in spec.name]
+
+
+def spec_names(key: str, kind: str, spec: str) -> list[RegisteredName]:
+    """The registry look-up of a combiner / shaping spec ('NAME' or 'NAME:key=value,...'); "" = none."""
+    if not spec.strip():
+        return []
+    try:
+        name, _ = parse_spec(spec)
+    except RlgenError as exc:
+        raise RlgenError(f"config key '{key}': {exc}") from None
+    return [(key, kind, name)]
+
+
+@dataclass
+class DataConfig:
+    task: str | None = setting("arithmetic", "a built-in or plugin task (train and held-out splits); ignored when `path` is set")
+    path: str | None = setting(None, "JSONL or Parquet with `prompt` (and `answer`) fields, instead of a task")
+    split: str = setting("train", "the task's split to train on")
+    eval_split: str = setting("test", "the task's held-out split")
+    eval_samples: int = setting(200, "held-out problems scored greedily every run.eval_every steps")
+
+    def registered_names(self) -> list[RegisteredName]:
+        return [("data.task", "task", self.task)] if self.task and not self.path else []
+
+
+@dataclass
+class OptimConfig:
+    lr: float = setting(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.0, "AdamW's decoupled weight decay")
+    adam_beta1: float = setting(0.9, "AdamW's first-moment decay")
+    adam_beta2: float = setting(0.999, "AdamW's second-moment decay")
+    adam_eps: float = setting(1e-8, "AdamW's epsilon")
+    max_grad_norm: float = setting(1.0, "gradient-norm clipping; 0 = no clipping")
+    lr_scheduler: LrScheduler = setting("constant", "learning-rate schedule after the warm-up")
+    warmup_steps: int = setting(0, "linear warm-up from 0 over this many steps")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimiser step")
+    # A NaN/inf gradient norm stops the run (the update is never applied) unless this is true.
+    skip_nonfinite_steps: bool = setting(False, "skip updates whose gradient norm is NaN/inf (counted as `nonfinite_skipped`) instead of stopping")
+
+
+@dataclass
+class RunConfig:
+    out: str = setting("runs/run", "run directory: config.toml, metrics.jsonl, checkpoints/, final/")
+    steps: int = setting(100, "optimiser steps")
+    seed: int = setting(0, "seed of every random draw (data order, sampling, init)")
+    save_every: int = setting(0, "checkpoint every N steps; 0 = only the final model")
+    keep_checkpoints: int = setting(0, "keep the newest N checkpoints; 0 = keep all")
+    eval_every: int = setting(0, "held-out evaluation every N steps; 0 = none")
+    threads: int = setting(0, "torch intra-op threads; 0 = torch's default")
+    kernels: KernelMode = setting("auto", "log-prob kernels: auto (native where built), native, torch, or reference (eager, for debugging)")
+
+
+@dataclass
+class GroupRolloutConfig:
+    """The batch shape of a rollout: `prompts_per_step` prompts, `num_generations` samples of each."""
+    prompts_per_step: int = setting(16, "prompts sampled per step (groups per step)")
+    num_generations: int = setting(8, "samples per prompt: the group size (TRL's num_generations)")
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer's config has. Subclasses replace `model` / `data` with their own section classes
+    (image models, preference pairs) and change defaults by re-declaring a field."""
+    model: ModelConfig = section(ModelConfig, "the model to train")
+    data: DataConfig = section(DataConfig, "training and held-out data")
+    optim: OptimConfig = section(OptimConfig, "optimiser and learning-rate schedule")
+    run: RunConfig = section(RunConfig, "run directory, length, seed, checkpoints, evaluation")
+
+    def registered_names(self) -> list[RegisteredName]:
+        """Every registry name this config asks for: its sections' and its own (subclasses add theirs)."""
+        names = []
+        for value in vars(self).values():
+            own = getattr(value, "registered_names", None)
+            if own is not None:
+                names += own()
+        if isinstance(getattr(self, "rewards", None), list):
+            names += reward_names("rewards", self.rewards)
+        return names
+
+    def validate(self) -> None:
+        check_registered(self.registered_names())
+
+
+@dataclass
+class RewardedTrainConfig(TrainConfig):
+    """A trainer driven by rewards: which rewards, how they combine, what a failing reward does."""
+    rewards: list[RewardSpec] = setting(doc="rewards scored on every sample ([[rewards]] tables: name, weight, options)", factory=list)
+    rewards_on_error: OnError = setting("raise", "a reward that fails on a sample: stop (raise) or skip the sample (counted in the metrics)")
+    # The gdpo advantage normalises the reward columns itself and ignores combine and shaping.
+    reward_combine: str = setting("weighted-sum", "how the reward columns become one value: a reward-combiner spec (weighted-sum | min | mean | mean-minus-std:k=1.0 | plugin)")
+    reward_shaping: str = setting("", "shaping of the combined reward before the advantages: a reward-shaping spec (par:ref_field=answer | center | clip:low=..,high=.. | ref-normalize | plugin); \"\" = none")
+
+    def registered_names(self) -> list[RegisteredName]:
+        return [*super().registered_names(), *spec_names("reward_combine", "reward-combiner", self.reward_combine),
+                *spec_names("reward_shaping", "reward-shaping", self.reward_shaping)]

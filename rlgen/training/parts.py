@@ -1,0 +1,45 @@
+"""Parts that trainers of any algorithm share and that need nothing from rlgen.algorithms (the group
+rollout and its batch live in rlgen.rollout.groups; the preference update in rlgen.algorithms.parts)."""
+from __future__ import annotations
+
+from rlgen.models.sequences import pad_tokens
+from rlgen.rollout.groups import ModelInputs
+
+
+class PairEncoder:
+    """Preference pairs (`prompt`, `chosen`, `rejected`) -> `ModelInputs` with the rows [chosen_0, rejected_0,
+    chosen_1, ...]: each pair's two rows share a prompt and sit next to each other, so the prompt runs once
+    for both through the shared-prefix path.
+
+    The pairs of `dataset` (the run's training pairs) are tokenised once per run, the first time they are
+    encoded; later epochs only pad. Any other pair (held-out, sampled online) is tokenised each time. A pair
+    is known by identity, so nothing is written into the records."""
+
+    def __init__(self, tokenizer, engine, dataset: list[dict] | None = None):
+        self.tokenizer = tokenizer
+        self.engine = engine  # its completion tokenisation: each answer ends with the stop token, as if sampled
+        self.dataset = dataset or []  # kept referenced, so that no id below can be reused by another object
+        self._position = {id(pair): k for k, pair in enumerate(self.dataset)}
+        self._tokens: dict[int, tuple[list[int], list[int], list[int]]] = {}  # by position in `dataset`
+
+    def positions(self, pairs: list[dict]) -> list[int]:
+        """Each pair's index in `dataset` (a KeyError for a pair that is not one of its records)."""
+        return [self._position[id(pair)] for pair in pairs]
+
+    def encode(self, pairs: list[dict]) -> ModelInputs:
+        known = [self._position.get(id(pair)) for pair in pairs]
+        new = [k for k, position in enumerate(known) if position is None or position not in self._tokens]
+        tokens: dict[int, tuple[list[int], list[int], list[int]]] = {}  # by row in `pairs`, for those not cached
+        if new:
+            prompt_tokens = self.tokenizer([pairs[k]["prompt"] for k in new]).input_ids
+            answers = self.engine.tokenize_completions([text for k in new for text in (pairs[k]["chosen"], pairs[k]["rejected"])])
+            for j, k in enumerate(new):
+                entry = (prompt_tokens[j], answers[2 * j], answers[2 * j + 1])
+                if known[k] is None:
+                    tokens[k] = entry
+                else:
+                    self._tokens[known[k]] = entry
+        entries = [self._tokens[position] if position is not None else tokens[k] for k, position in enumerate(known)]
+        prompt_ids, prompt_mask = pad_tokens([e[0] for e in entries for _ in range(2)], self.engine.pad_id, left=True)
+        completion_ids, completion_mask = self.engine.pad_completions([answer for e in entries for answer in e[1:]])
+        return ModelInputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
