@@ -12,6 +12,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
 
+from rlgen.errors import RlgenError, show_value
+
 
 class Callback:
     """Base class with a no-op for every event; subclass it and override what you need."""
@@ -70,11 +72,20 @@ class Events:
 
 
 def as_events(callbacks: Any = None) -> Events:
-    """An Events for what an API caller passed: None, one callback, a list of them, or an Events."""
+    """An Events for what an API caller passed: None, one callback, a list of them, or an Events. A callback
+    must have at least one `on_*` method: anything else (a number, a bare function) would be silently ignored
+    by the dispatcher, so it is one RlgenError line instead."""
     if isinstance(callbacks, Events):
         return callbacks
     if callbacks is None:
         return Events()
-    if isinstance(callbacks, (list, tuple)):
-        return Events(callbacks)
-    return Events([callbacks])
+    items = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+    for index, callback in enumerate(items):
+        if not any(callable(getattr(callback, name, None)) for name in _EVENT_METHODS):
+            where = f"callbacks[{index}]" if isinstance(callbacks, (list, tuple)) else "callbacks"
+            raise RlgenError(f"{where} = {show_value(callback)}: expected a callback object with on_* methods "
+                             f"({', '.join(_EVENT_METHODS)}), e.g. a rlgen.Callback subclass")
+    return Events(items)
+
+
+_EVENT_METHODS = tuple(name for name in vars(Callback) if name.startswith("on_"))

@@ -6,14 +6,21 @@ stderr, printed once per process, and `rlgen plugins` shows it):
   nothing;
 - one of its hooks raises: the plugin is "broken" and everything it registered (in any hook) is dropped;
 - it registers a name that is already taken in that kind: built-ins come first, then plugins in the
-  order of their distribution names; the first keeps the name, the later item is dropped ("clash").
+  order of their distribution names; the first keeps the name, the later item is dropped ("clash");
+- it registers an item that does not have the shape of its kind's contract (`item_problem`: an int as an
+  algorithm, a string as a task ...): that item alone is dropped ("rejected"), the plugin's others stay.
 Using a clashed name is not an error: it resolves to the item that kept the name.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
+import inspect
+import os
 import sys
+import types
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable
@@ -105,12 +112,141 @@ class Clash:
                 f"package '{self.dropped}' (dropped)")
 
 
+@dataclass(frozen=True)
+class Rejected:
+    """A plugin's item dropped because it does not have the shape its kind's contract asks for."""
+
+    kind: str
+    name: str
+    provider: str
+    problem: str
+
+    def message(self) -> str:
+        return f"{self.kind} '{self.name}' registered by package '{self.provider}' is dropped: {self.problem}"
+
+
+# Registration-time shape checks: attribute names and types only, so that nothing heavy (torch, the
+# trainers) is imported to register an item, and a bad item fails here, naming its plugin, instead of
+# as an AttributeError wherever it is first used.
+_BACKBONE_METHODS = ("claims", "resolve", "load", "save", "reference_policy", "rollout_engine", "sequence_logprobs")
+_MERGER_FIELDS = {"needs_base": bool, "model_params": Mapping, "global_params": Mapping, "min_models": int}
+_CALLABLE_KINDS = ("reward", "advantage-estimator", "policy-loss", "preference-loss", "reward-combiner",
+                   "reward-shaping", "sampler", "image-sampler", "metric")
+
+
+def _shown(item: Any) -> str:
+    try:
+        text = " ".join(repr(item).split())
+    except Exception:  # noqa: BLE001 - the plugin's own __repr__
+        text = "?"
+    return f"{type(item).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+_MISSING, _DYNAMIC = object(), object()
+
+
+def _static_attribute(item: Any, attr: str) -> Any:
+    """The attribute as stored (no property, no __getattr__ runs: a forwarding object may look up the very
+    registries being built); _DYNAMIC where only running code would tell, _MISSING where it is absent."""
+    try:
+        value = inspect.getattr_static(item, attr)
+    except AttributeError:
+        return _DYNAMIC if hasattr(type(item), "__getattr__") else _MISSING
+    if isinstance(value, (property, classmethod, staticmethod)):
+        return _DYNAMIC
+    if hasattr(type(value), "__get__") and not isinstance(value, (type, types.FunctionType)):
+        return _DYNAMIC  # another descriptor (functools.cached_property ...)
+    return value
+
+
+def _wrong_attributes(item: Any, expected: dict[str, Callable[[Any], bool]]) -> list[str]:
+    wrong = []
+    for attr, check in expected.items():
+        value = _static_attribute(item, attr)
+        if value is _MISSING or (value is not _DYNAMIC and not check(value)):
+            wrong.append(f"{attr} ({check.__doc__})")
+    return wrong
+
+
+def _is_str(value: Any) -> bool:
+    """a string"""
+    return isinstance(value, str)
+
+
+def _is_class(value: Any) -> bool:
+    """a class"""
+    return isinstance(value, type)
+
+
+def _is_dataclass_class(value: Any) -> bool:
+    """a dataclass"""
+    return isinstance(value, type) and dataclasses.is_dataclass(value)
+
+
+def _is_mapping(value: Any) -> bool:
+    """a dict"""
+    return isinstance(value, Mapping)
+
+
+def _is_callable(value: Any) -> bool:
+    """a method"""
+    return callable(value)
+
+
+def _is_names(value: Any) -> bool:
+    """a list of reward names"""
+    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _is_count(value: Any) -> bool:
+    """an integer >= 1"""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_optional_count(value: Any) -> bool:
+    """None or an integer >= 1"""
+    return value is None or _is_count(value)
+
+
+def _is_bool(value: Any) -> bool:
+    """true or false"""
+    return isinstance(value, bool)
+
+
+_EXPECTED_ATTRIBUTES: dict[str, tuple[str, dict[str, Callable[[Any], bool]]]] = {
+    "algorithm": ("an rlgen.algorithms.base.Algorithm", {
+        "name": _is_str, "config_cls": _is_dataclass_class, "trainer_cls": _is_class, "defaults": _is_mapping,
+        "family": _is_str}),
+    "task": ("an rlgen.data.tasks.Task", {"split": _is_callable, "default_rewards": _is_names}),
+    "backbone": ("an rlgen.models.backbone.Backbone", {
+        "name": _is_str, **{method: _is_callable for method in _BACKBONE_METHODS}}),
+    "merger": ("an rlgen.merging.methods.MergeMethod", {
+        "fn": _is_callable, "needs_base": _is_bool, "model_params": _is_mapping, "global_params": _is_mapping,
+        "min_models": _is_count, "max_models": _is_optional_count}),
+}
+
+
+def item_problem(kind: str, item: Any) -> str | None:
+    """Why `item` cannot be registered as a `kind` (one phrase), or None when it has the contract's shape."""
+    if kind in _CALLABLE_KINDS:
+        return None if callable(item) else f"got {_shown(item)}, expected a callable"
+    if kind == "model":
+        return None if isinstance(item, (str, os.PathLike)) else f"got {_shown(item)}, expected a directory (str or Path)"
+    if kind in _EXPECTED_ATTRIBUTES:
+        what, expected = _EXPECTED_ATTRIBUTES[kind]
+        wrong = _wrong_attributes(item, expected)
+        if wrong:
+            return f"got {_shown(item)}, expected {what}: missing or wrong {', '.join(wrong)}"
+    return None
+
+
 @dataclass
 class _State:
     """What loading plugins found; filled by plugin_manager(), registries() and rlgen.cli.app."""
 
     plugins: list[PluginInfo] = field(default_factory=list)
     clashes: list[Clash] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
     commands: Registry | None = None
 
 
@@ -270,6 +406,7 @@ def _build_registries() -> dict[str, Registry]:
         hook_calls(hook_name, make_kwargs)
     result = {kind: Registry(kind) for kind in KINDS.values()}
     clashes = [c for c in _state.clashes if c.kind == COMMAND_KIND]
+    rejected: list[Rejected] = []
     for kind, info, items in staged:
         if info is not None and info.error is not None:
             continue
@@ -282,8 +419,18 @@ def _build_registries() -> dict[str, Registry]:
                     clashes.append(clash)
                     warn(clash.message())
                 continue
+            # Checked after the clash test (a clashing item is dropped either way); a rejected item is not
+            # added, so it never takes a name from a later plugin's good one.
+            problem = item_problem(kind, item)
+            if problem is not None:
+                if info is None:
+                    raise TypeError(f"built-in {kind} '{name}' breaks its contract: {problem}")
+                rejected.append(Rejected(kind, name, provider, problem))
+                warn(rejected[-1].message())
+                continue
             registry.add(name, item, provider, description or describe(item))
     _state.clashes = clashes
+    _state.rejected = rejected
     return result
 
 
@@ -294,6 +441,11 @@ def registry(kind: str) -> Registry:
 def clashes() -> list[Clash]:
     """Every name clash found so far (item kinds once registries() ran; commands once the CLI added them)."""
     return list(_state.clashes)
+
+
+def rejected() -> list[Rejected]:
+    """Every plugin item dropped for not having its kind's shape (once registries() ran)."""
+    return list(_state.rejected)
 
 
 def record_commands(commands: Registry, command_clashes: list[Clash]) -> None:
@@ -317,6 +469,7 @@ def reset() -> None:
     _registries_cache.clear()
     _state.plugins = []
     _state.clashes = []
+    _state.rejected = []
     _state.commands = None
     _warned.clear()
 

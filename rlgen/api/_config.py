@@ -11,13 +11,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from rlgen.config import apply_override, deep_merge, from_dict, read_toml, upgrade_keys
-from rlgen.errors import RlgenError
+from rlgen.api._inputs import string_list
+from rlgen.config import RENAMED_KEYS, apply_override, deep_merge, from_dict, read_toml, upgrade_keys
+from rlgen.errors import RlgenError, show_value
 from rlgen.plugins import registry
 
 
 def algorithm_entry(algo: str):
     """The registered algorithm `algo` (its config class, trainer class, preset and family)."""
+    if not isinstance(algo, str):
+        raise RlgenError(f"algo = {show_value(algo)}: expected an algorithm name (sft, grpo, dpo, ... see `rlgen plugins`)")
     return registry("algorithm").get(algo)
 
 
@@ -63,9 +66,18 @@ def _expand_shorthand(key: str, value):
     if key in ("reward", "rewards") and value is not None:
         from rlgen.rewards.base import RewardSpec  # imports torch: `import rlgen; rlgen.load_config` must not load it
 
-        items = [value] if isinstance(value, str) else list(value)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(r, (str, dict)) for r in items):
+            raise RlgenError(f"{key} = {show_value(value)}: expected NAME[:WEIGHT] strings (or reward tables as dicts)")
         return "rewards", [dataclasses.asdict(RewardSpec.parse(r)) if isinstance(r, str) else r for r in items]
     return key, value
+
+
+def _renamed_section(section: str, sections: set[str]) -> bool:
+    """Whether `section` is an old name (RENAMED_KEYS: a whole section, or the section of a renamed key) whose
+    new name is one of this config's sections: upgrade_keys then moves it there with its warning."""
+    return any((old == section or old.startswith(f"{section}.")) and new.split(".", 1)[0] in sections
+               for old, new in RENAMED_KEYS.items())
 
 
 def overrides_to_sections(algorithm, overrides: dict[str, Any], what: str = "override") -> dict:
@@ -78,7 +90,7 @@ def overrides_to_sections(algorithm, overrides: dict[str, Any], what: str = "ove
             continue
         dotted, value = _expand_shorthand(given, value)
         section, key = dotted.split(".", 1) if "." in dotted else (dotted, None)
-        if section not in sections:
+        if section not in sections and not _renamed_section(section, sections):
             raise RlgenError(f"`rlgen train {algorithm.name}` has no '{section}' settings ({what} {dotted})")
         if key is None:
             if isinstance(value, dict):  # a copy: later dotted keys must not change the caller's dict
@@ -101,7 +113,11 @@ def load_config(algo, config: str | Path | dict | None = None, *, sets: list[str
     steps=, seed=, save_every=; `sets` are "section.key=value" strings. `model_defaults=False` leaves out
     the model's rlgen_defaults.toml (a benchmark that must run exactly the settings it states). Local model /
     data paths are stored absolute."""
-    algorithm = algorithm_entry(algo) if isinstance(algo, str) else algo
+    # an entry object is what build_trainer passes on; a caller gives the name
+    algorithm = algo if hasattr(algo, "config_cls") else algorithm_entry(algo)
+    if config is not None and not isinstance(config, (str, Path, dict)):
+        raise RlgenError(f"config = {show_value(config)}: expected a TOML path or a dict of sections")
+    sets = string_list("sets", sets, '"section.key=value" strings')
     if resume:
         saved = Path(resume) / "config.toml"
         if not saved.is_file():

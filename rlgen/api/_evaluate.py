@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlgen.api._backbone import flow_for
+from rlgen.api._inputs import check_numbers, check_records, model_name, string_list
 from rlgen.api._sample import sampler_setup
+from rlgen.config import ANY, COUNT, NON_NEGATIVE, SEED
 from rlgen.data.preferences import read_pairs
 from rlgen.data.records import read_records, write_records
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 from rlgen.evaluation.compare import compare_runs, read_metrics
 from rlgen.evaluation.diversity import diversity_report
 from rlgen.evaluation.embeddings import resolve_similarity
@@ -51,9 +53,22 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
     rlgen.evaluation.metric_contract) run on the evaluated samples: the scored samples given, or the
     samples a model evaluation drew; their results go under `metrics`, keyed by spec.
 
-    `reward` and `sampler_reward` are NAME[:WEIGHT] strings; `sampler_options` a dict or KEY=VALUE strings."""
-    if isinstance(reward, str):
-        reward = [reward]
+    `reward` and `sampler_reward` are NAME[:WEIGHT] strings; `sampler_options` a dict or KEY=VALUE strings.
+    A keyword that takes several strings (reward, compare, metrics ...) also takes one."""
+    # the ranges `rlgen eval` checks for its flags, named by keyword, before anything is read or loaded
+    check_numbers(("limit", limit, COUNT, "int?"), ("k", k, COUNT, "int"),
+                  ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
+                  ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
+                  ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"))
+    if source is not None and not isinstance(source, (str, Path, list, tuple)):
+        raise RlgenError(f"source = {show_value(source)}: expected a scored JSONL/Parquet path, '-', a run directory "
+                         "or a list of scored records")
+    if isinstance(source, (list, tuple)):
+        source = check_records("source", source)
+    model, ref, reward_model = model_name("model", model), model_name("ref", ref), model_name("reward_model", reward_model)
+    reward = string_list("reward", reward, "NAME[:WEIGHT] reward strings")
+    compare = string_list("compare", compare, "run directories")
+    metrics = string_list("metrics", metrics, "metric specs")
     specs = _metric_specs(metrics)  # unknown metrics and bad options fail before any model loads
     if specs and (compare is not None or reward_model or (source and not model and not isinstance(source, (list, tuple))
                                                           and source != "-" and Path(source).is_dir())):
@@ -93,7 +108,7 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
         raise RlgenError("--model needs --task NAME or --data FILE to evaluate on")
     sampler_options, guide = _sampler_setup(sampler, sampler_opt, sampler_reward)
     records = load_records(DataConfig(task=task, path=data), split, required=("prompt", "answer"))
-    if limit:
+    if limit is not None:
         records = records[:limit]
     if reward:
         rewards = RewardSet([RewardSpec.parse(r) for r in reward])
@@ -134,8 +149,6 @@ def _eval_image_model(model, task, data, split, limit, k, _temperature, _max_new
         raise RlgenError("--ref (KL to a reference model) is for language models")
     if not task and not data:
         raise RlgenError("--model needs --task NAME or --data FILE (prompts) to evaluate on")
-    if k < 1:
-        raise RlgenError("-k (images per prompt) must be >= 1")
     strategy, options, guide = (sampler_setup(sampler, sampler_opt, sampler_reward, kind="image-sampler")
                                 if sampler else (None, {}, None))
     names = reward or (list(registry("task").get(task).default_rewards) if task and not data else [])
@@ -143,7 +156,7 @@ def _eval_image_model(model, task, data, split, limit, k, _temperature, _max_new
         raise RlgenError("no reward given for the image evaluation (use --reward NAME, e.g. digit-classifier)")
     rewards = RewardSet([RewardSpec.parse(r) for r in names])
     records = load_records(DataConfig(task=task, path=data), split)
-    records = records[:limit] if limit else records
+    records = records if limit is None else records[:limit]
     params = DiffusionSamplingParams(num_steps, guidance_scale, eta, eta)
     params.validate()
     diffusion = load_diffusion_model(DiffusionModelConfig(path=model))
@@ -172,7 +185,7 @@ def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:
     if not data:
         raise RlgenError("--rm needs --data PAIRS (JSONL/Parquet with prompt, chosen, rejected)")
     pairs = read_pairs(data)
-    if limit:
+    if limit is not None:
         pairs = pairs[:limit]
     model, tokenizer = load_reward_model(resolve_model_path(path))
     return {"reward_model": path, "data": data, **pair_accuracy(model, tokenizer, pairs)}

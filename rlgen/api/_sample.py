@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 
 from rlgen.api._backbone import flow_for
+from rlgen.api._inputs import check_numbers, model_name, string_list, without_line_numbers
+from rlgen.config import ANY, COUNT, FIELD_BOUNDS, NON_NEGATIVE, SEED
 from rlgen.data.records import read_records
 from rlgen.diffusion.images import save_grid, save_png
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
-from rlgen.errors import RlgenError
+from rlgen.errors import RlgenError, show_value
 from rlgen.events import as_events
 from rlgen.models.causal_lm import ModelConfig, load_policy
 from rlgen.plugins import registry
@@ -21,7 +23,15 @@ from rlgen.rollout.samplers import call_sampler, check_sampler, prepare_sampler
 
 def prompt_records(task: str | None = None, prompts=None, split: str = "test", limit: int | None = None) -> list[dict]:
     """The records to sample for: a task's split, or `prompts` (a JSONL/Parquet path, '-' for stdin, or a
-    list of prompt strings / records with a `prompt` field); the first `limit` of them."""
+    list of prompt strings / records with a `prompt` field); the first `limit` of them (None: all)."""
+    check_numbers(("limit", limit, COUNT, "int?"))
+    return without_line_numbers(_prompt_records(task, prompts, split, limit))
+
+
+def _prompt_records(task, prompts, split: str, limit: int | None) -> list[dict]:
+    """prompt_records with each file record's `_line` kept, for the sampling flows' messages."""
+    if prompts is not None and not isinstance(prompts, (str, Path, list, tuple)):
+        raise RlgenError(f"prompts = {show_value(prompts)}: expected a JSONL/Parquet path, '-' or a list of prompts")
     if prompts is not None and task:
         raise RlgenError("give either --task or --prompts, not both")
     if isinstance(prompts, (list, tuple)):
@@ -37,14 +47,14 @@ def prompt_records(task: str | None = None, prompts=None, split: str = "test", l
         records = registry("task").get(task).split(split)
     else:
         raise RlgenError("no prompts: give --task NAME or --prompts FILE")
-    return records[:limit] if limit else records
+    return records if limit is None else records[:limit]
 
 
 def sampler_setup(sampler: str, sampler_options, sampler_reward, kind: str = "sampler"):
     """(sampler function, options, guide RewardSet or None), checked before any model loads. Options are a
     dict or KEY=VALUE strings (TOML values, as --sampler-opt gives them); rewards NAME[:WEIGHT] strings."""
-    items = None if isinstance(sampler_options, dict) else sampler_options
-    rewards = [sampler_reward] if isinstance(sampler_reward, str) else sampler_reward
+    items = None if isinstance(sampler_options, dict) else string_list("sampler_options", sampler_options, "KEY=VALUE strings or a dict")
+    rewards = string_list("sampler_reward", sampler_reward, "NAME[:WEIGHT] strings")
     strategy, options, guide = prepare_sampler(sampler, items, rewards, kind=kind)
     if isinstance(sampler_options, dict):
         options = dict(sampler_options)
@@ -71,13 +81,20 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
     Image models (a diffusers pipeline, e.g. tiny-digits) give one record per image. With `out` (the JSONL
     file the records are meant for) or `image_dir`, each image is written as a PNG and the record's `image`
     is its path relative to out's folder (as `rlgen sample` does); otherwise `image` holds the tensor."""
+    # the ranges `rlgen sample` checks for its flags, named by keyword, before anything is read or loaded
+    check_numbers(("n", n, COUNT, "int"), ("limit", limit, COUNT, "int?"), ("batch_size", batch_size, COUNT, "int"),
+                  ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
+                  ("top_p", top_p, FIELD_BOUNDS["top_p"], "float"), ("top_k", top_k, NON_NEGATIVE, "int"),
+                  ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
+                  ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"))
+    model = model_name("model", model)
     events = as_events(callbacks)
-    records = prompt_records(task, prompts, split, limit)
+    records = _prompt_records(task, prompts, split, limit)
     flow = flow_for({"causal-lm": _sample_text, "diffusers": _sample_images}, model, "sampling")
-    return flow(model, records, n=n, sampler=sampler, sampler_options=sampler_options, sampler_reward=sampler_reward,
+    return without_line_numbers(flow(model, records, n=n, sampler=sampler, sampler_options=sampler_options, sampler_reward=sampler_reward,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out,
                 image_dir=image_dir, grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                batch_size=batch_size, events=events)
+                batch_size=batch_size, events=events))
 
 
 def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str, sampler_options, sampler_reward,
@@ -116,8 +133,6 @@ def _sample_images(model: str, records: list[dict], *, n: int, sampler: str, sam
     """Images of a diffusers pipeline, through the sampling code the image trainers use."""
     import torch
 
-    if batch_size < 1:
-        raise RlgenError("--batch-size must be >= 1")
     strategy, options, guide = sampler_setup(sampler, sampler_options, sampler_reward, kind="image-sampler")
     params = DiffusionSamplingParams(num_steps, guidance_scale, eta, eta)
     params.validate()

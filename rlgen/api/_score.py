@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rlgen.api._inputs import check_records, string_list, without_line_numbers
 from rlgen.data.preferences import make_pairs
 from rlgen.data.records import check_text, read_records
 from rlgen.errors import RlgenError
@@ -13,7 +14,7 @@ def _records_and_name(records, required=()) -> tuple[list[dict], str | None]:
     """(records, the file they came from or None): `records` is a list, or a JSONL/Parquet path ('-' = stdin)."""
     if isinstance(records, (str, Path)):
         return read_records(str(records), required=required), str(records)
-    return list(records), None
+    return check_records("records", records), None
 
 
 def score(records, rewards, *, on_error: str = "raise", combine: str = "weighted-sum", shape: str = "") -> list[dict]:
@@ -23,7 +24,7 @@ def score(records, rewards, *, on_error: str = "raise", combine: str = "weighted
     the records file's folder (the current one for a list or stdin); the output keeps them as given."""
     from rlgen.rewards.base import RewardSet, RewardSpec  # imports torch: `rlgen pairs` must not load it
 
-    names = [rewards] if isinstance(rewards, str) else list(rewards or [])
+    names = string_list("rewards", rewards, "NAME[:WEIGHT] reward strings") or []
     if not names:
         raise RlgenError("no reward given (use --reward NAME)")
     reward_set = RewardSet([RewardSpec.parse(r) for r in names], on_error, combine=combine, shaping=shape)
@@ -37,7 +38,7 @@ def score(records, rewards, *, on_error: str = "raise", combine: str = "weighted
             scored[f"reward_{name}"] = None if value != value else value
         scored["reward"] = float(totals[i]) if bool(valid[i]) else None
         scored_records.append(scored)
-    return scored_records
+    return without_line_numbers(scored_records)
 
 
 def _with_resolved_images(records: list[dict], source: str | None) -> list[dict]:

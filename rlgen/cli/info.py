@@ -26,8 +26,9 @@ Example:
 def plugin_listing() -> dict[str, list[dict]]:
     """{kind: [{name, provider, description, status}]}: every registered item (commands included when
     the CLI loaded them), each dropped item of a name clash (status "dropped", `kept_by` the package that
-    holds the name), and under kind "plugin" every third-party plugin with its distribution, version,
-    status ("ok" / "broken") and error."""
+    holds the name), each plugin item dropped for breaking its kind's contract (status "dropped"), and
+    under kind "plugin" every third-party plugin with its distribution, version, status ("ok" / "broken")
+    and error."""
     from rlgen import plugins
 
     listing: dict[str, list[dict]] = {}
@@ -40,6 +41,8 @@ def plugin_listing() -> dict[str, list[dict]]:
         rows = [{"name": e.name, "provider": e.provider, "description": e.description, "status": "ok"} for e in registry]
         rows += [{"name": c.name, "provider": c.dropped, "description": f"dropped: the name is taken by package '{c.kept}'",
                   "status": "dropped", "kept_by": c.kept} for c in clashes if c.kind == kind]
+        rows += [{"name": r.name, "provider": r.provider, "description": f"dropped: {r.problem}", "status": "dropped"}
+                 for r in plugins.rejected() if r.kind == kind]
         listing[kind] = sorted(rows, key=lambda row: (row["name"], row["status"] != "ok"))
     listing["plugin"] = [
         {"name": info.name, "provider": info.distribution or info.name, "version": info.version,

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Protocol
+from typing import Annotated, Callable, Literal, Protocol
 
+from rlgen.config import COUNT
 from rlgen.errors import RlgenError, show_value
 from rlgen.evaluation import diversity, metrics
 from rlgen.extension import check_options
@@ -47,7 +48,7 @@ def reward_stats(samples: list[dict], field: str = "reward") -> dict[str, float 
     return {key: float(value) for key, value in stats.items()}
 
 
-def pass_at_k(samples: list[dict], k: int = 1, field: str = "reward") -> dict[str, float | None]:
+def pass_at_k(samples: list[dict], k: Annotated[int, COUNT] = 1, field: str = "reward") -> dict[str, float | None]:
     """Unbiased pass@k per prompt (samples grouped by `prompt`; a sample is correct when `field` is 1),
     averaged over prompts. Every prompt needs at least k samples."""
     problems: dict[str, list[int]] = {}
@@ -74,22 +75,26 @@ def _diversity(name: str, fn: Callable[[list[str]], float | None], samples: list
     return {name: grouped["mean"], "groups": float(grouped["groups"])}
 
 
-def distinct_n(samples: list[dict], n: int = 1, unit: str = "word", by_prompt: bool = False) -> dict:
+# Annotated bounds and Literal units let check_metric refuse bad options (naming them) before any sample is read.
+Unit = Literal["word", "char"]
+
+
+def distinct_n(samples: list[dict], n: Annotated[int, COUNT] = 1, unit: Unit = "word", by_prompt: bool = False) -> dict:
     """Distinct-n of the completions (all together, or the mean over prompts with `by_prompt`)."""
     return _diversity("distinct-n", lambda texts: diversity.distinct_n(texts, n, unit), samples, by_prompt)
 
 
-def self_bleu(samples: list[dict], max_n: int = 4, unit: str = "word", by_prompt: bool = False) -> dict:
+def self_bleu(samples: list[dict], max_n: Annotated[int, COUNT] = 4, unit: Unit = "word", by_prompt: bool = False) -> dict:
     """Texygen's Self-BLEU of the completions (higher = less diverse)."""
     return _diversity("self-bleu", lambda texts: diversity.self_bleu(texts, max_n, unit), samples, by_prompt)
 
 
-def ngram_overlap(samples: list[dict], max_n: int = 4, unit: str = "word", by_prompt: bool = False) -> dict:
+def ngram_overlap(samples: list[dict], max_n: Annotated[int, COUNT] = 4, unit: Unit = "word", by_prompt: bool = False) -> dict:
     """Clipped n-gram overlap of the completions (higher = less diverse)."""
     return _diversity("ngram-overlap", lambda texts: diversity.ngram_overlap(texts, max_n, unit), samples, by_prompt)
 
 
-def vendi(samples: list[dict], n: int = 2, q: float = 1.0, unit: str = "word", by_prompt: bool = False) -> dict:
+def vendi(samples: list[dict], n: Annotated[int, COUNT] = 2, q: float = 1.0, unit: Unit = "word", by_prompt: bool = False) -> dict:
     """Vendi score of the completions under n-gram cosine similarity (deterministic: no embedding model)."""
     def score(texts):
         return diversity.vendi_ngram(texts, n, q, unit) if texts else None
@@ -134,7 +139,13 @@ def run_metric(name: str, samples: list[dict], **options) -> dict[str, float | N
     """Run the registered metric `name` on scored samples; options are checked against its signature and
     the result against the contract (one RlgenError line naming the metric otherwise)."""
     fn = check_metric(name, options)
-    result = fn(list(samples), **options)
+    try:
+        result = fn(list(samples), **options)
+    except RlgenError:
+        raise  # already one line naming what is wrong (a record's field ...)
+    except Exception as exc:  # noqa: BLE001 - the metric's own code (a plugin's, or a value no check caught)
+        message = " ".join(str(exc).split())[:300]
+        raise RlgenError(f"metric '{name}' failed: {type(exc).__name__}" + (f": {message}" if message else "")) from None
     if not isinstance(result, dict):
         raise RlgenError(f"metric '{name}' returned {type(result).__name__}, expected a dict of name -> number")
     out: dict[str, float | None] = {}

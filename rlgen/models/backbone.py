@@ -159,9 +159,13 @@ def claiming_backbone(name_or_path: str) -> Backbone | None:
     return next((backbone for backbone in backbones() if backbone.claims(path)), None)
 
 
-def backbone_for(name_or_path: str) -> Backbone:
+def backbone_for(name_or_path: str | Path) -> Backbone:
     """The backbone of a --model value (a built-in name or a directory); anything no backbone claims is one
     RlgenError line listing the kinds that were asked."""
+    if isinstance(name_or_path, Path):
+        name_or_path = str(name_or_path)
+    if name_or_path is not None and not isinstance(name_or_path, str):
+        raise RlgenError(f"model = {show_value(name_or_path)}: expected a built-in model name or a model directory")
     if not name_or_path:
         raise RlgenError("no model given: name a built-in model or a model directory")
     backbone = claiming_backbone(name_or_path)
