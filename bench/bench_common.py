@@ -114,9 +114,14 @@ def count_params(model_path) -> int:
 def prepare_run(args, vocab_prefix: str):
     """Warnings off, torch threads set, the model resolved (and its vocabulary padded when asked).
 
+    `args.device` becomes a torch.device (CUDA asked for where there is none: one line, exit 2) and an unset
+    `args.schedule` interleave on the CPU, blocks on CUDA.
     Returns (threads, model_path, keep): `keep` holds the padded copy's temporary directory (or None);
     the caller keeps it alive for as long as it uses model_path."""
     warnings.filterwarnings("ignore")
+    args.device = resolve_bench_device(args.device)
+    if args.schedule is None:  # on a GPU the sides run in blocks, so that each has its own peak memory
+        args.schedule = "blocks" if args.device.type == "cuda" else "interleave"
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -155,6 +160,49 @@ def new_parser(doc: str):
     return argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def add_device_arg(p) -> None:
+    p.add_argument("--device", default="cpu", metavar="auto|cpu|cuda|cuda:N",
+                   help="where both sides run (default: cpu; auto = CUDA when available)")
+
+
+def resolve_bench_device(spec: str) -> torch.device:
+    """--device as a torch.device; CUDA asked for where there is none (or not that one): one line, exit 2."""
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    index = spec[len("cuda:"):] if spec.startswith("cuda:") else ("0" if spec == "cuda" else None)
+    if index is None or not index.isdigit():
+        print(f"error: --device must be auto, cpu, cuda or cuda:N, got {spec!r}", file=sys.stderr)
+        sys.exit(2)
+    if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+        print(f"error: --device {spec}: no such CUDA device here (torch {torch.__version__}, "
+              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} visible)", file=sys.stderr)
+        sys.exit(2)
+    return torch.device(f"cuda:{index}")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall-clock time covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """CUDA's peak allocated memory since the last reset_peak_memory (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
 def add_model_args(p, gives: str) -> None:
     p.add_argument("--model", default="tiny-arith", help="built-in model name or HF model directory (default: tiny-arith)")
     p.add_argument("--task", default="arithmetic", help=f"rlgen task whose train split gives the {gives} (default: arithmetic)")
@@ -179,7 +227,8 @@ def add_pad_vocab_arg(p) -> None:
 
 
 def add_schedule_arg(p, help_: str) -> None:
-    p.add_argument("--schedule", choices=("interleave", "blocks"), default="interleave", help=help_)
+    p.add_argument("--schedule", choices=("interleave", "blocks"), default=None,
+                   help=help_ + " (default: interleave on the CPU; blocks on CUDA, so that each side has its own peak memory)")
 
 
 def add_profile_json_args(p, profile_help: str) -> None:
@@ -195,8 +244,9 @@ def require_positive(p, args, names) -> None:
 
 # --------------------------------------------------------------------------- rlgen
 
-def build_rlgen(algorithm: str, model_path, out_dir, sections: dict, *, steps: int, seed: int, kernels: str):
-    """An rlgen trainer for `algorithm` (not yet set up) on `model_path` in fp32, writing to `out_dir`, that
+def build_rlgen(algorithm: str, model_path, out_dir, sections: dict, *, steps: int, seed: int, kernels: str,
+                device: torch.device):
+    """An rlgen trainer for `algorithm` (not yet set up) on `model_path` in fp32 on `device`, writing to `out_dir`, that
     neither evaluates nor saves and leaves torch's thread count alone; `sections` gives the other config
     sections. Exactly these settings: the model's recommended ones (rlgen_defaults.toml) are left out."""
     from rlgen.api import build_trainer
@@ -212,6 +262,7 @@ def build_rlgen(algorithm: str, model_path, out_dir, sections: dict, *, steps: i
             "save_every": 0,
             "threads": 0,  # leave torch's thread count as this script set it
             "kernels": kernels,
+            "device": str(device),
         },
     }
     return build_trainer(algorithm, config, model_defaults=False)
@@ -276,8 +327,9 @@ def profile_step(step, top: int) -> str:
 
 # --------------------------------------------------------------------------- TRL
 
-def trl_step_timer(other_step=None):
-    """A TrainerCallback that times each TRL step from on_step_begin to on_step_end (`.durations`).
+def trl_step_timer(device: torch.device, other_step=None):
+    """A TrainerCallback that times each TRL step from on_step_begin to on_step_end (`.durations`), the
+    device's queued work included.
 
     `other_step(k)`, when given, is called between TRL's steps (outside TRL's timed window): before
     TRL's step k for odd k and after it for even k, so that the two sides alternate who goes first."""
@@ -292,9 +344,11 @@ def trl_step_timer(other_step=None):
             k = len(self.durations)
             if other_step is not None and k % 2 == 1:
                 other_step(k)
+            synchronize(device)
             self.begin = time.perf_counter()
 
         def on_step_end(self, args_, state, control, **kw):
+            synchronize(device)
             self.durations.append(time.perf_counter() - self.begin)
             k = len(self.durations) - 1
             if other_step is not None and k % 2 == 0:
@@ -305,14 +359,15 @@ def trl_step_timer(other_step=None):
 
 def trl_common_config(args, max_steps: int) -> dict:
     """TRL config arguments both benchmarks share: the learning rate and a constant schedule, the step
-    count and seed, fp32 on CPU without gradient checkpointing, and no side work in the timed loop."""
+    count and seed, fp32 on `args.device` (a CUDA device: TRL's accelerate takes the current one) without
+    gradient checkpointing, and no side work in the timed loop."""
     return dict(
         learning_rate=args.lr,  # (TRL's default 1e-6)
         lr_scheduler_type="constant",  # default linear decay; rlgen's default is constant
         max_steps=max_steps,
         seed=args.seed,
-        # --- fp32 on CPU, like rlgen ---
-        use_cpu=True,
+        # --- fp32 on the same device as rlgen ---
+        use_cpu=args.device.type == "cpu",
         bf16=False,  # TRL defaults bf16=True
         fp16=False,
         gradient_checkpointing=False,  # TRL defaults it to True (recomputes activations: slower)
@@ -322,7 +377,7 @@ def trl_common_config(args, max_steps: int) -> dict:
         save_strategy="no",
         disable_tqdm=True,
         dataloader_num_workers=0,  # (default 0) no worker processes
-        dataloader_pin_memory=False,  # nothing to pin on CPU
+        dataloader_pin_memory=False,  # rlgen's batches are not pinned either
     )
 
 
@@ -354,26 +409,53 @@ def run_sides(args, sides: list[str], r: int, threads: int, announce, new_rlgen,
     steps (run_trl(other_step=...)); otherwise each side runs all its steps in turn, in alternating order
     from one repeat to the next, rlgen by run_rlgen(last) (default: run_side on new_rlgen()).
     announce(side) gives the progress line for stderr (side None: interleaved). Only the last repeat's
-    rlgen side may profile."""
+    rlgen side may profile. On CUDA each output has `peak_mib`, the side's peak allocated memory (both
+    sides' together when interleaved: `peak_shared`)."""
     total = args.warmup + args.steps
     last = r == args.repeats - 1
     outs = {}
     if args.schedule == "interleave" and len(sides) == 2:
         print(announce(None), file=sys.stderr)
+        reset_peak_memory(args.device)
         rl = new_rlgen()
         outs["trl"] = run_trl(other_step=rl.step)
         if rl.done != total:
             raise RuntimeError(f"interleaving ran {rl.done} rlgen steps, expected {total}")
         outs["rlgen"] = rl.close(profile=last)
+        peak = peak_memory_mib(args.device)
+        for out in outs.values():
+            out.update(peak_mib=peak, peak_shared=True)
     else:
         for side in (sides if r % 2 == 0 else list(reversed(sides))):
             print(announce(side), file=sys.stderr)
             torch.set_num_threads(threads)
+            gc.collect()
+            reset_peak_memory(args.device)
             if side == "rlgen":
                 outs["rlgen"] = run_rlgen(last) if run_rlgen else run_side(new_rlgen(), last)
             else:
                 outs["trl"] = run_trl()
+            outs[side]["peak_mib"] = peak_memory_mib(args.device)
     return outs
+
+
+def note_peaks(peaks: dict, outs: dict) -> None:
+    """The largest `peak_mib` of each side over the repeats so far, into `peaks` (side -> MiB or None)."""
+    for side, out in outs.items():
+        value = out.get("peak_mib")
+        if value is not None:
+            peaks[side] = max(value, peaks.get(side) or 0.0)
+        else:
+            peaks.setdefault(side, None)
+
+
+def peak_text(result: dict) -> str:
+    """The table line on peak memory (CUDA only; empty on the CPU)."""
+    peaks = {side: mib for side, mib in result.get("peak_mib", {}).items() if mib is not None}
+    if not peaks:
+        return ""
+    shared = " (both sides together: interleaved)" if result["config"].get("schedule") == "interleave" else ""
+    return "peak CUDA memory allocated, MiB" + shared + ": " + ", ".join(f"{side} {mib:.0f}" for side, mib in peaks.items())
 
 
 def check_threads(threads: int) -> None:
@@ -395,7 +477,7 @@ def model_config(args, model_path, n_params: int) -> dict:
 def make_result(args, config: dict, threads: int, load_before, wall: float, have_trl: bool, **rest) -> dict:
     """A benchmark's JSON record: its config (+ dtype and seed), machine and versions, then `rest`."""
     return {
-        "config": {**config, "dtype": "float32", "seed": args.seed},
+        "config": {**config, "dtype": "float32", "device": str(args.device), "seed": args.seed},
         "machine": machine_info(threads, load_before, wall),
         "versions": versions_info(have_trl),
         **rest,

@@ -41,6 +41,9 @@ Memory, all measured in the worker's first repeat:
   peak tensor       peak of allocated CPU tensor memory during that extra step, above the level at its
                     start, from the memory events of `torch.profiler` (profile_memory=True): activations,
                     the activations recomputed in backward under checkpointing, gradients, temporaries.
+                    With --device cuda: the peak of allocated CUDA memory over that step above its start
+                    (torch.cuda.max_memory_allocated), and a "peak CUDA MiB" column: the peak over the first
+                    repeat's warm-up + timed steps, weights included.
 
     python bench/diffusion_step.py                                  # built-in tiny-digits / tiny-digits-flow
     python bench/diffusion_step.py --model /tmp/init/tiny-digits --flow-model /tmp/init/tiny-digits-flow
@@ -311,7 +314,8 @@ def profiler_peak_bytes(prof) -> int | None:
 
 # --------------------------------------------------------------------------- image pairs for diffusion-dpo
 
-def make_image_pairs(model_path: str, reward: str, out_dir: str, images_per_prompt: int, num_steps: int, seed: int) -> dict:
+def make_image_pairs(model_path: str, reward: str, out_dir: str, images_per_prompt: int, num_steps: int, seed: int,
+                     device: str) -> dict:
     """Sample `images_per_prompt` images for each of the digits task's training prompts from the model
     (deterministic DDIM), score them with `reward`, pair the best and the worst of each prompt; PNGs and
     pairs.jsonl (paths relative to it) in out_dir. Returns {"path", "pairs", "images", "seconds"}."""
@@ -320,11 +324,11 @@ def make_image_pairs(model_path: str, reward: str, out_dir: str, images_per_prom
     started = time.perf_counter()
     samples_path = os.path.join(out_dir, "samples.jsonl")
     samples = rlgen.sample(model_path, task="digits", split="train", n=images_per_prompt, num_steps=num_steps,
-                           eta=0.0, seed=seed, out=samples_path, image_dir=os.path.join(out_dir, "img"))
+                           eta=0.0, seed=seed, out=samples_path, image_dir=os.path.join(out_dir, "img"), device=device)
     with open(samples_path, "w") as fh:
         for sample in samples:
             fh.write(json.dumps(sample) + "\n")
-    pairs = rlgen.pairs(rlgen.score(samples_path, [reward]), mode="best-worst", field="reward", source=samples_path,
+    pairs = rlgen.pairs(rlgen.score(samples_path, [reward], device=device), mode="best-worst", field="reward", source=samples_path,
                         out=os.path.join(out_dir, "pairs.jsonl"))
     if not pairs:
         raise RuntimeError(f"no image pairs: every prompt's {images_per_prompt} images got the same '{reward}' score")
@@ -342,7 +346,7 @@ def build_trainer(job: dict, run_dir: str):
     import rlgen
 
     flags = {"model.path": job["model"], "run.out": run_dir, "run.steps": 10**6, "run.seed": job["seed"],
-             "rewards": [job["reward"]], "data.path": job.get("data_path")}
+             "rewards": [job["reward"]], "data.path": job.get("data_path"), "run.device": job["device"]}
     return rlgen.build_trainer(job["algorithm"], None, sets=job["sets"], **flags)
 
 
@@ -377,22 +381,32 @@ def run_one_step(trainer) -> tuple[float, dict]:
     trainer.step += 1  # as Trainer.fit does before each train_step
     started = time.perf_counter()
     metrics = trainer.train_step()
+    common.synchronize(trainer.device)
     return time.perf_counter() - started, metrics
 
 
 def instrumented_step(trainer) -> dict:
-    """One more step under the saved-tensor meter and the profiler's memory events."""
+    """One more step under the saved-tensor meter and the profiler's memory events (on CUDA: the peak of
+    allocated CUDA memory above the level at the step's start instead of the profiler's CPU events)."""
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect()
     meter = SavedTensorMeter(module_storage_ptrs())
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    if trainer.device.type == "cuda":
+        common.reset_peak_memory(trainer.device)
+        start = torch.cuda.memory_allocated(trainer.device)
         with meter.hooks():
             seconds, _ = run_one_step(trainer)
+        peak = torch.cuda.max_memory_allocated(trainer.device) - start
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with meter.hooks():
+                seconds, _ = run_one_step(trainer)
+        peak = profiler_peak_bytes(prof)
     gc.collect()
     return {"saved_bytes": meter.peak, "saved_tensors": meter.packed, "saved_left_after_step": meter.current,
             "saved_param_refs": meter.param_refs, "saved_param_bytes": meter.param_bytes,
-            "peak_tensor_bytes": profiler_peak_bytes(prof), "instrumented_step_s": seconds}
+            "peak_tensor_bytes": peak, "instrumented_step_s": seconds}
 
 
 def worker(job: dict) -> dict:
@@ -409,7 +423,7 @@ def worker(job: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="rlgen-diffusion-bench-") as tmp:
         if job["algorithm"] == "diffusion-dpo":
             out["pairs"] = make_image_pairs(job["model"], job["reward"], os.path.join(tmp, "pairs"), job["pair_images"],
-                                            job["pair_steps"], job["seed"])
+                                            job["pair_steps"], job["seed"], job["device"])
             job = {**job, "data_path": out["pairs"]["path"]}
         steps, per_repeat, setup_s = [], [], []
         for r in range(job["repeats"]):
@@ -423,6 +437,7 @@ def worker(job: dict) -> dict:
                 out["settings"] = settings_of(trainer, job["algorithm"])
                 out["images_per_step"] = n_images
                 rss = RssProbe()
+                common.reset_peak_memory(trainer.device)
             mine = []
             for k in range(job["warmup"] + job["steps"]):
                 if r == 0 and k == job["warmup"]:
@@ -435,6 +450,7 @@ def worker(job: dict) -> dict:
             per_repeat.append(median([s["seconds"] for s in mine]))
             if r == 0:
                 out.update(rss.finish())
+                out["cuda_peak_mib"] = common.peak_memory_mib(trainer.device)  # warm-up + timed steps, weights included
                 out.update(instrumented_step(trainer))
             del trainer
         out.update(steps=steps, per_repeat_step_s=per_repeat, setup_s=setup_s)
@@ -487,6 +503,7 @@ def parse_args(argv=None):
                    help="torch.set_num_threads in every worker (default: 1; 0 = torch's default). These steps are "
                         "thousands of tiny ops: with 2 threads on 2 busy cores one step took 15.6 s instead of 0.18 s")
     p.add_argument("--seed", type=int, default=0)
+    common.add_device_arg(p)
     p.add_argument("--prompts", type=int, default=2, help="prompts per step (default: 2; the trainers' default is 8)")
     p.add_argument("--images-per-prompt", type=int, default=4,
                    help="images per prompt (default: 4; ddpo / flow-grpo default to 8, reward-backprop to 4)")
@@ -586,13 +603,14 @@ def print_table(result: dict) -> None:
     models = ([c["model"]] if names - {"flow-grpo"} else []) + ([c["flow_model"]] if "flow-grpo" in names else [])
     dpo = f" (diffusion-dpo: {c['dpo_pairs']} pairs)" if "diffusion-dpo" in names else ""
     print(f"Diffusion training step: {c['prompts']} prompts x {c['images_per_prompt']} images per step{dpo}, "
-          f"reward {c['reward']}, fp32 CPU, {m['torch_threads_workers']} torch thread(s) per worker; "
+          f"reward {c['reward']}, fp32 {c['device']}, {m['torch_threads_workers']} torch thread(s) per worker; "
           f"model{'s' if len(models) > 1 else ''} {' / '.join(models)}")
     print(f"{c['steps']} timed steps after {c['warmup']} warm-up, x{c['repeats']} repeats (fresh trainers, one worker per "
           f"row); medians. {common.load_text(result)}")
     print()
+    cuda = c["device"].startswith("cuda")
     header = ("| algorithm | T | images/step | sec/step (median) | images/s | saved-for-backward MiB | peak tensor MiB "
-              "| peak RSS delta MiB | step RSS delta MiB |")
+              "| peak RSS delta MiB | step RSS delta MiB |" + (" peak CUDA MiB |" if cuda else ""))
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in result["results"]:
@@ -602,7 +620,8 @@ def print_table(result: dict) -> None:
         t = r["settings"].get("num_steps", "-")
         print(f"| {r['name']} | {t} | {r['images_per_step']} | {fmt(r['step_s'], '.3f')} | {fmt(r['images_per_s'], '.1f')} | "
               f"{fmt(mib(r['saved_bytes']), '.2f')} | {fmt(mib(r['peak_tensor_bytes']), '.2f')} | "
-              f"{fmt(mib(r['peak_rss_delta_bytes']), '.1f')} | {fmt(mib(r['step_peak_rss_delta_bytes']), '.1f')} |")
+              f"{fmt(mib(r['peak_rss_delta_bytes']), '.1f')} | {fmt(mib(r['step_peak_rss_delta_bytes']), '.1f')} |"
+              + (f" {fmt(r.get('cuda_peak_mib'), '.1f')} |" if cuda else ""))
     rows = result.get("checkpointing") or []
     if rows:
         print()
@@ -643,6 +662,7 @@ def main(argv=None) -> dict:
             json.dump(out, fh, default=str)
         return out
 
+    device = common.resolve_bench_device(args.device)
     needs_ddim = any(a in args.only for a in ("ddpo", "reward-backprop", "diffusion-dpo"))
     model = resolve_pipeline(args.model, "--model") if needs_ddim else args.model
     flow_model = resolve_pipeline(args.flow_model, "--flow-model") if "flow-grpo" in args.only else args.flow_model
@@ -656,7 +676,8 @@ def main(argv=None) -> dict:
         jobs.append({**spec, "model": flow_model if spec["family"] == "flow" else model, "reward": args.reward,
                      "sets": config_sets(args, spec, num_steps if spec.get("backprop_steps") or args.num_steps else None),
                      "seed": args.seed, "threads": args.threads, "warmup": args.warmup, "steps": args.steps,
-                     "repeats": args.repeats, "pair_images": args.pair_images, "pair_steps": num_steps or 10})
+                     "repeats": args.repeats, "pair_images": args.pair_images, "pair_steps": num_steps or 10,
+                     "device": str(device)})
     wall = time.perf_counter()
     results = []
     for n, job in enumerate(jobs, 1):
@@ -672,7 +693,7 @@ def main(argv=None) -> dict:
                    "reward": args.reward, "prompts": args.prompts, "images_per_prompt": args.images_per_prompt,
                    "num_steps": num_steps, "kl_beta": args.kl_beta, "dpo_pairs": args.dpo_pairs,
                    "pair_images": args.pair_images, "backprop_k": args.backprop_k, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                   "seed": args.seed, "dtype": "float32", "only": args.only},
+                   "seed": args.seed, "dtype": "float32", "device": str(device), "only": args.only},
         "machine": {**common.machine_info(threads, load_before, wall), "torch_threads_workers": threads},
         "versions": versions(),
         "results": results,

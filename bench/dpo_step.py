@@ -4,9 +4,11 @@
 Both sides run in the same process on the same model, the same kind of preference pairs (made
 deterministically from rlgen's built-in `arithmetic` task: the prompt, the correct sum as `chosen`, a
 wrong sum as `rejected`), the same batch (B pairs = 2B sequences per optimiser step), the sigmoid DPO
-loss with the same beta, AdamW with the same learning rate, gradient clipping at 1.0, fp32 on CPU, no
-gradient checkpointing, the same number of torch threads, and a frozen copy of the initial model as
-the reference.
+loss with the same beta, AdamW with the same learning rate, gradient clipping at 1.0, fp32 on the same
+device (`--device`, default cpu), no gradient checkpointing, the same number of torch threads, and a
+frozen copy of the initial model as the reference. On CUDA every step is timed up to
+torch.cuda.synchronize(), the sides run in blocks by default, and each side's peak allocated memory
+(torch.cuda.max_memory_allocated, reset before each side, configuration and repeat) is printed.
 
 Two configurations are timed, side by side:
 
@@ -124,7 +126,8 @@ def build_rlgen_trainer(args, model_path, pairs_path: str, out_dir: str, precomp
         "optim": {"lr": args.lr, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "lr_scheduler": "constant"},
     }
     return common.build_rlgen("dpo", model_path, out_dir, sections,
-                              steps=args.warmup + args.steps + 2, seed=args.seed, kernels=args.kernels)
+                              steps=args.warmup + args.steps + 2, seed=args.seed, kernels=args.kernels,
+                              device=args.device)
 
 
 class RlgenSide(common.SteppedSide):
@@ -170,6 +173,7 @@ class RlgenSide(common.SteppedSide):
         self.trainer.step += 1
         started = time.perf_counter()
         metrics = self.trainer.train_step()
+        common.synchronize(self.trainer.device)
         seconds = time.perf_counter() - started
         return {"seconds": seconds, "pairs": int(metrics["pairs"]), "loss": metrics["loss"], "ref_rows": self.ref_rows,
                 "ref_s": self.ref_s, "data_s": self.encode_s}
@@ -257,7 +261,7 @@ def run_trl(args, model_path, pairs: list[dict], precompute: bool, other_step=No
     (forward, reference forward unless precomputed, loss, backward, clipping, optimiser step, zero_grad);
     `other_step` interleaves the rlgen side (see bench_common.trl_step_timer)."""
     total = args.warmup + args.steps
-    timer = common.trl_step_timer(other_step)
+    timer = common.trl_step_timer(args.device, other_step)
     with tempfile.TemporaryDirectory(prefix="trl-dpo-bench-") as tmp:
         started = time.perf_counter()
         trainer, settings = build_trl_trainer(args, model_path, pairs, precompute, args.batch_size, total, tmp, [timer])
@@ -310,7 +314,7 @@ def check_same_work(args, model_path, pairs: list[dict]) -> dict:
             trainer, _ = build_trl_trainer(args, model_path, batch_pairs, False, B, 1, os.path.join(tmp, "trl"))
             model = trainer.model
             model.train()
-            batch = trainer.data_collator([trainer.train_dataset[i] for i in range(B)])
+            batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(B)]))
             loss = trainer.compute_loss(model, batch)
             loss.backward()
             named = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -391,6 +395,7 @@ def parse_args(argv=None):
                          "whole measurements (default: 2)", "learning rate for both (default: 1e-6, TRL's DPO default)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta for both (default: 0.1)")
     common.add_seed_threads_only(p)
+    common.add_device_arg(p)
     p.add_argument("--config", choices=("both", *CONFIGS), default="both",
                    help="which reference configuration(s) to time (default: both)")
     common.add_pad_vocab_arg(p)
@@ -418,7 +423,7 @@ def print_table(result: dict) -> None:
     print(f"DPO step: B={c['batch_size']} pairs ({2 * c['batch_size']} sequences), sigmoid loss, beta={c['beta']}, "
           f"model {c['model']} ({c['model_params']:,} params), {c['tokens_per_pair']} tokens per pair "
           f"(prompt {c['prompt_tokens']} + chosen {c['chosen_tokens']:.1f} + rejected {c['rejected_tokens']:.1f}, "
-          f"mean), fp32 CPU, {m['torch_threads']} torch threads")
+          f"mean), fp32 {c['device']}, {m['torch_threads']} torch threads")
     print(common.timing_line(result) + f"{c['pairs']} pairs in the data set. " + common.load_text(result))
     common.print_header(f"{'configuration':16} {'rlgen pairs/s':>13} {'TRL pairs/s':>11} {'rlgen/TRL':>9}   "
                  f"{'rlgen step s':>12} {'TRL step s':>10} {'ref rows/step':>13} {'precompute s':>13}")
@@ -431,6 +436,10 @@ def print_table(result: dict) -> None:
         print(f"{name:16} {fmt(rl and rl['pairs_per_s']):>13} {fmt(trl and trl['pairs_per_s']):>11} "
               f"{(f'x{ratio:.2f}' if ratio else '-'):>9}   {fmt(rl and rl['step_s'], '.3f'):>12} "
               f"{fmt(trl and trl['step_s'], '.3f'):>10} {rows:>13} {pre_text:>13}")
+    for name, res in result["results"].items():
+        text = common.peak_text({"config": c, "peak_mib": res.get("peak_mib", {})})
+        if text:
+            print(f"{name}: {text}")
     print("rlgen/TRL = rlgen pairs/s / TRL pairs/s (> 1: rlgen faster). ref rows/step: reference-model rows scored in "
           "each timed step (rlgen min / TRL); precompute s: rlgen / TRL, not in the step time.")
     for name, res in result["results"].items():
@@ -483,6 +492,7 @@ def main(argv=None) -> dict:
     per_repeat = {name: {s: [] for s in sides} for name in configs}
     precompute = {name: {s: [] for s in sides} for name in configs}
     extra: dict = {"profiles": {}}
+    peaks: dict[str, dict] = {name: {} for name in configs}
     wall = time.perf_counter()
     for r in range(args.repeats):
         for name in (configs if r % 2 == 0 else list(reversed(configs))):
@@ -498,6 +508,7 @@ def main(argv=None) -> dict:
                 run_trl=lambda other_step=None: run_trl(args, model_path, pairs, pre, other_step=other_step),
             )
             common.check_threads(threads)
+            common.note_peaks(peaks[name], outs)
             for side in sides:
                 out = outs[side]
                 if out.get("profile"):
@@ -515,6 +526,7 @@ def main(argv=None) -> dict:
         if "rlgen" in res and "trl" in res:
             res["ratio"] = res["rlgen"]["pairs_per_s"] / res["trl"]["pairs_per_s"]
         res["per_repeat"] = per_repeat[name]
+        res["peak_mib"] = peaks[name]
         res["precompute_s"] = {side: median(precompute[name][side]) for side in sides}
         res["precompute_s_per_repeat"] = precompute[name]
         results[name] = res

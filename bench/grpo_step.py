@@ -4,7 +4,10 @@
 Both sides run in the same process on the same model, the same prompts (rlgen's built-in
 `arithmetic` task), the same batch shape (P prompts x G completions, up to T new tokens), one
 optimiser step per rollout batch (num_iterations=1), no KL (beta=0), the same exact-match reward,
-the same learning rate and temperature, fp32 on CPU with the same number of torch threads.
+the same learning rate and temperature, fp32 on the same device (`--device`, default cpu) with the same
+number of torch threads. On CUDA every step is timed up to torch.cuda.synchronize(), the sides run in blocks
+by default, and each side's peak allocated memory (torch.cuda.max_memory_allocated, reset before each side
+and repeat) is printed under the table.
 
 Each side runs `--warmup` untimed steps, then `--steps` timed steps; medians are reported because
 machines are noisy. By default the two sides are interleaved step by step (one rlgen step between
@@ -78,7 +81,8 @@ def build_rlgen_trainer(args, model_path, out_dir, kernels_mode: str = "auto"):
         "rewards": [{"name": "exact-match"}],
     }
     trainer = common.build_rlgen("grpo", model_path, out_dir, sections,
-                                 steps=args.warmup + args.steps + 1, seed=args.seed, kernels=kernels_mode)
+                                 steps=args.warmup + args.steps + 1, seed=args.seed, kernels=kernels_mode,
+                                 device=args.device)
     trainer.setup()
     return trainer
 
@@ -88,6 +92,7 @@ def rlgen_one_step(trainer, n_completions: int) -> dict:
     trainer.bench_lengths = []
     started = time.perf_counter()
     metrics = trainer.train_step()
+    common.synchronize(trainer.device)
     seconds = time.perf_counter() - started
     lengths = [n for batch in trainer.bench_lengths for n in batch]
     if len(lengths) != n_completions:
@@ -194,7 +199,7 @@ def run_trl(args, model_path, records: list[dict], other_step=None) -> dict:
             temperature=1.0,  # (default 1.0)
             **common.trl_common_config(args, total_steps),
         )
-        timer = common.trl_step_timer(other_step)
+        timer = common.trl_step_timer(args.device, other_step)
         trainer = common.new_trl_trainer(TimedGRPOTrainer, model_path, config, reward_funcs=exact_match,
                                   train_dataset=dataset, callbacks=[timer])
         trainer.rollout_times = []
@@ -246,6 +251,7 @@ def parse_args(argv=None):
     common.add_step_args(p, "timed steps per side and repeat (default: 10)",
                   "whole measurements, alternating order (default: 2)", "learning rate for both (default: 1e-6)")
     common.add_seed_threads_only(p)
+    common.add_device_arg(p)
     common.add_pad_vocab_arg(p)
     p.add_argument("--kernels", choices=("auto", "reference", "compare"), default="auto",
                    help="rlgen's log-prob kernels: auto (native), reference (eager torch), or compare: time rlgen "
@@ -266,7 +272,7 @@ def print_table(result: dict) -> None:
     c = result["config"]
     m = result["machine"]
     print(f"GRPO step: P={c['prompts_per_step']} prompts x G={c['num_generations']} completions, "
-          f"T<={c['max_new_tokens']} new tokens, model {c['model']} ({c['model_params']:,} params), fp32 CPU, "
+          f"T<={c['max_new_tokens']} new tokens, model {c['model']} ({c['model_params']:,} params), fp32 {c['device']}, "
           f"{m['torch_threads']} torch threads")
     print(common.timing_line(result) + common.load_text(result))
     common.print_header(f"{'':15} {'step s':>8} {'compl/s':>9} {'tok/s':>9} {'tok/step':>9} {'len':>5} "
@@ -282,6 +288,8 @@ def print_table(result: dict) -> None:
     elif ratio:
         print(f"rlgen/TRL throughput ratio: completions/s x{ratio['completions_per_s']:.2f}, "
               f"tokens/s x{ratio['tokens_per_s']:.2f}  (> 1: rlgen faster)")
+    if common.peak_text(result):
+        print(common.peak_text(result))
     for name, per in result.get("per_repeat", {}).items():
         print(f"  {name} per-repeat median compl/s: " + ", ".join(fmt(x) for x in per))
 
@@ -300,6 +308,7 @@ def main(argv=None) -> dict:
     all_steps: dict[str, list] = {s: [] for s in sides}
     per_repeat: dict[str, list] = {s: [] for s in sides}
     extra: dict[str, dict] = {}
+    peaks: dict[str, float | None] = {}
     wall = time.perf_counter()
     for r in range(args.repeats):
         torch.set_num_threads(threads)
@@ -319,6 +328,7 @@ def main(argv=None) -> dict:
                 run_rlgen=lambda last: run_rlgen(args, model_path, last),
             )
         common.check_threads(threads)
+        common.note_peaks(peaks, outs)
         for side in sides:
             out = outs[side]
             if side == "rlgen" and out.get("profile"):
@@ -355,7 +365,7 @@ def main(argv=None) -> dict:
             "num_iterations": 1,
         },
         threads, load_before, wall, have_trl,
-        results=results, ratio=ratio, per_repeat=per_repeat, steps=all_steps,
+        results=results, ratio=ratio, per_repeat=per_repeat, steps=all_steps, peak_mib=peaks,
     )
     if "trl_generation" in extra:
         result["trl_generation"] = extra["trl_generation"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Time and size per-token log-probs + entropies: rlgen's kernels vs torch eager vs TRL.
+"""Time and size per-token log-probs + entropies: rlgen's kernels vs torch eager vs TRL (and Liger-Kernel on CUDA).
 
 Two cases, each at every vocabulary size V of `--sizes` (default 32000 and 151936), N tokens
 (default 8192), fp32 on CPU:
@@ -21,6 +21,17 @@ Two cases, each at every vocabulary size V of `--sizes` (default 32000 and 15193
     rlgen               rlgen.kernels.linear_token_logprobs(hidden, weight, targets) (never builds
                         the [N, V] logits).
     torch eager         logits = hidden @ weight.T, then the torch eager code above.
+
+On CUDA (`--device cuda` / `cuda:N`; default cpu) every tensor lives on the GPU, rlgen dispatches to its
+CUDA kernels, each timed region ends with torch.cuda.synchronize(), and the peak extra memory is
+torch.cuda.max_memory_allocated above the allocated memory at the start of the memory run (reset there),
+instead of RSS. When `liger_kernel` is importable (its kernels are Triton, so on CUDA only), two more rows:
+    liger (token)       logprobs = -LigerCrossEntropyLoss(reduction="none")(logits, targets): log-probs
+                        only, Liger computes no entropy (its time is the lower bound of what a trainer
+                        needs; its results are checked against torch eager's log-probs and gradients).
+    liger (linear)      logprobs = -LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden,
+                        targets), the same without the [N, V] logits.
+The read-bandwidth probe then sums a buffer in GPU memory with torch.sum (rlgen._native.read_sum is CPU code).
 
 Why [N/S, S, V] and not [N, V]: TRL's selective_log_softmax loops in Python over the first
 dimension (its trainers pass [batch, completion_length, V]); with a flat [N, V] it would loop over
@@ -78,8 +89,8 @@ import time
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 GB = 1e9
 MIB = 2**20
-TOKEN_IMPLS = ("rlgen", "rlgen (no inplace)", "torch eager", "trl")
-LINEAR_IMPLS = ("rlgen", "torch eager")
+TOKEN_IMPLS = ("rlgen", "rlgen (no inplace)", "torch eager", "trl", "liger")
+LINEAR_IMPLS = ("rlgen", "torch eager", "liger")
 TARGETS = {  # from the issue
     "token_vs_eager": 3.0,  # fwd+bwd speed-up over torch eager, at least
     "token_vs_trl": 1.5,  # fwd+bwd speed-up over TRL, at least
@@ -175,6 +186,24 @@ def trl_logprobs(logits, targets):
     return logprobs, entropy
 
 
+def liger_logprobs(logits, targets):
+    """Liger-Kernel's cross-entropy per token, negated: log-probs only (Liger has no entropy); zero entropy
+    stands in for it, and the result check leaves entropy out."""
+    import torch
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    loss = LigerCrossEntropyLoss(reduction="none")(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return -loss.view(targets.shape), torch.zeros(targets.shape, device=logits.device)
+
+
+def liger_linear_logprobs(hidden, weight, targets):
+    import torch
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="none")(weight, hidden, targets)
+    return -loss, torch.zeros(targets.shape, device=hidden.device)
+
+
 def rlgen_logprobs(inplace: bool):
     from rlgen import kernels
 
@@ -194,6 +223,8 @@ def token_impl(name: str):
         return eager_logprobs, False
     if name == "trl":
         return trl_logprobs, False
+    if name == "liger":
+        return liger_logprobs, False
     raise ValueError(name)
 
 
@@ -205,6 +236,8 @@ def linear_impl(name: str):
         return lambda hidden, weight, targets: kernels.linear_token_logprobs(hidden, weight, targets)
     if name == "torch eager":
         return lambda hidden, weight, targets: eager_logprobs(hidden @ weight.t(), targets)
+    if name == "liger":
+        return liger_linear_logprobs
     raise ValueError(name)
 
 
@@ -223,14 +256,48 @@ def reset_peak_rss() -> None:
         fh.write("5")
 
 
-def timed(fn):
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    """(fn(), seconds), the device's queued work included."""
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
+    synchronize(device)
     return out, time.perf_counter() - start
 
 
-def measure(fwd, fwd_bwd, refill, fingerprint, repeats: int, warmup: int, label: str, read=None) -> dict:
-    """Warm-up, then the memory run (peak RSS of one forward + backward), then the timed repeats.
+class PeakProbe:
+    """The memory run's peak above its start: RSS (VmHWM, reset) on the CPU, allocated memory on CUDA."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = device
+        if device.type == "cuda":
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline = torch.cuda.memory_allocated(device)
+        else:
+            reset_peak_rss()
+            self.baseline = rss_now()
+
+    def peak(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device)
+        return rss_peak()
+
+
+def measure(fwd, fwd_bwd, refill, fingerprint, repeats: int, warmup: int, label: str, device, read=None) -> dict:
+    """Warm-up, then the memory run (peak memory of one forward + backward), then the timed repeats.
 
     fwd() / fwd_bwd() return their result tensors; refill() restores inputs a backward may have
     overwritten (outside every timed region); fingerprint(result) summarises a fwd_bwd result;
@@ -239,10 +306,10 @@ def measure(fwd, fwd_bwd, refill, fingerprint, repeats: int, warmup: int, label:
         out = fwd_bwd()
         del out
         refill()
-    reset_peak_rss()
-    baseline = rss_now()
-    out, mem_run_s = timed(fwd_bwd)
-    peak = rss_peak()  # the outputs are still alive here, so they count
+    probe = PeakProbe(device)
+    baseline = probe.baseline
+    out, mem_run_s = timed(fwd_bwd, device)
+    peak = probe.peak()  # the outputs are still alive here, so they count
     check = fingerprint(out)
     del out
     refill()
@@ -250,10 +317,10 @@ def measure(fwd, fwd_bwd, refill, fingerprint, repeats: int, warmup: int, label:
     fwd_s, fwd_bwd_s, read_s = [], [], []
     for r in range(repeats):
         if read is not None:
-            read_s.append(timed(read)[1])
-        out, t_fwd = timed(fwd)
+            read_s.append(timed(read, device)[1])
+        out, t_fwd = timed(fwd, device)
         del out
-        out, t_all = timed(fwd_bwd)
+        out, t_all = timed(fwd_bwd, device)
         del out
         refill()
         fwd_s.append(t_fwd)
@@ -261,6 +328,7 @@ def measure(fwd, fwd_bwd, refill, fingerprint, repeats: int, warmup: int, label:
         probe = f" (reading the logits alone: {read_s[-1]:.3f} s)" if read_s else ""
         log(f"  {label}: repeat {r + 1}/{repeats}: forward {t_fwd:.3f} s{probe}, forward+backward {t_all:.3f} s")
     return {
+        "memory": "cuda allocated" if device.type == "cuda" else "rss",
         "baseline_rss": baseline,
         "peak_rss": peak,
         "extra_bytes": peak - baseline,
@@ -272,12 +340,14 @@ def measure(fwd, fwd_bwd, refill, fingerprint, repeats: int, warmup: int, label:
     }
 
 
-def rows_fingerprint(logprobs, entropy, grads) -> dict:
+def rows_fingerprint(logprobs, entropy, grads, with_entropy: bool = True) -> dict:
     """Float64 sums of logprobs and entropies and the norm of each gradient's first 16 rows."""
     import torch
 
     logprobs, entropy = logprobs.detach(), entropy.detach()
-    out = {"logprob_sum": float(logprobs.double().sum()), "entropy_sum": float(entropy.double().sum())}
+    out = {"logprob_sum": float(logprobs.double().sum())}
+    if with_entropy:
+        out["entropy_sum"] = float(entropy.double().sum())
     for k, g in enumerate(grads):
         rows = g.detach().reshape(-1, g.shape[-1])[:16]
         out[f"grad{k}_norm"] = float(torch.linalg.vector_norm(rows.double()))
@@ -287,10 +357,11 @@ def rows_fingerprint(logprobs, entropy, grads) -> dict:
 def token_worker(spec: dict) -> dict:
     import torch
 
+    device = torch.device(spec["device"])
     n, v, seq = spec["n"], spec["v"], spec["seq_len"]
     shape = (n // seq, seq, v) if seq else (n, v)
-    gen = torch.Generator().manual_seed(spec["seed"])
-    logits = torch.empty(shape).requires_grad_()
+    gen = torch.Generator(device=device).manual_seed(spec["seed"])
+    logits = torch.empty(shape, device=device).requires_grad_()
 
     def fill():
         gen.manual_seed(spec["seed"])
@@ -298,7 +369,8 @@ def token_worker(spec: dict) -> dict:
             logits.normal_(0.0, 2.0, generator=gen)
 
     fill()
-    targets = torch.randint(0, v, shape[:-1], generator=torch.Generator().manual_seed(spec["seed"] + 1))
+    targets = torch.randint(0, v, shape[:-1], generator=torch.Generator(device=device).manual_seed(spec["seed"] + 1),
+                            device=device)
     fn, overwrites = token_impl(spec["impl"])
 
     def fwd():
@@ -315,22 +387,24 @@ def token_worker(spec: dict) -> dict:
             fill()
 
     def fingerprint(out):
-        return rows_fingerprint(out[0], out[1], out[2:])
+        return rows_fingerprint(out[0], out[1], out[2:], with_entropy=spec["impl"] != "liger")
 
     label = f"token V={v} {spec['impl']}"
-    return measure(fwd, fwd_bwd, refill, fingerprint, spec["repeats"], spec["warmup"], label,
+    return measure(fwd, fwd_bwd, refill, fingerprint, spec["repeats"], spec["warmup"], label, device,
                    read=read_probe(logits.detach().view(-1)))
 
 
 def linear_worker(spec: dict) -> dict:
     import torch
 
+    device = torch.device(spec["device"])
     n, v, h = spec["n"], spec["v"], spec["h"]
-    gen = torch.Generator().manual_seed(spec["seed"])
+    gen = torch.Generator(device=device).manual_seed(spec["seed"])
     scale = 2.0 / h**0.5  # hidden ~ N(0, 1), weight ~ N(0, 4/H): logits ~ N(0, 4)
-    hidden = torch.empty(n, h).normal_(0.0, 1.0, generator=gen).requires_grad_()
-    weight = torch.empty(v, h).normal_(0.0, scale, generator=gen).requires_grad_()
-    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(spec["seed"] + 1))
+    hidden = torch.empty(n, h, device=device).normal_(0.0, 1.0, generator=gen).requires_grad_()
+    weight = torch.empty(v, h, device=device).normal_(0.0, scale, generator=gen).requires_grad_()
+    targets = torch.randint(0, v, (n,), generator=torch.Generator(device=device).manual_seed(spec["seed"] + 1),
+                            device=device)
     fn = linear_impl(spec["impl"])
 
     def fwd():
@@ -343,17 +417,19 @@ def linear_worker(spec: dict) -> dict:
         return logprobs, entropy, grad_h, grad_w
 
     def fingerprint(out):
-        return rows_fingerprint(out[0], out[1], out[2:])
+        return rows_fingerprint(out[0], out[1], out[2:], with_entropy=spec["impl"] != "liger")
 
     label = f"linear V={v} {spec['impl']}"
-    return measure(fwd, fwd_bwd, lambda: None, fingerprint, spec["repeats"], spec["warmup"], label)
+    return measure(fwd, fwd_bwd, lambda: None, fingerprint, spec["repeats"], spec["warmup"], label, device)
 
 
 def read_probe(flat):
     """A function that reads every element of the 1-D fp32 tensor `flat` once: rlgen._native.read_sum
-    (torch.sum when the extension is missing), on torch's thread count."""
+    (torch.sum when the extension is missing or the tensor is on a GPU), on torch's thread count."""
     import torch
 
+    if flat.device.type != "cpu":
+        return lambda: float(flat.sum())
     try:
         from rlgen.api import native as _native
     except ImportError:
@@ -362,29 +438,32 @@ def read_probe(flat):
 
 
 def bandwidth_worker(spec: dict) -> dict:
-    """Median GB/s of summing a >= 1 GiB fp32 buffer, with rlgen._native.read_sum and with torch.sum;
-    and, for context, the rate of writing fresh memory (page faults included)."""
+    """Median GB/s of summing a >= 1 GiB fp32 buffer, with rlgen._native.read_sum and with torch.sum (on a
+    GPU: torch.sum of a buffer in its memory); and, for context, the rate of writing fresh memory (page
+    faults included)."""
     import torch
 
+    device = torch.device(spec["device"])
     elements = int(spec["gib"] * 2**30) // 4
     nbytes = elements * 4
     first_touch = []
     for _ in range(3):
-        fresh, seconds = timed(lambda: torch.empty(elements).fill_(1.0))
+        fresh, seconds = timed(lambda: torch.empty(elements, device=device).fill_(1.0), device)
         first_touch.append(seconds)
         del fresh
-    buf = torch.ones(elements)  # touches every page before timing
+    buf = torch.ones(elements, device=device)  # touches every page before timing
     probes = {"torch.sum": lambda: float(buf.sum())}
     try:
         from rlgen.api import native as _native  # noqa: F401
 
-        probes["rlgen._native.read_sum"] = read_probe(buf)
+        if device.type == "cpu":
+            probes["rlgen._native.read_sum"] = read_probe(buf)
     except ImportError as exc:
         log(f"  bandwidth: rlgen._native not importable ({exc}); torch.sum only")
     out = {"bytes": nbytes, "first_touch_write": {"times_s": first_touch, "gb_s": nbytes / median(first_touch) / GB}}
     for name, probe in probes.items():
         probe()  # warm-up
-        times = [timed(probe)[1] for _ in range(spec["repeats"])]
+        times = [timed(probe, device)[1] for _ in range(spec["repeats"])]
         out[name] = {"times_s": times, "gb_s": nbytes / median(times) / GB}
         log(f"  bandwidth {name}: {out[name]['gb_s']:.1f} GB/s (median of {len(times)})")
     log(f"  writing fresh memory (first touch, page faults included): {out['first_touch_write']['gb_s']:.1f} GB/s")
@@ -404,8 +483,9 @@ def worker_main(spec: dict, conn) -> None:
     if kind == "bandwidth":
         result = bandwidth_worker(spec)
     else:
-        if kernels.backend_name("cpu") != "native-cpu":
-            log(f"warning: rlgen's CPU backend is {kernels.describe('cpu')!r}, not the native kernels")
+        device = torch.device(spec["device"])
+        if kernels.backend_name(device) != f"native-{device.type}":
+            log(f"warning: rlgen's {device.type} backend is {kernels.describe(device)!r}, not the native kernels")
         result = token_worker(spec) if kind == "token" else linear_worker(spec)
     result["threads"] = torch.get_num_threads()
     result["loadavg_before"], result["loadavg_after"] = before, loadavg()
@@ -435,6 +515,8 @@ def worker_context():
         preload = ["torch", "rlgen.kernels", "rlgen._native"]  # one version of rlgen for the whole run
         if importlib.util.find_spec("trl") is not None:
             preload.append("trl.trainer.utils")
+        if importlib.util.find_spec("liger_kernel") is not None:
+            preload.append("liger_kernel.transformers")
         _context.set_forkserver_preload(preload)
     return _context
 
@@ -466,23 +548,26 @@ def estimate_bytes(case: str, impl: str, n: int, v: int, h: int) -> int:
     """Rough upper bound of a worker's resident memory (inputs + peak extra + interpreter), for the skip check."""
     logits = n * v * 4
     if case == "token":
-        extra = {"rlgen": 0.05, "rlgen (no inplace)": 1.1, "torch eager": 3.1, "trl": 3.1}[impl] * logits
+        extra = {"rlgen": 0.05, "rlgen (no inplace)": 1.1, "torch eager": 3.1, "trl": 3.1, "liger": 1.1}[impl] * logits
         inputs = logits
     else:
         inputs = (n + v) * h * 4
         extra = inputs + (3.1 * logits if impl == "torch eager" else 64 * MIB)
+        if impl == "liger":  # its chunked logits
+            extra += logits // 4
     return int(inputs + extra + 600 * MIB)
 
 
-def plan(args, have_trl: bool) -> list[dict]:
+def plan(args, have_trl: bool, have_liger: bool) -> list[dict]:
     specs = []
-    common = {"n": args.n, "h": args.h, "threads": args.threads, "seed": args.seed, "warmup": args.warmup}
+    common = {"n": args.n, "h": args.h, "threads": args.threads, "seed": args.seed, "warmup": args.warmup,
+              "device": args.device}
     cases = ["token", "linear"] if args.only == "both" else [args.only]
     for case in cases:
         for v in args.sizes:
             impls = TOKEN_IMPLS if case == "token" else LINEAR_IMPLS
             for impl in impls:
-                if impl == "trl" and not have_trl:
+                if (impl == "trl" and not have_trl) or (impl == "liger" and not have_liger):
                     continue
                 repeats = args.repeats or (3 if case == "token" or v <= 65536 else 2)
                 if args.quick and not args.repeats:
@@ -492,17 +577,26 @@ def plan(args, have_trl: bool) -> list[dict]:
     return specs
 
 
+def memory_free(device: str) -> int:
+    """Bytes a worker can still allocate: MemAvailable, or the GPU's free memory."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return mem_available()
+
+
 def run_all(args, specs: list[dict]) -> tuple[list[dict], list[dict]]:
-    bw_spec = {"kind": "bandwidth", "threads": args.threads, "gib": args.bandwidth_gib, "repeats": 9}
+    bw_spec = {"kind": "bandwidth", "threads": args.threads, "gib": args.bandwidth_gib, "repeats": 9, "device": args.device}
     log(f"[bandwidth 1/2] summing {args.bandwidth_gib} GiB ...")
     bandwidth = [run_worker(bw_spec)]
     results = []
     for k, spec in enumerate(specs, 1):
         need = estimate_bytes(spec["kind"], spec["impl"], spec["n"], spec["v"], spec["h"])
-        avail = mem_available()
+        avail = memory_free(args.device)
         head = f"[{k}/{len(specs)}] {spec['kind']} N={spec['n']} V={spec['v']} {spec['impl']}"
         if need > avail:
-            note = (f"skipped: needs about {need / 2**30:.1f} GiB, MemAvailable is {avail / 2**30:.1f} GiB "
+            note = (f"skipped: needs about {need / 2**30:.1f} GiB, {args.device} has {avail / 2**30:.1f} GiB free "
                     "(try a smaller --n)")
             log(f"{head}: {note}")
             results.append(dict(spec, error=note, skipped=True))
@@ -555,9 +649,11 @@ def summarize(results: list[dict], bandwidth_gb_s: float | None) -> list[dict]:
 
 
 def compare_checks(mine: dict, ref: dict) -> float:
-    """Largest relative difference between two result fingerprints."""
+    """Largest relative difference between two result fingerprints, over the values both have."""
     worst = 0.0
     for key, value in ref.items():
+        if key not in mine:
+            continue
         worst = max(worst, abs(mine[key] - value) / max(abs(value), 1e-12))
     return worst
 
@@ -675,8 +771,11 @@ def machine_info(args, have_trl: bool) -> dict:
         "threads": args.threads,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "rlgen_backend": kernels.describe("cpu"),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else None,
+        "rlgen_backend": kernels.describe(torch.device(args.device)),
         "trl": importlib.metadata.version("trl") if have_trl else None,
+        "liger_kernel": importlib.metadata.version("liger-kernel") if args.have_liger else None,
         "mem_total_gib": proc_fields("/proc/meminfo", ("MemTotal",))["MemTotal"] / 2**30,
         "mem_available_gib": mem_available() / 2**30,
         "transparent_hugepages": read_text("/sys/kernel/mm/transparent_hugepage/enabled"),
@@ -703,12 +802,14 @@ def best_bandwidth(bandwidth: list[dict]) -> tuple[float | None, dict]:
 
 def report(result: dict) -> None:
     m, c = result["machine"], result["config"]
-    print("# bench/logprob.py: per-token log-probs + entropy, forward + backward (fp32, CPU)\n")
+    where = f"CUDA: {m['gpu']}" if m["gpu"] else "CPU"
+    print(f"# bench/logprob.py: per-token log-probs + entropy, forward + backward (fp32, {where})\n")
     print(f"- machine: {m['cpu']}, {m['cpus']} CPUs, torch threads: {m['threads']} for every implementation; "
           f"{m['mem_total_gib']:.1f} GiB RAM ({m['mem_available_gib']:.1f} GiB available at start); "
           f"transparent hugepages: {m['transparent_hugepages']}")
     print(f"- versions: python {m['python']}, torch {m['torch']}, trl {m['trl'] or 'not installed'}, "
-          f"rlgen {m.get('rlgen', '?')}, rlgen kernel backend: {m['rlgen_backend']}")
+          f"liger-kernel {m['liger_kernel'] or 'not used'}, rlgen {m.get('rlgen', '?')}, rlgen kernel backend: "
+          f"{m['rlgen_backend']}")
     src = m["rlgen_source"]
     if src.get("commit"):
         dirty = " + uncommitted kernel changes" if src.get("kernel_sources_modified") else ""
@@ -758,6 +859,8 @@ def parse_args(argv=None):
     p.add_argument("--bandwidth-gib", type=float, default=1.0, help="read-bandwidth buffer size in GiB (default: 1, minimum 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: N=256, H=256, 1 repeat")
+    p.add_argument("--device", default="cpu", metavar="auto|cpu|cuda|cuda:N",
+                   help="where every implementation runs (default: cpu); Liger-Kernel rows on CUDA when installed")
     p.add_argument("--json", metavar="FILE", help="also write everything as JSON")
     args = p.parse_args(argv)
     args.n = args.n or (256 if args.quick else 8192)
@@ -782,10 +885,19 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_common import resolve_bench_device
+
+    args.device = str(resolve_bench_device(args.device))
     have_trl = importlib.util.find_spec("trl") is not None
     if not have_trl and args.only != "linear":
         log("note: trl is not installed; no TRL rows")
-    specs = plan(args, have_trl)
+    args.have_liger = args.device.startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None
+    if importlib.util.find_spec("liger_kernel") is None:
+        log("note: liger_kernel is not installed; no Liger-Kernel rows")
+    elif not args.have_liger:
+        log("note: Liger-Kernel runs on CUDA only (Triton); no Liger-Kernel rows on the CPU")
+    specs = plan(args, have_trl, args.have_liger)
     machine = machine_info(args, have_trl)
     machine["loadavg_before"] = loadavg()
     if machine["loadavg_before"] and machine["loadavg_before"][0] + args.threads > machine["cpus"] + 0.5:
@@ -800,7 +912,7 @@ def main(argv=None) -> dict | None:
     repeats = {kind: sorted({s["repeats"] for s in specs if s["kind"] == kind}) for kind in ("token", "linear")}
     result = {
         "config": {"n": args.n, "h": args.h, "sizes": args.sizes, "seq_len": args.seq_len, "threads": args.threads,
-                   "warmup": args.warmup, "seed": args.seed, "quick": args.quick, "only": args.only,
+                   "warmup": args.warmup, "seed": args.seed, "quick": args.quick, "only": args.only, "device": args.device,
                    "bandwidth_gib": args.bandwidth_gib,
                    "repeats_token": "/".join(map(str, repeats["token"])) or "-",
                    "repeats_linear": "/".join(map(str, repeats["linear"])) or "-"},

@@ -23,6 +23,11 @@ once while making them, then by every run).
     python bench/merge.py --work /tmp/merge-bench                  # the full size (writes ~4 GB + 1 GB per output)
     python bench/merge.py --work /tmp/merge-bench --json merge.json --repeats 5
     python bench/merge.py --work /tmp/mb-tiny --tiny --repeats 1 --mergekit none   # seconds, for tests
+    python bench/merge.py --work /tmp/merge-bench --device cuda    # rlgen --device cuda, mergekit --cuda
+
+With --device cuda (or cuda:N) both tools merge on the GPU (rlgen streams host -> device -> host per tensor;
+mergekit gets --cuda) and each child also reports its peak allocated CUDA memory
+(torch.cuda.max_memory_allocated, read at the child's exit by a small shim that runs the tool's entry point).
 """
 from __future__ import annotations
 
@@ -154,27 +159,67 @@ with open(result_file, "w") as fh:
 """
 
 
-def run_child(cmd: list[str], env: dict, scratch: Path) -> dict:
-    """Run a command; its wall time, peak RSS (MB) and stdout. A failure stops the benchmark."""
-    record = scratch / "child.json"
+# Runs a Python entry point (`-m MODULE` or a console script's path) and, at exit, writes the process's
+# peak allocated CUDA memory to $BENCH_CUDA_PEAK_FILE: how a child's GPU peak is read (--device cuda).
+CUDA_PEAK_SHIM = r"""
+import atexit, json, os, runpy, sys
+def _write_peak():
+    torch = sys.modules.get("torch")
+    used = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) if used else 0
+    with open(os.environ["BENCH_CUDA_PEAK_FILE"], "w") as fh:
+        json.dump({"cuda_peak_bytes": peak}, fh)
+atexit.register(_write_peak)
+if sys.argv[1] == "-m":
+    sys.argv = [sys.argv[2], *sys.argv[3:]]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_child(cmd: list[str], env: dict, scratch: Path, cuda: bool = False) -> dict:
+    """Run a command; its wall time, peak RSS (MB), stdout and, with `cuda` (the command runs under
+    CUDA_PEAK_SHIM), its peak allocated CUDA memory (MB). A failure stops the benchmark."""
+    record, cuda_record = scratch / "child.json", scratch / "child-cuda.json"
+    if cuda:
+        env = {**env, "BENCH_CUDA_PEAK_FILE": str(cuda_record)}
     proc = subprocess.run([sys.executable, "-S", "-c", WRAPPER, str(record), *cmd], capture_output=True, text=True,
                           env=env)
     measured = json.loads(record.read_text())
     record.unlink()
     if proc.returncode != 0 or measured["rc"] != 0:
         sys.exit(f"error: {' '.join(cmd)} failed ({measured['rc']}):\n{proc.stderr[-3000:]}")
-    return {"wall_s": round(measured["wall_s"], 3), "peak_rss_mb": round(measured["maxrss_kb"] / 1024, 1),
-            "stdout": proc.stdout}
+    out = {"wall_s": round(measured["wall_s"], 3), "peak_rss_mb": round(measured["maxrss_kb"] / 1024, 1),
+           "stdout": proc.stdout}
+    if cuda:
+        out["cuda_peak_mb"] = round(json.loads(cuda_record.read_text())["cuda_peak_bytes"] / 2**20, 1)
+        cuda_record.unlink()
+    return out
 
 
-def rlgen_cmd(config: Path, out: Path, seed: int) -> list[str]:
-    return [sys.executable, "-m", "rlgen", "merge", "--config", str(config), "--out", str(out), "--seed", str(seed),
-            "--json", "--quiet"]
+def python_of(script: str) -> str:
+    """The interpreter of a console script (its #! line), so that the shim runs it in its own environment."""
+    with open(script, "rb") as fh:
+        first = fh.readline().decode(errors="replace").strip()
+    return first[2:].split()[0] if first.startswith("#!") and "python" in first else sys.executable
 
 
-def mergekit_cmd(exe: str, config: Path, out: Path, threads: int, seed: int) -> list[str]:
-    return [exe, str(config), str(out), "-j", str(threads), "--random-seed", str(seed), "--quiet",
+def rlgen_cmd(config: Path, out: Path, seed: int, device: str) -> list[str]:
+    args = ["merge", "--config", str(config), "--out", str(out), "--seed", str(seed), "--json", "--quiet", "--device", device]
+    if device.startswith("cuda"):
+        return [sys.executable, "-c", CUDA_PEAK_SHIM, "-m", "rlgen", *args]
+    return [sys.executable, "-m", "rlgen", *args]
+
+
+def mergekit_cmd(exe: str, config: Path, out: Path, threads: int, seed: int, device: str) -> list[str]:
+    args = [str(config), str(out), "-j", str(threads), "--random-seed", str(seed), "--quiet",
             "--no-copy-tokenizer", "--no-write-model-card"]
+    if device.startswith("cuda"):
+        script = shutil.which(exe) or exe
+        return [python_of(script), "-c", CUDA_PEAK_SHIM, script, *args, "--cuda"]
+    return [exe, *args]
 
 
 def find_mergekit(arg: str | None) -> str | None:
@@ -237,6 +282,8 @@ def parse_args(argv=None):
                    help="the YAML's `dtype` (mergekit's compute dtype; rlgen computes in float32 regardless)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for both tools (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N",
+                   help="where both tools merge (default: cpu); CUDA: rlgen --device, mergekit --cuda (its current device)")
     p.add_argument("--keep", action="store_true", help="keep the merged outputs")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)
@@ -251,7 +298,11 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     from rlgen.api import parse_size
 
+    from bench_common import resolve_bench_device
+
     args = parse_args(argv)
+    device = str(resolve_bench_device(args.device))
+    cuda = device.startswith("cuda")
     work = Path(args.work).resolve()
     spec = dict(SIZES["tiny" if args.tiny else "full"])
     if args.layers:
@@ -275,10 +326,10 @@ def main(argv=None) -> dict:
             for tool in (tools if r % 2 == 0 else list(reversed(tools))):
                 out = outs / f"{tool}-{m}"
                 shutil.rmtree(out, ignore_errors=True)
-                cmd = rlgen_cmd(config, out, args.seed) if tool == "rlgen" else \
-                    mergekit_cmd(mergekit, config, out, threads, args.seed)
+                cmd = rlgen_cmd(config, out, args.seed, device) if tool == "rlgen" else \
+                    mergekit_cmd(mergekit, config, out, threads, args.seed, device)
                 print(f"repeat {r + 1}/{args.repeats}: {tool} {m}", file=sys.stderr)
-                result = run_child(cmd, env, work)
+                result = run_child(cmd, env, work, cuda)
                 if tool == "rlgen":
                     summary = json.loads(result["stdout"].strip().splitlines()[-1])
                     result["threads"] = summary["threads"]
@@ -293,7 +344,7 @@ def main(argv=None) -> dict:
         comparison = compare_ties(outs / "rlgen-ties", outs / "mergekit-ties", dirs, args.density)
     if not args.keep:
         shutil.rmtree(outs, ignore_errors=True)
-    result = summarize(args, spec, threads, model_bytes, mergekit, runs, comparison)
+    result = summarize(args, spec, threads, model_bytes, mergekit, runs, comparison, device)
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
@@ -301,11 +352,12 @@ def main(argv=None) -> dict:
     return result
 
 
-def summarize(args, spec, threads, model_bytes, mergekit, runs, comparison) -> dict:
+def summarize(args, spec, threads, model_bytes, mergekit, runs, comparison, device: str) -> dict:
     table = {}
     for (tool, m), rows in runs.items():
         table.setdefault(m, {})[tool] = {"wall_s": median([r["wall_s"] for r in rows]),
                                          "peak_rss_mb": median([r["peak_rss_mb"] for r in rows]),
+                                         "cuda_peak_mb": median([r.get("cuda_peak_mb") for r in rows]),
                                          "runs": rows}
     for m, row in table.items():
         if "mergekit" in row:
@@ -316,7 +368,7 @@ def summarize(args, spec, threads, model_bytes, mergekit, runs, comparison) -> d
     return {
         "model": {**spec, "params": params, "dtype": "bfloat16", "bytes_on_disk": model_bytes, "noise": args.noise},
         "config": {"repeats": args.repeats, "density": args.density, "mergekit": mergekit,
-                   "mergekit_dtype": args.mergekit_dtype, "seed": args.seed},
+                   "mergekit_dtype": args.mergekit_dtype, "seed": args.seed, "device": device},
         "threads": {"rlgen": rlgen_threads, "mergekit": threads if mergekit else None},
         "machine": {"cpu_count": os.cpu_count(), "loadavg": loadavg()},
         "results": table,
@@ -342,6 +394,10 @@ def print_table(result: dict) -> None:
               f"{fmt(row.get('ratio_wall'), '.2f'):>6} {fmt(rl['peak_rss_mb'], '.0f'):>9} "
               f"{fmt(mk.get('peak_rss_mb'), '.0f'):>12} {fmt(row.get('ratio_rss'), '.2f'):>6}")
     print("ratios are rlgen / mergekit (< 1: rlgen faster / smaller); peak RSS of the child process (ru_maxrss)")
+    if result["config"]["device"].startswith("cuda"):
+        print(f"merged on {result['config']['device']}; peak CUDA memory allocated (MB): " + ", ".join(
+            f"{m} rlgen {fmt(row['rlgen']['cuda_peak_mb'], '.0f')} / mergekit {fmt(row.get('mergekit', {}).get('cuda_peak_mb'), '.0f')}"
+            for m, row in result["results"].items()))
     comparison = result["ties_rlgen_vs_mergekit"]
     if comparison:
         print(f"ties, rlgen vs mergekit: max abs diff {comparison['max_abs_diff']:.3g} over {comparison['tensors']} tensors "

@@ -65,11 +65,11 @@ _rlgen_sample() {
         -t|--task)
             _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        --batch-size|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|-n|--num-samples|--num-steps|--sampler-reward|--seed|--temperature|--top-k|--top-p)
+        --batch-size|--device|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|-n|--num-samples|--num-steps|--sampler-reward|--seed|--temperature|--top-k|--top-p)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--batch-size --debug --eta --grid --guidance-scale --help --image-dir --limit --max-new-tokens --model --num-samples --num-steps --out --prompts --quiet --sampler --sampler-opt --sampler-reward --seed --split --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
+        _rlgen_words "--batch-size --debug --device --eta --grid --guidance-scale --help --image-dir --limit --max-new-tokens --model --num-samples --num-steps --out --prompts --quiet --sampler --sampler-opt --sampler-reward --seed --split --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
         return
     fi
 }
@@ -85,14 +85,14 @@ _rlgen_score() {
         -r|--reward)
             _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
-        --combine|--shape)
+        --combine|--device|--shape)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--combine --debug --help --on-error --out --quiet --reward --shape -h -o -q -r"
+        _rlgen_words "--combine --debug --device --help --on-error --out --quiet --reward --shape -h -o -q -r"
         return
     fi
-    _rlgen_npos "--combine --on-error --out --reward --shape -o -r"
+    _rlgen_npos "--combine --device --on-error --out --reward --shape -o -r"
     case $npos in
         0)
             _rlgen_files
@@ -135,6 +135,9 @@ _rlgen_train() {
         -o|--out)
             _rlgen_dirs
             return ;;
+        --precision)
+            _rlgen_words "bf16 bf16-mixed fp16-mixed fp32"
+            return ;;
         --resume)
             _rlgen_dirs
             return ;;
@@ -144,14 +147,14 @@ _rlgen_train() {
         -t|--task)
             _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        --save-every|--seed|--set|--steps)
+        --device|--nproc|--save-every|--seed|--set|--steps)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--config --data --debug --help --json --model --out --quiet --resume --reward --save-every --seed --set --steps --task -c -h -m -o -q -r -t"
+        _rlgen_words "--config --data --debug --device --help --json --model --nproc --out --precision --quiet --resume --reward --save-every --seed --set --steps --task -c -h -m -o -q -r -t"
         return
     fi
-    _rlgen_npos "--config --data --model --out --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
+    _rlgen_npos "--config --data --device --model --nproc --out --precision --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
     case $npos in
         0)
             _rlgen_words "cispo dapo ddpo diffusion-dpo diffusion-sft dpo dr-grpo flow-grpo gdpo grpo gspo kto online-dpo orpo reinforce-pp remax reward-backprop rloo rm rpo sft simpo"
@@ -189,14 +192,14 @@ _rlgen_merge() {
         -t|--task)
             _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        --density|--dtype|--grid|--hv-ref|--images-per-prompt|--limit|--max-new-tokens|--max-shard-size|--seed|--weights)
+        --density|--device|--dtype|--grid|--hv-ref|--images-per-prompt|--limit|--max-new-tokens|--max-shard-size|--seed|--weights)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--base --config --data --debug --density --dtype --grid --help --hv-ref --images-per-prompt --json --keep-models --limit --lora --max-new-tokens --max-shard-size --method --out --param --quiet --reward --seed --sweep --task --weights -h -o -q -r -t"
+        _rlgen_words "--base --config --cuda --data --debug --density --device --dtype --grid --help --hv-ref --images-per-prompt --json --keep-models --limit --lora --max-new-tokens --max-shard-size --method --out --param --quiet --reward --seed --sweep --task --weights -h -o -q -r -t"
         return
     fi
-    _rlgen_npos "--base --config --data --density --dtype --grid --hv-ref --images-per-prompt --limit --lora --max-new-tokens --max-shard-size --method --out --param --reward --seed --task --weights -o -r -t"
+    _rlgen_npos "--base --config --data --density --device --dtype --grid --hv-ref --images-per-prompt --limit --lora --max-new-tokens --max-shard-size --method --out --param --reward --seed --task --weights -o -r -t"
     case $npos in
         *)
             _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
@@ -251,14 +254,14 @@ _rlgen_eval() {
         -t|--task)
             _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        --eta|--guidance-scale|-k|--limit|--max-new-tokens|--num-steps|--sampler-reward|--seed|--temperature)
+        --device|--eta|--guidance-scale|-k|--limit|--max-new-tokens|--num-steps|--sampler-reward|--seed|--temperature)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--data --debug --eta --guidance-scale --help --json --limit --max-new-tokens --metric --model --num-steps --plot --plot-dir --quiet --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -h -k -m -q -r -t"
+        _rlgen_words "--data --debug --device --eta --guidance-scale --help --json --limit --max-new-tokens --metric --model --num-steps --plot --plot-dir --quiet --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -h -k -m -q -r -t"
         return
     fi
-    _rlgen_npos "--data --eta --guidance-scale --limit --max-new-tokens --metric --model --num-steps --plot --plot-dir --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -k -m -r -t"
+    _rlgen_npos "--data --device --eta --guidance-scale --limit --max-new-tokens --metric --model --num-steps --plot --plot-dir --ref --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --task --temperature -k -m -r -t"
     case $npos in
         *)
             _rlgen_files

@@ -200,6 +200,7 @@ FIELD_DOCS: dict[str, str] = {
     "ModelConfig.lora_dropout": "dropout on the LoRA adapter's input",
     "ModelConfig.lora_target_modules": "module names (or 'all-linear') that get LoRA adapters",
     "ModelConfig.lora_merge_on_save": "final/ holds merged weights; false keeps the adapter beside the base",
+    "ModelConfig.gradient_checkpointing": "recompute activations in the backward pass: less memory for ~30% more compute",
     "DiffusionModelConfig.path": "a built-in image model name or a local diffusers pipeline directory",
     "DiffusionModelConfig.dtype": "the denoiser's dtype while training",
     "DiffusionModelConfig.lora_r": "LoRA rank on the denoiser; 0 = full fine-tuning of the denoiser",

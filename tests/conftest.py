@@ -69,3 +69,15 @@ def hf_dirs(tmp_path_factory) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in HF_RECORDS))
     return {"gpt2": _save_pretrained(gpt2, tokenizer, root / "gpt2"),
             "llama": _save_pretrained(llama, tokenizer, root / "llama"), "data": data, "records": HF_RECORDS}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`cuda` tests need a GPU: skipped (with the reason) where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu-check.sh on a GPU machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

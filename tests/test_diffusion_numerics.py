@@ -18,6 +18,7 @@ from rlgen.diffusion.steps import flow_sde_step
 from rlgen.errors import RlgenError
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.samplers import prepare_sampler
+from rlgen.training.precision import PrecisionPolicy
 
 INF = math.inf
 
@@ -151,6 +152,7 @@ def _trainer(cls, config, model):
     trainer.config, trainer.model = config, model
     trainer.generator = torch.Generator().manual_seed(11)
     trainer.optimizer_step = lambda: 0.0
+    trainer.precision = PrecisionPolicy("fp32", torch.device("cpu"))
     return trainer
 
 

@@ -125,7 +125,7 @@ def gdpo(
     if components is None:
         components = rewards.unsqueeze(-1)
     if weights is None:
-        weights = torch.ones(components.shape[-1], dtype=components.dtype)
+        weights = torch.ones(components.shape[-1], dtype=components.dtype, device=components.device)
     normalised = []
     for k in range(components.shape[-1]):
         column = components[..., k]

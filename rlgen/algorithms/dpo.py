@@ -5,10 +5,15 @@ Data flows one way: pairs -> tokens (chosen and rejected interleaved, so each pa
 through the shared-prefix path) -> sequence log-probs on the native kernels -> loss from the
 preference-loss registry -> update. Reference log-probs are computed once per pair, cached, and kept in
 checkpoints.
+
+Multi-process, every rank draws the same global batch of pairs and trains on its shard of it (losses over
+the global pair and token counts: `PairwiseUpdate`); the reference cache is filled shard by shard and
+exchanged, so that it is the same on every rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -77,6 +82,7 @@ class PreferenceTrainer(Trainer):
     """dpo, simpo, rpo, orpo (and any registered preference loss) on a fixed set of pairs."""
 
     config: DPOConfig
+    supports_distributed = True
 
     # --- data and model ---
     def prepare_data(self) -> None:
@@ -105,7 +111,7 @@ class PreferenceTrainer(Trainer):
         a = self.config.algorithm
         self.pairwise_update = PairwiseUpdate(self.model, self.loss_fn, self.options, self.optimizer_step,
                                               getattr(a, "rpo_alpha", 0.0), a.shared_prefix,
-                                              self.config.optim.gradient_accumulation_steps)
+                                              self.config.optim.gradient_accumulation_steps, self.backward, self.dist)
         self.eval_ref_cache: list[torch.Tensor] = []  # per chunk of held-out pairs
         self.reference = self.reference_policy() if self.uses_reference else None
         if self.uses_reference and getattr(self.config.algorithm, "precompute_ref_log_probs", False) and not self.resume:
@@ -142,19 +148,37 @@ class PreferenceTrainer(Trainer):
             return sequence_logps(reference, inputs, 1.0, self.config.algorithm.shared_prefix)[0]
 
     def reference_logps(self, pairs: list[dict], inputs=None) -> torch.Tensor:
-        """[B, 2] (chosen, rejected) reference log-probs, computed for the pairs not yet in the cache."""
-        index = torch.tensor(self.pair_encoder.positions(pairs))
-        missing = torch.isnan(self.ref_cache[index, 0])
+        """[S, 2] (chosen, rejected) reference log-probs of this rank's shard (S pairs) of `pairs`, a global
+        batch of the run's pairs; `inputs` are the shard's, encoded already (used when all its pairs are new)."""
+        shard = self.dist.shard(pairs)
+
+        def compute(missing: torch.Tensor) -> torch.Tensor:
+            todo = [p for p, m in zip(shard, missing.tolist()) if m]
+            return self.frozen_logps(inputs if inputs is not None and len(todo) == len(shard) else self.encode(todo)).view(-1, 2)
+
+        return self.cached_reference(self.pair_encoder.positions(pairs), compute)
+
+    def cached_reference(self, keys: list[int], compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """This rank's share of the `ref_cache` rows `keys` (a global batch's, the same on every rank), on the
+        model's device. Rows not cached yet are computed first, each rank its shard's (`compute(missing)`: the
+        log-probs of the shard's rows flagged in `missing`), and exchanged: every rank keeps the same cache,
+        and rank 0's checkpoint holds all of it."""
+        index = torch.tensor(keys, dtype=torch.long)
+        span = self.dist.share(len(keys))
+        missing = torch.isnan(self.ref_cache[index].view(len(keys), -1)[:, 0])
         if bool(missing.any()):
-            todo = [p for p, m in zip(pairs, missing.tolist()) if m]
-            logps = self.frozen_logps(self.encode(todo) if inputs is None or len(todo) < len(pairs) else inputs)
-            self.ref_cache[index[missing]] = logps.view(-1, 2).double()
-        return self.ref_cache[index].float()
+            found = torch.zeros((len(keys), *self.ref_cache.shape[1:]), dtype=torch.float64)
+            local = missing[span.start:span.stop]
+            if bool(local.any()):
+                found[span.start:span.stop][local] = compute(local).double().cpu()
+            found = self.dist.sum(found)  # each row is filled on exactly one rank
+            self.ref_cache[index[missing]] = found[missing]
+        return self.ref_cache[index[span.start:span.stop]].float().to(self.device)
 
     # --- the update ---
     def train_step(self) -> dict:
-        pairs = self.sampler.next_batch()
-        inputs = self.encode(pairs)
+        pairs = self.sampler.next_batch()  # the global batch: the same on every rank
+        inputs = self.encode(self.dist.shard(pairs))
         return self.pairwise_update.step(inputs, self.reference_logps(pairs, inputs) if self.uses_reference else None)
 
     # --- held-out evaluation ---

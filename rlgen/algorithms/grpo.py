@@ -19,7 +19,7 @@ from rlgen.models.sequences import prefix_runs, supports_shared_prefix
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec, counted
 from rlgen.rollout.engine import HFEngine, SamplingParams, check_context
-from rlgen.rollout.groups import GroupRollout, RolloutBatch
+from rlgen.rollout.groups import GroupRollout, RolloutBatch, scored
 from rlgen.training.data import PromptSampler
 from rlgen.config import section, setting
 from rlgen.training.config import (DataConfig, GroupRolloutConfig, OptimConfig, RegisteredName, RewardedTrainConfig, RunConfig,
@@ -159,14 +159,14 @@ class GRPOTrainer(Trainer):
             rewards=total.view(-1, g),
             mask=mask.view(-1, g),
             components=components.view(-1, g, components.shape[-1]),
-            weights=self.rewards.weights,
+            weights=self.rewards.weights.to(total.device),
             scale_rewards=cfg.algorithm.scale_rewards,
             token_mask=None if token_mask is None else token_mask.bool().view(-1, g, token_mask.shape[-1]),
         )
         if capabilities(self.advantage_fn, ADVANTAGE_ESTIMATOR_DEFAULTS).needs_greedy_baseline:
             greedy = self.engine.generate([r["prompt"] for r in records], SamplingParams(cfg.rollout.max_new_tokens, 0.0))
             samples = [{**r, "completion": t} for r, t in zip(records, greedy.texts)]
-            greedy_components, greedy_valid, baseline = self.rewards.score(samples)  # combined and shaped like the rollouts
+            greedy_components, greedy_valid, baseline = scored(self.rewards, samples, total.device)  # as the rollouts
             no_baseline = ~counted(greedy_components, greedy_valid)
             batch.baseline = torch.where(no_baseline, torch.full_like(baseline, float("nan")), baseline)
         advantages = estimate_advantages(self.advantage_fn, batch).advantages  # 0 outside mask
@@ -234,7 +234,7 @@ class GRPOTrainer(Trainer):
                 kl = self.kl_fn(logp, ref_logps[idx]) if ref_logps is not None else None
                 loss, stats = policy_loss(self.loss_fn, logp, old, advantages[idx], mask[idx], ctx, kl, a.beta,
                                           ref_logp=None if ref_logps is None else ref_logps[idx], name=a.loss_type)
-                loss.backward()
+                self.backward(loss)
                 m = mask[idx]
                 weight = float(m.sum()) / ctx.num_items_in_batch
                 _accumulate(sums, "loss", float(loss.detach()))
@@ -296,12 +296,13 @@ def _micro_batches(model, rollouts, accumulation_steps: int, shared: bool):
     (`shared` and the model supports it), micro-batches hold whole groups of identical prompts, so no
     group's prompt is run twice; otherwise rows are chunked as before."""
     rows = rollouts.prompt_ids.shape[0]
+    device = rollouts.prompt_ids.device  # the indices select rows of tensors there
     if shared and supports_shared_prefix(model):
         starts, _ = prefix_runs(rollouts.prompt_ids, rollouts.prompt_mask)
         if len(starts) < rows:
-            bounds = torch.cat([starts, torch.tensor([rows])]).tolist()
+            bounds = starts.tolist() + [rows]
             pieces = torch.arange(len(starts)).tensor_split(min(accumulation_steps, len(starts)))
-            chunks = [torch.arange(bounds[int(p[0])], bounds[int(p[-1]) + 1]) for p in pieces]
+            chunks = [torch.arange(bounds[int(p[0])], bounds[int(p[-1]) + 1], device=device) for p in pieces]
             return chunks, len(chunks)
     n_micro = min(accumulation_steps, rows)
-    return torch.arange(rows).chunk(n_micro), n_micro
+    return torch.arange(rows, device=device).chunk(n_micro), n_micro

@@ -1,7 +1,10 @@
 """`rlgen train kto`: Kahneman-Tversky optimisation on unpaired desirable / undesirable answers
 (`prompt`, `completion`, `label`; pair files are split into one of each). TRL KTOTrainer's
 conventions: the reference point z is the batch KL estimated on mismatched (prompt, completion) pairs,
-made by cycling the batch's completions by one, detached and clamped at 0."""
+made by cycling the batch's completions by one, detached and clamped at 0.
+
+Multi-process, every rank draws the same global batch, scores its shard, and the means (the loss, the KL
+estimate, the metrics) are over the global batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,6 +17,7 @@ from rlgen.data.preferences import read_pairs, read_unpaired
 from rlgen.errors import RlgenError
 from rlgen.plugins import registry
 from rlgen.training.data import PromptSampler
+from rlgen.training.parts import summed_over_ranks
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
 
@@ -45,6 +49,7 @@ class KTOConfig(TrainConfig):
 
 class KTOTrainer(PreferenceTrainer):
     config: KTOConfig
+    supports_distributed = True
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -69,38 +74,49 @@ class KTOTrainer(PreferenceTrainer):
 
     def train_step(self) -> dict:
         a = self.config.algorithm
-        rows = self.sampler.next_batch()
-        batch = [self.examples[k] for k in rows]
-        prompts = [e["prompt"] for e in batch]
-        completions = [e["completion"] for e in batch]
-        inputs = self.encode_examples(prompts, completions)
-        # Mismatched pairs for the KL reference point: prompt i with completion i-1.
-        kl_inputs = self.encode_examples(prompts, completions[-1:] + completions[:-1])
-        index = torch.tensor(rows)
-        missing = torch.isnan(self.ref_cache[index])
-        if bool(missing.any()):
-            self.ref_cache[index] = torch.where(missing, self.frozen_logps(inputs).double(), self.ref_cache[index])
-        ref = self.ref_cache[index].float()
-        with torch.no_grad():
-            kl = (sequence_logps(self.model, kl_inputs, 1.0, a.shared_prefix)[0] - self.frozen_logps(kl_inputs)).mean()
-        summed, tokens, _, entropy = sequence_logps(self.model, inputs, 1.0, a.shared_prefix)
-        desirable = torch.tensor([bool(e["label"]) for e in batch])
-        logratios = summed - ref
-        losses = kto_losses(logratios, desirable, kl, a.beta, a.desirable_weight, a.undesirable_weight)
-        loss = losses.mean()
-        loss.backward()
+        rows = self.sampler.next_batch()  # the global batch: the same on every rank
+        n = len(rows)
+        prompts = [self.examples[k]["prompt"] for k in rows]
+        completions = [self.examples[k]["completion"] for k in rows]
+        # Mismatched pairs for the KL reference point: prompt i with completion i-1 (of the global batch).
+        mismatched = completions[-1:] + completions[:-1]
+        shard = self.dist.shard(list(range(n)))
+        sums = dict.fromkeys(("loss", "entropy_sum", "tokens", "desirable", "rewards/chosen", "logps/chosen",
+                              "rewards/rejected", "logps/rejected"), 0.0)
+        # a rank without examples (a global batch smaller than the world) only joins the collectives
+        kl_sum = torch.zeros((), device=self.device)
+        if shard:
+            inputs = self.encode_examples([prompts[i] for i in shard], [completions[i] for i in shard])
+            kl_inputs = self.encode_examples([prompts[i] for i in shard], [mismatched[i] for i in shard])
+            with torch.no_grad():
+                kl_sum = (sequence_logps(self.model, kl_inputs, 1.0, a.shared_prefix)[0] - self.frozen_logps(kl_inputs)).sum()
+        ref = self.cached_reference(rows, lambda missing: self.frozen_logps(inputs)[missing])
+        kl = self.dist.sum(kl_sum) / n  # the global batch's estimate: the same reference point on every rank
+        if shard:
+            summed, _, _, entropy = sequence_logps(self.model, inputs, 1.0, a.shared_prefix)
+            desirable = torch.tensor([bool(self.examples[rows[i]]["label"]) for i in shard], device=summed.device)
+            logratios = summed - ref
+            losses = kto_losses(logratios, desirable, kl, a.beta, a.desirable_weight, a.undesirable_weight)
+            loss = losses.sum() / n
+            self.backward(loss)
+            rewards = a.beta * logratios.detach()
+            mask = inputs[3].float()
+            sums.update({"loss": float(loss.detach()), "entropy_sum": float((entropy.detach() * mask).sum()),
+                         "tokens": float(mask.sum()), "desirable": float(desirable.sum()),
+                         "rewards/chosen": float(rewards[desirable].sum()), "logps/chosen": float(summed.detach()[desirable].sum()),
+                         "rewards/rejected": float(rewards[~desirable].sum()),
+                         "logps/rejected": float(summed.detach()[~desirable].sum())})
         grad_norm = self.optimizer_step()
-        rewards = a.beta * logratios.detach()
-        mask = inputs[3].float()
-        metrics = {"loss": float(loss.detach()), "kl": float(kl), "grad_norm": grad_norm,
-                   "entropy": float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1)),
-                   "desirable_fraction": float(desirable.float().mean())}
-        if bool(desirable.any()):
-            metrics["rewards/chosen"] = float(rewards[desirable].mean())
-            metrics["logps/chosen"] = float(summed.detach()[desirable].mean())
-        if bool((~desirable).any()):
-            metrics["rewards/rejected"] = float(rewards[~desirable].mean())
-            metrics["logps/rejected"] = float(summed.detach()[~desirable].mean())
+        sums = summed_over_ranks(self.dist, sums)
+        desirable_count = sums["desirable"]
+        metrics = {"loss": sums["loss"], "kl": float(kl), "grad_norm": grad_norm,
+                   "entropy": sums["entropy_sum"] / max(sums["tokens"], 1.0), "desirable_fraction": desirable_count / n}
+        if desirable_count:
+            metrics["rewards/chosen"] = sums["rewards/chosen"] / desirable_count
+            metrics["logps/chosen"] = sums["logps/chosen"] / desirable_count
+        if desirable_count < n:
+            metrics["rewards/rejected"] = sums["rewards/rejected"] / (n - desirable_count)
+            metrics["logps/rejected"] = sums["logps/rejected"] / (n - desirable_count)
         return metrics
 
     def extra_tensors(self) -> dict:

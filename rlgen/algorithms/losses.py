@@ -144,7 +144,7 @@ def cispo(logp, old_logp, advantages, mask, ctx):
     # cispo_clip_ratio does, the tokens with A > 0 whose weight was capped; nothing is clipped below.
     high = ((ratio > ctx.eps_high) & (adv > 0)).float()
     stats = {
-        "clip_ratio/low_mean": torch.zeros(()),
+        "clip_ratio/low_mean": torch.zeros((), device=logp.device),
         "clip_ratio/high_mean": masked_mean(high, mask).detach(),
         "clip_ratio/region_mean": masked_mean(high, mask).detach(),
     }

@@ -63,11 +63,13 @@ def best_worst_pairs(batch: RolloutBatch) -> tuple[list[dict], torch.Tensor]:
         if score is not None:
             row_of.setdefault((g, text), row)
     rows = [row_of[(p["group"], text)] for p in pairs for text in (p["chosen"], p["rejected"])]
-    return pairs, torch.tensor(rows, dtype=torch.long)
+    return pairs, torch.tensor(rows, dtype=torch.long, device=batch.total.device)
 
 
 class OnlineDPOTrainer(PreferenceTrainer):
     config: OnlineDPOConfig
+    # its rollouts are sampled per batch: one process until sampling is split by prompt across ranks
+    supports_distributed = False
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -83,7 +85,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
         self.eval_pairs = None
         self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
         self.pairs = []
-        self.ref_cache = torch.zeros((0, 2), dtype=torch.float64)
+        self.ref_cache = torch.zeros((0, 2), dtype=torch.float64)  # the offline trainers' CPU cache: unused here
 
     def prepare(self) -> None:
         check_context_length(self.model, self.tokenizer, self.records, self.config.rollout.max_new_tokens)

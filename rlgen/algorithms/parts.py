@@ -2,14 +2,16 @@
 offline preference trainers and online DPO share, and `sequence_logps`, the per-sequence log-probs it scores."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from rlgen.algorithms.preference_losses import PairLoss, PairScores, PreferenceOptions
+from rlgen.distributed import Dist
 from rlgen.models.logprobs import completion_logprobs
 from rlgen.rollout.groups import ModelInputs
+from rlgen.training.parts import summed_over_ranks
 
 
 def sequence_logps(model, inputs, temperature: float = 1.0, shared_prefix: bool = True):
@@ -19,14 +21,21 @@ def sequence_logps(model, inputs, temperature: float = 1.0, shared_prefix: bool 
     return (logp * mask).sum(1), mask.sum(1), logp, entropy
 
 
+STAT_KEYS = ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected", "entropy_sum", "tokens")  # what a step sums: its own terms and `pair_loss`'s stats
+
+
 @dataclass
 class PairwiseUpdate:
     """One optimiser step of a preference loss on interleaved pairs (`PairEncoder`'s rows [chosen_0,
     rejected_0, ...]), micro-batched by whole pairs for gradient accumulation -> the step's metrics.
 
     `optimizer_step` applies the accumulated gradient and returns its norm (the trainer's, which clips and
-    stops on non-finite updates). The loss is the mean over the step's pairs, plus `rpo_alpha` x the NLL of
-    the chosen answers (token mean over the whole step)."""
+    stops on non-finite updates); `backward` is the trainer's backward pass (its fp16 loss scaling). The loss
+    is the mean over the step's pairs, plus `rpo_alpha` x the NLL of the chosen answers (token mean over the
+    whole step). Multi-process (`dist`), `inputs` are this rank's shard of the step's pairs: the means are
+    over the pairs and chosen tokens of all ranks, so the gradients summed over ranks are the 1-process
+    ones, and the metrics are the global batch's on every rank."""
 
     model: torch.nn.Module
     loss_fn: Callable[[PairScores, PreferenceOptions], PairLoss]
@@ -35,21 +44,26 @@ class PairwiseUpdate:
     rpo_alpha: float = 0.0
     shared_prefix: bool = True
     accumulation_steps: int = 1
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    dist: Dist = field(default_factory=Dist)
 
     def step(self, inputs: ModelInputs, ref: torch.Tensor | None) -> dict:
         """`ref`: [B, 2] (chosen, rejected) summed reference log-probs, or None for a reference-free loss."""
         inputs = ModelInputs(*inputs)
-        n = inputs.prompt_ids.shape[0] // 2
-        chosen_tokens = float(inputs.completion_mask[0::2].sum())
-        sums: dict[str, float] = {"loss": 0.0, "nll": 0.0}
-        for idx in torch.arange(n).chunk(min(self.accumulation_steps, n)):
+        local_pairs = inputs.prompt_ids.shape[0] // 2
+        totals = summed_over_ranks(self.dist, {"pairs": local_pairs, "chosen_tokens": float(inputs.completion_mask[0::2].sum())})
+        n, chosen_tokens = int(totals["pairs"]), totals["chosen_tokens"]
+        sums: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
+        # a rank with no pairs (a global batch smaller than the world) still joins the collectives below
+        for idx in torch.arange(local_pairs).chunk(min(self.accumulation_steps, local_pairs)) if local_pairs else ():
             rows = torch.stack([2 * idx, 2 * idx + 1], dim=1).flatten()
             loss, nll, stats = self.pair_loss(inputs.rows(rows), ref[idx] if ref is not None else None, n, chosen_tokens)
-            loss.backward()
+            self.backward(loss)
             sums["loss"] += float(loss.detach())
             sums["nll"] += nll
             for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                sums[key] += float(value)
+        sums = summed_over_ranks(self.dist, sums)
         metrics = {k: v / n for k, v in sums.items() if k.startswith(("rewards/", "logps/"))}
         metrics.update(loss=sums["loss"], nll=sums["nll"], entropy=sums["entropy_sum"] / max(sums["tokens"], 1.0),
                        grad_norm=self.optimizer_step(), pairs=n)
@@ -78,3 +92,4 @@ class PairwiseUpdate:
             "tokens": mask.sum(),
         }
         return loss, float(nll.detach()), stats
+

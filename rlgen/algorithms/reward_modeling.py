@@ -1,6 +1,7 @@
 """`rlgen train rm`: a scalar reward model trained on preference pairs with the Bradley-Terry loss
 (optional per-pair margin, ties as soft labels), TRL RewardTrainer's conventions. The result loads with
-`--reward rm:PATH` anywhere a reward is taken."""
+`--reward rm:PATH` anywhere a reward is taken. Multi-process, each rank scores its shard of the global batch;
+the loss and the metrics are means over all of its pairs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import resolve_model_path
 from rlgen.models.reward_model import load_reward_model, reward_scores
 from rlgen.training.data import PromptSampler
+from rlgen.training.parts import summed_over_ranks
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
 from rlgen.training.trainer import Trainer
@@ -48,6 +50,7 @@ class RewardModelConfig(TrainConfig):
 
 class RewardModelTrainer(Trainer):
     config: RewardModelConfig
+    supports_distributed = True
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -82,28 +85,31 @@ class RewardModelTrainer(Trainer):
 
     def train_step(self) -> dict:
         cfg = self.config
-        pairs = self.sampler.next_batch()
-        n = len(pairs)
+        pairs = self.sampler.next_batch()  # the global batch: the same on every rank
+        n = len(pairs)  # every mean is over the global batch
+        shard = self.dist.shard(pairs)
         sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
-        for idx in torch.arange(n).chunk(min(cfg.optim.gradient_accumulation_steps, n)):
-            part = [pairs[i] for i in idx.tolist()]
+        # a rank without pairs (a global batch smaller than the world) only joins the collectives
+        chunks = torch.arange(len(shard)).chunk(min(cfg.optim.gradient_accumulation_steps, len(shard))) if shard else ()
+        for idx in chunks:
+            part = [shard[i] for i in idx.tolist()]
             prompts, completions = interleave(part)
             scores = reward_scores(self.model, self.tokenizer, prompts, completions)
             chosen, rejected = scores[0::2], scores[1::2]
-            margin = torch.tensor([float(p["margin"]) for p in part]) if cfg.algorithm.use_margin else None
-            tie = torch.tensor([bool(p.get("tie", False)) for p in part])
+            margin = torch.tensor([float(p["margin"]) for p in part], device=scores.device) if cfg.algorithm.use_margin else None
+            tie = torch.tensor([bool(p.get("tie", False)) for p in part], device=scores.device)
             losses = bradley_terry(chosen, rejected, margin, tie if bool(tie.any()) else None)
             if cfg.algorithm.center_rewards_coefficient:
                 losses = losses + cfg.algorithm.center_rewards_coefficient * (chosen + rejected) ** 2
             loss = losses.sum() / n
-            loss.backward()
+            self.backward(loss)
             sums["loss"] += float(loss.detach())
             sums["accuracy"] += float((chosen > rejected).float().sum()) / n
             sums["margin"] += float((chosen - rejected).detach().sum()) / n
             sums["rewards/chosen"] += float(chosen.detach().sum()) / n
             sums["rewards/rejected"] += float(rejected.detach().sum()) / n
-        sums["grad_norm"] = self.optimizer_step()
-        return sums
+        grad_norm = self.optimizer_step()
+        return {**summed_over_ranks(self.dist, sums), "grad_norm": grad_norm}
 
     def evaluate(self) -> dict:
         if not self.eval_pairs:

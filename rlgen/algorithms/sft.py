@@ -1,4 +1,5 @@
-"""Supervised fine-tuning: cross-entropy on prompt -> completion (completion tokens only by default)."""
+"""Supervised fine-tuning: cross-entropy on prompt -> completion (completion tokens only by default).
+Multi-process, each rank trains on its shard of the global batch; the loss is the token mean over all ranks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from rlgen.data.records import check_text
 from rlgen.errors import RlgenError
 from rlgen.rollout.engine import HFEngine, check_context, context_limit
 from rlgen.training.data import PromptSampler
+from rlgen.training.parts import summed_over_ranks
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
 from rlgen.training.trainer import Trainer, load_records
@@ -32,6 +34,7 @@ class SFTConfig(TrainConfig):
 
 class SFTTrainer(Trainer):
     config: SFTConfig
+    supports_distributed = True
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -92,25 +95,27 @@ class SFTTrainer(Trainer):
 
     def train_step(self) -> dict:
         cfg = self.config
-        batch = self.sampler.next_batch()
-        prompt_ids, prompt_mask, completion_ids, completion_mask = self.encode(batch)
-        if not cfg.algorithm.completion_only_loss:
-            # Train on prompt tokens too: move them into the "completion" part after the first token.
-            completion_ids = torch.cat([prompt_ids[:, 1:], completion_ids], dim=1)
-            completion_mask = torch.cat([prompt_mask[:, 1:], completion_mask], dim=1)
-            prompt_ids, prompt_mask = prompt_ids[:, :1], prompt_mask[:, :1]
-        rows = len(batch)
-        n_micro = min(cfg.optim.gradient_accumulation_steps, rows)
-        total_tokens = completion_mask.sum().clamp(min=1)
-        loss_sum = 0.0
-        for idx in torch.arange(rows).chunk(n_micro):
-            logp, _ = completion_logprobs(self.model, prompt_ids[idx], prompt_mask[idx], completion_ids[idx], completion_mask[idx])
-            mask = completion_mask[idx].float()
-            loss = -(logp * mask).sum() / total_tokens
-            loss.backward()
-            loss_sum += float(loss.detach())
+        batch = self.dist.shard(self.sampler.next_batch())  # this rank's share of the global batch
+        local_tokens, loss_sum = 0, 0.0
+        if batch:  # a rank without examples (a global batch smaller than the world) only joins the collectives
+            prompt_ids, prompt_mask, completion_ids, completion_mask = self.encode(batch)
+            if not cfg.algorithm.completion_only_loss:
+                # Train on prompt tokens too: move them into the "completion" part after the first token.
+                completion_ids = torch.cat([prompt_ids[:, 1:], completion_ids], dim=1)
+                completion_mask = torch.cat([prompt_mask[:, 1:], completion_mask], dim=1)
+                prompt_ids, prompt_mask = prompt_ids[:, :1], prompt_mask[:, :1]
+            local_tokens = int(completion_mask.sum())
+        total_tokens = max(int(self.dist.sum(local_tokens)), 1)  # the global batch's: the loss is its token mean
+        if batch:
+            rows = len(batch)
+            for idx in torch.arange(rows).chunk(min(cfg.optim.gradient_accumulation_steps, rows)):
+                logp, _ = completion_logprobs(self.model, prompt_ids[idx], prompt_mask[idx], completion_ids[idx], completion_mask[idx])
+                mask = completion_mask[idx].float()
+                loss = -(logp * mask).sum() / total_tokens
+                self.backward(loss)
+                loss_sum += float(loss.detach())
         grad_norm = self.optimizer_step()
-        return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": int(total_tokens)}
+        return {"loss": summed_over_ranks(self.dist, {"loss": loss_sum})["loss"], "grad_norm": grad_norm, "tokens": total_tokens}
 
     @property
     def eval_max_new_tokens(self) -> int:

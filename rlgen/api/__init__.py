@@ -53,6 +53,7 @@ _EXPORTS = {
     "RewardSet": ("rlgen.rewards.base", "RewardSet"),
     "RewardSpec": ("rlgen.rewards.base", "RewardSpec"),
     "SamplingParams": ("rlgen.rollout.engine", "SamplingParams"),
+    "Rollouts": ("rlgen.rollout.engine", "Rollouts"),  # what an engine returns: prompts, token ids, masks, texts
     "RolloutBatch": ("rlgen.rollout.groups", "RolloutBatch"),
     "GroupRollout": ("rlgen.rollout.groups", "GroupRollout"),
     "ModelInputs": ("rlgen.rollout.groups", "ModelInputs"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlgen.api._backbone import flow_for
-from rlgen.api._inputs import check_numbers, check_records, model_name, string_list
+from rlgen.api._inputs import check_numbers, check_records, device_for, model_name, string_list
 from rlgen.api._sample import sampler_setup
 from rlgen.config import ANY, COUNT, NON_NEGATIVE, SEED
 from rlgen.data.preferences import read_pairs
@@ -26,7 +26,7 @@ from rlgen.evaluation.reward_models import pair_accuracy
 from rlgen.models.causal_lm import ModelConfig, load_policy, resolve_model_path
 from rlgen.models.reward_model import load_reward_model
 from rlgen.plugins import registry
-from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rewards.base import RewardSet, RewardSpec, scoring_device
 from rlgen.rollout.engine import HFEngine, check_context
 from rlgen.training.trainer import DataConfig, load_records
 
@@ -37,7 +37,7 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
              ref: str | None = None, samples_out: str | None = None, sampler: str | None = None,
              sampler_options=None, sampler_reward=None, reward_model: str | None = None, num_steps: int = 20,
              guidance_scale: float = 1.0, eta: float = 0.0, compare: list[str] | None = None,
-             plot_dir: str | None = None, metrics: list[str] | None = None) -> dict:
+             plot_dir: str | None = None, metrics: list[str] | None = None, device: str = "auto") -> dict:
     """The result `rlgen eval --json` prints, for whichever of these is given:
 
     - `model` with `task` or `data`: accuracy (greedy, or one `sampler` completion at `temperature`),
@@ -54,12 +54,15 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
     samples a model evaluation drew; their results go under `metrics`, keyed by spec.
 
     `reward` and `sampler_reward` are NAME[:WEIGHT] strings; `sampler_options` a dict or KEY=VALUE strings.
-    A keyword that takes several strings (reward, compare, metrics ...) also takes one."""
+    A keyword that takes several strings (reward, compare, metrics ...) also takes one. The models (the
+    evaluated one, `ref`, `reward_model`, and the reward models and image classifiers of the rewards) run
+    on `device`: auto (CUDA when available), cpu, cuda or cuda:N."""
     # the ranges `rlgen eval` checks for its flags, named by keyword, before anything is read or loaded
     check_numbers(("limit", limit, COUNT, "int?"), ("k", k, COUNT, "int"),
                   ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
                   ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
                   ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"))
+    target = device_for(device)
     if source is not None and not isinstance(source, (str, Path, list, tuple)):
         raise RlgenError(f"source = {show_value(source)}: expected a scored JSONL/Parquet path, '-', a run directory "
                          "or a list of scored records")
@@ -85,11 +88,13 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
     if reward_model:
         if model:
             raise RlgenError("give either --rm (pairwise accuracy of a reward model) or --model, not both")
-        return _eval_reward_model(reward_model, data, limit)
+        return _eval_reward_model(reward_model, data, limit, target)
     if model:
         flow = flow_for({"causal-lm": _eval_model, "diffusers": _eval_image_model}, model, "evaluating a model")
-        return flow(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
-                    sampler, sampler_options, sampler_reward, ref, similarity, num_steps, guidance_scale, eta, specs=specs)
+        with scoring_device(target):
+            return flow(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
+                        sampler, sampler_options, sampler_reward, ref, similarity, num_steps, guidance_scale, eta,
+                        specs=specs, device=target)
     if isinstance(source, (list, tuple)):
         return _eval_samples(list(source), similarity, specs)
     if source and source != "-" and Path(source).is_dir():
@@ -100,7 +105,8 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
 
 
 def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
-                sampler=None, sampler_opt=None, sampler_reward=None, ref=None, similarity="auto", *_image_options, specs=()):
+                sampler=None, sampler_opt=None, sampler_reward=None, ref=None, similarity="auto", *_image_options, specs=(),
+                device=None):
     """A causal LM on a task: accuracy (greedy or one sampler completion), pass@k and diversity, KL to `ref`."""
     import torch
 
@@ -115,11 +121,12 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     else:
         rewards = correctness_rewards(registry("task").get(task).default_rewards if task and not data else ("exact-match",))
     policy, tokenizer, path = load_policy(ModelConfig(path=model))
+    policy.to(device)
     check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
     reference = None
     if ref:
         reference, _, ref_path = load_policy(ModelConfig(path=ref))
-        reference.eval().requires_grad_(False)
+        reference.to(device).eval().requires_grad_(False)
         check_vocabularies(policy, reference)
     engine = HFEngine(policy.eval(), tokenizer)
     result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
@@ -143,7 +150,7 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
 
 def _eval_image_model(model, task, data, split, limit, k, _temperature, _max_new_tokens, reward, seed, samples_out,
                       sampler, sampler_opt, sampler_reward, ref, _similarity, num_steps, guidance_scale, eta,
-                      specs=()) -> dict:
+                      specs=(), device=None) -> dict:
     """Reward statistics of k images per prompt at fixed seeds (overall and per prompt)."""
     if ref:
         raise RlgenError("--ref (KL to a reference model) is for language models")
@@ -160,7 +167,7 @@ def _eval_image_model(model, task, data, split, limit, k, _temperature, _max_new
     params = DiffusionSamplingParams(num_steps, guidance_scale, eta, eta)
     params.validate()
     diffusion = load_diffusion_model(DiffusionModelConfig(path=model))
-    diffusion.eval()
+    diffusion.to(device).eval()
     diffusion.check_prompts(records)
     stats, samples = evaluate_image_model(diffusion, records, rewards, k, params, seed=seed, sampler=strategy,
                                           sampler_options=options, guide=guide)
@@ -181,13 +188,14 @@ def _sampler_setup(sampler, sampler_opt, sampler_reward):
     return options, guide
 
 
-def _eval_reward_model(path: str, data: str | None, limit: int | None) -> dict:
+def _eval_reward_model(path: str, data: str | None, limit: int | None, device) -> dict:
     if not data:
         raise RlgenError("--rm needs --data PAIRS (JSONL/Parquet with prompt, chosen, rejected)")
     pairs = read_pairs(data)
     if limit is not None:
         pairs = pairs[:limit]
     model, tokenizer = load_reward_model(resolve_model_path(path))
+    model.to(device)
     return {"reward_model": path, "data": data, **pair_accuracy(model, tokenizer, pairs)}
 
 

@@ -67,3 +67,11 @@ def without_line_numbers(records: list[dict]) -> list[dict]:
     CLI's JSONL output drops it too)."""
     return [{key: value for key, value in record.items() if key != "_line"} if "_line" in record else record
             for record in records]
+
+
+def device_for(value: Any, name: str = "device"):
+    """The torch.device of a `device` keyword (auto, cpu, cuda, cuda:N), resolved before any model loads:
+    anything else, or CUDA where there is none, is one line naming the keyword."""
+    from rlgen.devices import resolve_device  # imports torch: `rlgen pairs` must not load it
+
+    return resolve_device(value, name)

@@ -2,6 +2,7 @@
 merge weights (rewarded soups, rlgen.api.merge_sweep)."""
 from __future__ import annotations
 
+from rlgen.api._inputs import device_for
 from rlgen.api.merge_sweep import SweepSettings, run_sweep
 from rlgen.errors import RlgenError, show_value
 from rlgen.events import as_events
@@ -103,7 +104,7 @@ def merge(models=None, *, out: str, method: str | None = None, base: str | None 
           params=None, config=None, lora: str | None = None, dtype: str | None = None, seed: int | None = None,
           max_shard_size=None, sweep: bool = False, grid: int = 11, task: str | None = None, data: str | None = None,
           limit: int | None = None, reward=None, max_new_tokens: int = 16, images_per_prompt: int = 4,
-          keep_models: bool = False, hv_ref=None, callbacks=None) -> dict:
+          keep_models: bool = False, hv_ref=None, device: str = "auto", callbacks=None) -> dict:
     """Merge `models` (directories, built-in names or DIR+ADAPTER) into `out` and return the summary that
     `rlgen merge --json` prints.
 
@@ -111,8 +112,12 @@ def merge(models=None, *, out: str, method: str | None = None, base: str | None 
       `params` (a dict or KEY=VALUE strings), or `config` (TOML / mergekit YAML file);
     - `lora`: fold this adapter into the one model;
     - `sweep`: merge over a grid of weights, evaluate each point with `reward` (NAME[:WEIGHT] strings) on
-      `task` / `data`, and report the Pareto front (OUT/sweep.jsonl, summary.json, front.png)."""
+      `task` / `data`, and report the Pareto front (OUT/sweep.jsonl, summary.json, front.png).
+
+    `device` (auto, cpu, cuda, cuda:N): where each tensor is merged (streamed host -> device -> host) and a
+    sweep's points are evaluated; folding a LoRA adapter runs on the CPU."""
     events = as_events(callbacks)
+    target = device_for(device)
     if isinstance(models, str):
         models = [models]
     if lora:
@@ -126,12 +131,12 @@ def merge(models=None, *, out: str, method: str | None = None, base: str | None 
         rewards = [reward] if isinstance(reward, str) else list(reward or [])
         settings = SweepSettings(grid=grid, task=task, data=data, limit=limit, rewards=rewards,
                                  max_new_tokens=max_new_tokens, images_per_prompt=images_per_prompt,
-                                 keep_models=keep_models, hv_ref=hv_ref)
+                                 keep_models=keep_models, hv_ref=hv_ref, device=target)
         return run_sweep(merged, settings, out, progress=events.log)
     if task or data or reward or limit is not None or keep_models or hv_ref is not None:
         raise RlgenError("--task, --data, --reward, --limit, --keep-models and --hv-ref go with --sweep")
     with _TensorProgress(events) as progress:
-        return merge_models(merged, out, progress=progress)
+        return merge_models(merged, out, progress=progress, device=target)
 
 
 def _fold(models, lora, out, *, dtype, max_shard_size, events, others) -> dict:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from rlgen.api._backbone import flow_for
-from rlgen.api._inputs import check_numbers, model_name, string_list, without_line_numbers
+from rlgen.api._inputs import check_numbers, device_for, model_name, string_list, without_line_numbers
 from rlgen.config import ANY, COUNT, FIELD_BOUNDS, NON_NEGATIVE, SEED
 from rlgen.data.records import read_records
 from rlgen.diffusion.images import save_grid, save_png
@@ -75,8 +75,11 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
            limit: int | None = None, n: int = 1, sampler: str = "plain", sampler_options=None, sampler_reward=None,
            max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            out: str | None = None, image_dir: str | None = None, grid: str | None = None, num_steps: int = 20,
-           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, callbacks=None) -> list[dict]:
-    """`n` samples per prompt: each record plus `completion` (text) and `sample_index`.
+           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, device: str = "auto",
+           callbacks=None) -> list[dict]:
+    """`n` samples per prompt: each record plus `completion` (text) and `sample_index`, drawn on `device`
+    (auto: CUDA when available; cpu, cuda, cuda:N). The seed decides the draws on every device, but a GPU's
+    random stream differs from the CPU's: the same seed gives other samples there.
 
     Image models (a diffusers pipeline, e.g. tiny-digits) give one record per image. With `out` (the JSONL
     file the records are meant for) or `image_dir`, each image is written as a PNG and the record's `image`
@@ -87,6 +90,7 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
                   ("top_p", top_p, FIELD_BOUNDS["top_p"], "float"), ("top_k", top_k, NON_NEGATIVE, "int"),
                   ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
                   ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"))
+    target = device_for(device)
     model = model_name("model", model)
     events = as_events(callbacks)
     records = _prompt_records(task, prompts, split, limit)
@@ -94,17 +98,18 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
     return without_line_numbers(flow(model, records, n=n, sampler=sampler, sampler_options=sampler_options, sampler_reward=sampler_reward,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out,
                 image_dir=image_dir, grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                batch_size=batch_size, events=events))
+                batch_size=batch_size, device=target, events=events))
 
 
 def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str, sampler_options, sampler_reward,
-                 max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, events, **_image_options):
+                 max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, device, events,
+                 **_image_options):
     """Completions of a causal LM, through the rollout engine the trainers use."""
     import torch
 
     strategy, options, guide = sampler_setup(sampler, sampler_options, sampler_reward)
     policy, tokenizer, _ = load_policy(ModelConfig(path=model or "tiny-arith"))
-    policy.eval()
+    policy.to(device).eval()
     check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
     engine = HFEngine(policy, tokenizer)
     params = SamplingParams(max_new_tokens, temperature, top_p, top_k)
@@ -129,7 +134,7 @@ def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str
 
 def _sample_images(model: str, records: list[dict], *, n: int, sampler: str, sampler_options, sampler_reward,
                    num_steps: int, guidance_scale: float, eta: float, seed: int, batch_size: int, out: str | None,
-                   image_dir: str | None, grid: str | None, events, **_text_options) -> list[dict]:
+                   image_dir: str | None, grid: str | None, device, events, **_text_options) -> list[dict]:
     """Images of a diffusers pipeline, through the sampling code the image trainers use."""
     import torch
 
@@ -143,7 +148,7 @@ def _sample_images(model: str, records: list[dict], *, n: int, sampler: str, sam
         if folder.exists() and any(folder.iterdir()):
             raise RlgenError(f"image directory {folder} already exists and is not empty (choose another with --image-dir)")
     diffusion = load_diffusion_model(DiffusionModelConfig(path=model))
-    diffusion.eval()
+    diffusion.to(device).eval()
     diffusion.check_prompts(records)
     generator = torch.Generator().manual_seed(seed)
     expanded = [{**r, "sample_index": i} for r in records for i in range(n)]

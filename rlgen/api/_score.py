@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rlgen.api._inputs import check_records, string_list, without_line_numbers
+from rlgen.api._inputs import check_records, device_for, string_list, without_line_numbers
 from rlgen.data.preferences import make_pairs
 from rlgen.data.records import check_text, read_records
 from rlgen.errors import RlgenError
@@ -17,19 +17,23 @@ def _records_and_name(records, required=()) -> tuple[list[dict], str | None]:
     return check_records("records", records), None
 
 
-def score(records, rewards, *, on_error: str = "raise", combine: str = "weighted-sum", shape: str = "") -> list[dict]:
+def score(records, rewards, *, on_error: str = "raise", combine: str = "weighted-sum", shape: str = "",
+          device: str = "auto") -> list[dict]:
     """Each record plus `reward_NAME` per reward (raw values; None where it failed) and `reward`, the
     rewards combined (`combine`) then shaped (`shape`). `records` is a list or a JSONL/Parquet path ('-' =
     stdin); `rewards` NAME[:WEIGHT] or module:function[:WEIGHT] strings. Image paths are read relative to
-    the records file's folder (the current one for a list or stdin); the output keeps them as given."""
-    from rlgen.rewards.base import RewardSet, RewardSpec  # imports torch: `rlgen pairs` must not load it
+    the records file's folder (the current one for a list or stdin); the output keeps them as given.
+    Rewards that run a model (rm:PATH, digit-classifier ...) run it on `device` (auto, cpu, cuda, cuda:N)."""
+    from rlgen.rewards.base import RewardSet, RewardSpec, scoring_device  # imports torch: `rlgen pairs` must not load it
 
+    target = device_for(device)  # before any reward model loads
     names = string_list("rewards", rewards, "NAME[:WEIGHT] reward strings") or []
     if not names:
         raise RlgenError("no reward given (use --reward NAME)")
     reward_set = RewardSet([RewardSpec.parse(r) for r in names], on_error, combine=combine, shaping=shape)
     records, source = _records_and_name(records, required=("prompt",))
-    components, valid, totals = reward_set.score(_with_resolved_images(records, source))
+    with scoring_device(target):
+        components, valid, totals = reward_set.score(_with_resolved_images(records, source))
     scored_records = []
     for i, record in enumerate(records):
         scored = dict(record)

@@ -20,6 +20,7 @@ class Run:
     last_metrics: dict = field(default_factory=dict)  # the last step's row ({} when nothing was left to train)
     metrics: list[dict] = field(default_factory=list)
     config: object = None
+    rank: int = 0  # this process's rank under torchrun: rank 0 alone reports the run
 
     def summary(self) -> dict:
         """What `rlgen train --json` prints (its `last_step` is the last metrics row, as it always was)."""
@@ -51,6 +52,7 @@ def train(algo: str, config=None, *, sets: list[str] | None = None, resume: str 
     if run_dir.metrics_path.is_file():
         rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines() if line.strip()]
     run = Run(algorithm=algo, out=run_dir.root, final_model=run_dir.final, last_step=trainer.step, last_metrics=last,
-              metrics=rows, config=trainer.config)
-    events.result(run.summary())
+              metrics=rows, config=trainer.config, rank=trainer.dist.rank)
+    if trainer.dist.is_main:  # under torchrun, rank 0 alone reports the run (`--json`: one summary)
+        events.result(run.summary())
     return run

@@ -29,7 +29,7 @@ from rlgen.evaluation.plot import plot_front
 from rlgen.merging.config import merged_models, validate
 from rlgen.merging.merge import merge_models
 from rlgen.models.causal_lm import ModelConfig, load_policy
-from rlgen.rewards.base import RewardSet, RewardSpec
+from rlgen.rewards.base import RewardSet, RewardSpec, scoring_device
 from rlgen.rollout.engine import HFEngine, SamplingParams
 from rlgen.training.trainer import DataConfig, load_records
 
@@ -48,6 +48,7 @@ class SweepSettings:
     seed: int = 0
     keep_models: bool = False
     hv_ref: str | list[float] | None = None  # hypervolume reference, one value per reward in its units (--hv-ref)
+    device: object = None  # the torch.device points are merged and evaluated on (None: the CPU)
 
 
 def simplex_grid(num_models: int, points_per_edge: int) -> list[tuple[float, ...]]:
@@ -98,7 +99,7 @@ def _lm_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]:
 
     def evaluate(model_dir: Path) -> dict:
         policy, tokenizer, _ = load_policy(ModelConfig(path=str(model_dir)))
-        engine = HFEngine(policy.eval(), tokenizer)
+        engine = HFEngine(policy.to(settings.device or "cpu").eval(), tokenizer)
         out = engine.generate([r["prompt"] for r in records],
                               SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=0.0))
         samples = [{**r, "completion": text} for r, text in zip(records, out.texts)]
@@ -115,7 +116,7 @@ def _image_evaluator(settings: SweepSettings, rewards) -> Callable[[Path], dict]
 
     def evaluate(model_dir: Path) -> dict:
         model = load_diffusion_model(DiffusionModelConfig(path=str(model_dir)))
-        model.eval()
+        model.to(settings.device or "cpu").eval()
         model.check_prompts(records)
         stats, _ = evaluate_image_model(model, records, rewards, settings.images_per_prompt, params, seed=settings.seed)
         return {name: stats[f"rewards/{name}/mean"] for name in rewards.names}
@@ -153,8 +154,9 @@ def run_sweep(config, settings: SweepSettings, out: str, progress: Callable[[str
             label = "-".join(f"{w:.2f}" for w in weights)
             model_dir = (target / "models" / label) if settings.keep_models else (scratch / label)
             point_config = _with_weights(config, swept, weights)
-            merge_models(point_config, str(model_dir))
-            means = evaluate(model_dir)
+            merge_models(point_config, str(model_dir), device=settings.device)
+            with scoring_device(settings.device or "cpu"):
+                means = evaluate(model_dir)
             if not settings.keep_models:
                 shutil.rmtree(model_dir, ignore_errors=True)
             points.append({"weights": list(weights), "rewards": means})

@@ -10,6 +10,7 @@ import click
 import typer
 
 from rlgen import __version__
+from rlgen.cli.launch import Invocation
 from rlgen.errors import RlgenError
 
 app = typer.Typer(
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RLGEN_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
+    Invocation.args, Invocation.debug = list(args), debug
     exit_types, abort_types, usage_types = _click_exception_types()
     try:
         # A built-in command starts without importing plugins for commands (it imports those it needs, e.g.

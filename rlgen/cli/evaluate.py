@@ -84,6 +84,7 @@ def evaluate(
     num_steps: int = typer.Option(20, "--num-steps", help="Image models: denoising steps."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Image models: classifier-free guidance weight."),
     eta: float = typer.Option(0.0, "--eta", help="Image models: step noise (DDIM eta / flow SDE noise level); 0 = deterministic."),
+    device: str = opt.Device,
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
@@ -95,6 +96,7 @@ def evaluate(
         ("--limit", limit, COUNT), ("-k", k, COUNT),
         *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
         *opt.image_checks(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta))
+    opt.check_device(device)
     reporter = Reporter(quiet=quiet, json_output=json_output)
     sources = list(source or [])
     compare = sources[1:] if sources and sources[0] == "compare" else None
@@ -106,7 +108,7 @@ def evaluate(
         limit=limit, k=k, temperature=temperature, max_new_tokens=max_new_tokens, reward=reward, seed=seed, plot=plot,
         similarity=Similarity(similarity).value, ref=ref, samples_out=samples_out, sampler=sampler,
         sampler_options=sampler_opt, sampler_reward=sampler_reward, reward_model=rm, num_steps=num_steps,
-        guidance_scale=guidance_scale, eta=eta, compare=compare, plot_dir=plot_dir, metrics=metric)
+        guidance_scale=guidance_scale, eta=eta, compare=compare, plot_dir=plot_dir, metrics=metric, device=device)
     if json_output:
         reporter.emit_json(result)
     elif compare is not None:

@@ -100,6 +100,17 @@ def _kernel_info() -> dict:
     return info
 
 
+def _device_rows() -> list[dict]:
+    """Every device a run can use (rlgen.devices.device_listing) with the log-prob and merge kernels that
+    run there."""
+    from rlgen import kernels
+    from rlgen.devices import device_listing
+    from rlgen.merging import kernels as merge_kernels
+
+    return [{**row, "logprob_kernel": kernels.backend_name(row["device"]),
+             "merge_kernel": merge_kernels.backend_name(row["device"])} for row in device_listing()]
+
+
 def _plugins() -> list[dict]:
     """Installed plugins (entry points of the "rlgen" group) with their distribution versions; broken
     ones with their error."""
@@ -125,6 +136,7 @@ def env(json_output: bool = opt.Json):
         "cpu_threads": torch.get_num_threads(),
         "kernel_backend": kernels.backend_name(device),
         "kernels": _kernel_info(),
+        "devices": _device_rows(),
         "packages": {p: _version(p) for p in ("transformers", "safetensors", "tokenizers", "peft", "pluggy", "typer", "rich", "trl", "diffusers")},
         "plugins": _plugins(),
     }
@@ -139,6 +151,10 @@ def env(json_output: bool = opt.Json):
                 typer.echo(f"plugins.{plugin['name']}: {plugin['distribution']} {plugin['version']}{state}")
             if not value:
                 typer.echo("plugins: none")
+        elif key == "devices":
+            for row in value:
+                details = ", ".join(f"{k}={v}" for k, v in row.items() if k != "device")
+                typer.echo(f"devices.{row['device']}: {details}")
         elif isinstance(value, dict):
             for inner, v in value.items():
                 typer.echo(f"{key}.{inner}: {v if v is not None else 'not installed'}")

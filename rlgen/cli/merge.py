@@ -48,18 +48,25 @@ def merge(
     images_per_prompt: int = typer.Option(4, "--images-per-prompt", help="--sweep on image models: images per prompt (fixed seeds)."),
     keep_models: bool = typer.Option(False, "--keep-models", help="--sweep: keep every merged point in OUT/models/."),
     hv_ref: opt.OptStr = typer.Option(None, "--hv-ref", help="--sweep: hypervolume reference, one value per --reward in its units, comma-separated (default: 0 for a maximised reward, 1 for a minimised one)."),
+    device: opt.OptStr = typer.Option(None, "--device", help="Where tensors are merged (streamed host -> device -> host, one at a time) and --sweep points evaluated: auto (CUDA when available; the default), cpu, cuda or cuda:N."),
+    cuda: bool = typer.Option(False, "--cuda", help="Same as --device cuda (mergekit's flag)."),
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
 ):
     from rlgen.api import merge as run_merge
     from rlgen.cli.report import Reporter
+    from rlgen.errors import RlgenError
 
+    if cuda and device not in (None, "cuda"):
+        raise RlgenError(f"--cuda means --device cuda; drop one of --cuda and --device {device}")
+    device = "cuda" if cuda else (device or "auto")
+    opt.check_device(device)
     reporter = Reporter(quiet=quiet, json_output=json_output)
     summary = run_merge(models, out=out, method=method, base=base, weights=weights, density=density, params=params,
                         config=config_file, lora=lora, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
                         sweep=sweep, grid=grid, task=task, data=data, limit=limit, reward=reward,
                         max_new_tokens=max_new_tokens, images_per_prompt=images_per_prompt, keep_models=keep_models,
-                        hv_ref=hv_ref, callbacks=reporter.events())
+                        hv_ref=hv_ref, device=device, callbacks=reporter.events())
     if lora:
         reporter.result(summary, f"folded {lora} into {summary['base']} ({summary['tensors']} tensors, "
                                  f"{_size(summary['bytes'])}) -> {out} in {summary['seconds']:.2f} s")

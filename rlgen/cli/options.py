@@ -13,6 +13,8 @@ Data = typer.Option(None, "--data", help="JSONL or Parquet file: `prompt` and `a
 Reward = typer.Option(None, "--reward", "-r", help="Reward NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.")
 Seed = typer.Option(None, "--seed", help="Random seed.")
 Sets = typer.Option(None, "--set", help="Override a config key: section.key=value (TOML value); repeatable.")
+# the text of rlgen.devices.DEVICE_HELP, not imported: that module imports torch, and `rlgen --help` stays quick
+Device = typer.Option("auto", "--device", help="Where the models run: auto (CUDA when available), cpu, cuda or cuda:N.")
 
 OptStr = Optional[str]
 OptInt = Optional[int]
@@ -26,6 +28,14 @@ def check_options(*checks: tuple[str, object, object]) -> None:
 
     for flag, value, bounds in checks:
         check_value(flag, value, bounds)
+
+
+def check_device(spec: str, flag: str = "--device"):
+    """The torch.device of a --device value: a malformed value, or CUDA where there is none, is one line
+    naming the flag (exit 2). Commands call this with the other checks, before any model loads."""
+    from rlgen.devices import resolve_device
+
+    return resolve_device(spec, flag)
 
 
 def sampling_checks(*, max_new_tokens: int, temperature: float, seed: int, top_p: float = 1.0, top_k: int = 0) -> list:

@@ -50,6 +50,7 @@ def sample(
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Image models: classifier-free guidance weight (1 = off)."),
     eta: float = typer.Option(0.0, "--eta", help="Image models: step noise (DDIM eta; the SDE noise level for flow models); 0 = deterministic."),
     batch_size: int = typer.Option(64, "--batch-size", help="Image models: prompts per sampling batch."),
+    device: str = opt.Device,
     quiet: bool = opt.Quiet,
 ):
     from rlgen.api import sample as draw_samples
@@ -61,12 +62,13 @@ def sample(
         ("-n", n, COUNT), ("--limit", limit, COUNT), ("--batch-size", batch_size, COUNT),
         *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, top_k=top_k),
         *opt.image_checks(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta))
+    opt.check_device(device)
     reporter = Reporter(quiet=quiet)
     records = draw_samples(model, prompts, task=task, split=split, limit=limit, n=n, sampler=sampler,
                            sampler_options=sampler_opt, sampler_reward=sampler_reward, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out, image_dir=image_dir,
                            grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                           batch_size=batch_size, callbacks=reporter.events())
+                           batch_size=batch_size, device=device, callbacks=reporter.events())
     write_records(records, out)
 
 

@@ -32,12 +32,14 @@ def score(
         "ref-normalize (stats from the whole input unless mean=, std= are given). Default: none.",
     ),
     out: str = typer.Option("-", "--out", "-o", help="Output JSONL ('-' = stdout)."),
+    device: str = typer.Option("auto", "--device", help="Where rewards that run a model (rm:PATH, digit-classifier ...) run it: auto (CUDA when available), cpu, cuda or cuda:N."),
     quiet: bool = opt.Quiet,
 ):
     from rlgen.api import score as score_records
     from rlgen.data.records import write_records
 
-    write_records(score_records(source, reward, on_error=on_error, combine=combine, shape=shape), out)
+    opt.check_device(device)
+    write_records(score_records(source, reward, on_error=on_error, combine=combine, shape=shape, device=device), out)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,8 @@ from rlgen.diffusion.steps import mean_over_pixels
 
 
 def sample_times(n: int, generator: torch.Generator | None, density: str = "uniform") -> torch.Tensor:
-    """u in (0, 1) per sample: uniform, or SD3's logit-normal density (mean 0, std 1)."""
+    """u in (0, 1) per sample: uniform, or SD3's logit-normal density (mean 0, std 1); drawn where the generator
+    lives (the run's CPU one), `noised` moves them to the images' device."""
     if density == "logit-normal":
         return torch.sigmoid(torch.randn(n, generator=generator))
     return torch.rand(n, generator=generator).clamp(1e-4, 1 - 1e-4)

@@ -223,6 +223,7 @@ class DiffusionModel(nn.Module):
 
     # --- the denoiser ---
     def _forward(self, net, x, t, cond):
+        x = x.to(_weight_dtype(net))  # float32 latents into a bf16 / fp16 denoiser (model.dtype, run.precision = bf16)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
@@ -259,7 +260,7 @@ class DiffusionModel(nn.Module):
         """Images in [0, 1] from final latents (through the VAE when the pipeline has one)."""
         if self.vae is not None:
             scaling, shift = self._vae_scale()
-            latents = self.vae.decode(latents / scaling + shift).sample
+            latents = self.vae.decode((latents / scaling + shift).to(_weight_dtype(self.vae))).sample
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -274,8 +275,9 @@ class DiffusionModel(nn.Module):
             if pixels.shape[1] == 1 and expected == 3:
                 pixels = pixels.repeat(1, 3, 1, 1)
             scaling, shift = self._vae_scale()
-            parts = [self.vae.encode(part.to(self.device)).latent_dist.mean for part in pixels.split(batch_size)]
-            encoded = (torch.cat(parts) - shift) * scaling
+            dtype = _weight_dtype(self.vae)
+            parts = [self.vae.encode(part.to(self.device, dtype)).latent_dist.mean for part in pixels.split(batch_size)]
+            encoded = (torch.cat(parts).float() - shift) * scaling
         if tuple(encoded.shape[1:]) != self.latent_shape:
             kind = "encode to" if self.vae is not None else "are"
             raise RlgenError(f"{source} {kind} {tuple(encoded.shape[1:])} but {self.path} denoises {self.latent_shape}")
@@ -298,6 +300,11 @@ class DiffusionModel(nn.Module):
         else:
             net.save_pretrained(str(tmp / self.denoiser_name), safe_serialization=True)
         replace_dir(tmp, out_dir)
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point weights (what its inputs are cast to)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 def add_lora(model: DiffusionModel, cfg: DiffusionModelConfig) -> None:

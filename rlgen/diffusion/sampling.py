@@ -41,8 +41,14 @@ class Schedule:
     def __len__(self) -> int:
         return len(self.timesteps)
 
+    def to(self, device: torch.device) -> "Schedule":
+        """The schedule on `device`, where the steps (and training's per-sample step indices) read it."""
+        return Schedule(self.family, self.timesteps.to(device), self.current.to(device), self.following.to(device),
+                        self.sigma_max)
+
 
 def make_schedule(model, num_steps: int) -> Schedule:
+    """The coefficients, computed on the CPU (the same values for every device; `Schedule.to` moves them)."""
     scheduler = model.scheduler
     if model.family == "flow":
         scheduler.set_timesteps(num_steps)
@@ -95,6 +101,7 @@ class Trajectory:
 
 
 def initial_noise(model, n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Drawn from the (CPU) generator, then moved: the same noise for a seed on every device."""
     return torch.randn((n, *model.latent_shape), generator=generator).to(model.device)
 
 
@@ -106,14 +113,15 @@ def sample(model, cond, null, params: DiffusionSamplingParams, generator: torch.
     grad_last = K > 0 keeps the autograd graph through the last K steps (DRaFT-K / AlignProp), each step
     recomputed in backward when `checkpointing`; earlier steps run without grad. `step_callback(index, x, x0_pred)`
     may return a replacement x (used by FK steering to resample particles)."""
-    schedule = make_schedule(model, params.num_steps)
     n = cond.shape[0] if cond is not None else (noise.shape[0] if noise is not None else 1)
     x = initial_noise(model, n, generator) if noise is None else noise
+    schedule = make_schedule(model, params.num_steps).to(x.device)
     latents = [x.detach()] if keep_trajectory else []
     log_probs = []
     total = len(schedule)
     for index in range(total):
         with_grad = grad_last > 0 and index >= total - grad_last
+        # drawn on the CPU, then moved, as the initial noise
         step_noise = torch.randn(x.shape, generator=generator).to(x.device) if stochastic(params, index) and _noisy(params, schedule) else None
         if with_grad:
             if checkpointing and grad_last > 1:  # with one step there is nothing to save by recomputing
@@ -135,7 +143,7 @@ def sample(model, cond, null, params: DiffusionSamplingParams, generator: torch.
     if keep_trajectory:
         stacked = torch.stack(latents, dim=1)
     else:
-        stacked = torch.empty(0)
+        stacked = torch.empty(0, device=x.device)
     images = model.decode(x) if grad_last > 0 else _decode_no_grad(model, x)
     return Trajectory(stacked, torch.stack(log_probs, dim=1), schedule, images)
 

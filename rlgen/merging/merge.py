@@ -352,10 +352,18 @@ def _out_entries(template: Source, dtype: str | None) -> list[tuple]:
 
 # --------------------------------------------------------------------------- public API
 
-def merge_models(config: MergeConfig, out: str, progress: Progress | None = None) -> dict:
+def merge_models(config: MergeConfig, out: str, progress: Progress | None = None, device=None) -> dict:
     """Merge `config`'s models into the model directory OUT, streaming; the summary (out, tensors, shards,
-    bytes, method, seconds, ...)."""
+    bytes, method, seconds, ...). On a CUDA `device` each tensor goes host -> device, is merged there and
+    comes back before it is written, so the device holds a few tensors at a time; on the CPU (the default)
+    nothing moves."""
     started = time.perf_counter()
+    device = torch.device(device or "cpu")
+    on_host = device.type == "cpu"
+
+    def to_device(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return tensor if on_host or tensor is None else tensor.to(device, non_blocking=True)
+
     method = validate(config)
     listed = merged_models(config, method)
     opened: dict[str, Source] = {}
@@ -378,12 +386,13 @@ def merge_models(config: MergeConfig, out: str, progress: Progress | None = None
         def produce(name: str) -> torch.Tensor:
             if not template.checkpoint.info(name).dtype.is_floating_point:
                 return template.checkpoint.tensor(name)  # integer buffers are copied, not merged
-            tensors = [m.checkpoint.tensor(name) for m in models]
-            base_tensor = base_for_method.checkpoint.tensor(name) if base_for_method else None
+            tensors = [to_device(m.checkpoint.tensor(name)) for m in models]
+            base_tensor = to_device(base_for_method.checkpoint.tensor(name)) if base_for_method else None
             model_params, global_params = resolver.resolve(name)
             keys = [dare_key(config.seed, name, i) for i in range(len(models))]
-            return merge_tensor(method.fn, MergeInput(name, tensors, base_tensor, model_params, global_params, keys,
-                                                      out_dtypes[name]))
+            merged = merge_tensor(method.fn, MergeInput(name, tensors, base_tensor, model_params, global_params, keys,
+                                                        out_dtypes[name]))
+            return merged if on_host else merged.cpu()
 
         def release(name: str) -> None:
             for source in opened.values():
@@ -401,7 +410,7 @@ def merge_models(config: MergeConfig, out: str, progress: Progress | None = None
         for source in opened.values():
             source.checkpoint.close()
     return {**summary, "method": config.method, "models": [m.model for m in listed], "base": config.base,
-            "dtype": config.dtype, "seed": config.seed, "threads": torch.get_num_threads(),
+            "dtype": config.dtype, "seed": config.seed, "threads": torch.get_num_threads(), "device": str(device),
             "seconds": round(time.perf_counter() - started, 3), "peak_rss_mb": _peak_rss_mb()}
 
 

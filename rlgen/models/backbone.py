@@ -106,7 +106,12 @@ def build_reference(policy, *, has_adapter: bool, frozen_copy: Callable[[], Any]
     (no second copy of the weights), else a frozen copy (`frozen_copy()` is only called then)."""
     if has_adapter:
         return ReferencePolicy(policy, "adapter-off", logprobs)
-    return ReferencePolicy(frozen_copy().requires_grad_(False).eval(), "frozen-copy", logprobs)
+    copy = frozen_copy().requires_grad_(False).eval()
+    # the policy's device and weight dtype (a copy reloaded from disk is on the CPU in model.dtype)
+    first = next(iter(policy.parameters()), None)
+    if first is not None:
+        copy.to(device=first.device, dtype=first.dtype if first.is_floating_point() else None)
+    return ReferencePolicy(copy, "frozen-copy", logprobs)
 
 
 @runtime_checkable

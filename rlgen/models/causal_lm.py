@@ -36,6 +36,7 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     lora_merge_on_save: bool = True  # final/ holds merged weights; false keeps the adapter
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% more time)
 
     def validate(self):
         if self.dtype not in DTYPES:

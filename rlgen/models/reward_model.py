@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rlgen.devices import module_device
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import DTYPES, load_tokenizer, quiet_transformers, resolve_model_path
 from rlgen.models.safe_load import NO_CODE, check_model_dir, load_errors, weights_kwargs
@@ -108,9 +109,10 @@ def reward_scores(model, tokenizer, prompts: list[str], completions: list[str]) 
     unique: dict[tuple[str, str], int] = {}
     rows = [unique.setdefault((p, c), len(unique)) for p, c in zip(prompts, completions)]
     ids, mask = encode_texts(tokenizer, [p for p, _ in unique], [c for _, c in unique])
-    out = model(input_ids=ids, attention_mask=mask)
+    device = module_device(model)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
     logits = (out if isinstance(out, torch.Tensor) else out.logits).reshape(-1).float()
-    return logits if len(unique) == len(rows) else logits.index_select(0, torch.tensor(rows))
+    return logits if len(unique) == len(rows) else logits.index_select(0, torch.tensor(rows, device=device))
 
 
 class RewardModelReward:

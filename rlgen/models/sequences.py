@@ -37,7 +37,7 @@ def consecutive_runs(items) -> tuple[list[int], torch.Tensor]:
 def prefix_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`consecutive_runs` for left-padded prompt tensors: (first row of each run [U], run of every row [B])."""
     rows = prompt_ids.shape[0]
-    new_run = torch.ones(rows, dtype=torch.bool)
+    new_run = torch.ones(rows, dtype=torch.bool, device=prompt_ids.device)
     if rows > 1:
         same = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
         new_run[1:] = ~same

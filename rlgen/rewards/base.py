@@ -18,6 +18,8 @@ import inspect
 import math
 import numbers
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -55,6 +57,39 @@ class RewardSpec:
         return cls(text)
 
 
+_SCORING_DEVICE: ContextVar[torch.device] = ContextVar("rlgen_scoring_device", default=torch.device("cpu"))
+
+
+@contextmanager
+def scoring_device(device):
+    """Inside this block the rewards that run a model (rm:PATH, the image classifiers) run it on `device`
+    (`rlgen score --device`); elsewhere on the CPU, where the trainers score their samples."""
+    token = _SCORING_DEVICE.set(torch.device(device))
+    try:
+        yield
+    finally:
+        _SCORING_DEVICE.reset(token)
+
+
+def current_scoring_device() -> torch.device:
+    return _SCORING_DEVICE.get()
+
+
+class _ModelOnScoringDevice:
+    """A reward model reward (rm:PATH; one loaded copy per path) that moves its model to the scoring device
+    when it is called; its other attributes (description, is_correctness ...) are the reward's own."""
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    def __getattr__(self, name):
+        return getattr(self.reward, name)
+
+    def __call__(self, samples: list[dict], **options) -> list:
+        self.reward.model.to(current_scoring_device())
+        return self.reward(samples, **options)
+
+
 def _is_trl_style(fn: Callable) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -68,7 +103,7 @@ def resolve_reward(name: str) -> Callable:
     if name in rewards:
         return rewards.get(name)
     if name.startswith("rm:"):  # a trained reward model directory
-        return reward_model_reward(name[3:])
+        return _ModelOnScoringDevice(reward_model_reward(name[3:]))
     if ":" in name:
         fn = load_dotted(name)
         if not callable(fn):

@@ -20,10 +20,11 @@ from rlgen.diffusion.digits import parse_digit_prompt
 from rlgen.diffusion.images import sample_images, to_pil
 from rlgen.errors import RlgenError
 from rlgen.hookspecs import hookimpl
+from rlgen.rewards.base import current_scoring_device
 
 
 def _pixels(samples: list[dict]) -> torch.Tensor:
-    return sample_images(samples)
+    return sample_images(samples).to(current_scoring_device())
 
 
 def _check_batch(images: torch.Tensor, samples: list[dict] | None, reward: str) -> None:

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from rlgen.devices import module_device
 from rlgen.errors import RlgenError, show_value
 from rlgen.models.causal_lm import unwrap_peft
 from rlgen.models.sequences import (cache_keyword, consecutive_runs, expand_cache, new_expandable_cache, pad_tokens,
@@ -76,6 +77,16 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator that samples on `device`: the given one when it is there already (the CPU: draws unchanged),
+    else a new one on the device seeded from it, so that a run's CPU generator (checkpointed, resumed) still
+    decides every draw."""
+    if generator is None or generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def check_logits(logits: torch.Tensor, model) -> None:
@@ -147,11 +158,16 @@ class HFEngine:
     def sync_weights(self, model) -> None:
         self.model = model  # same process, same weights: nothing to copy
 
+    @property
+    def device(self) -> torch.device:
+        """The model's device: every tensor the engine makes lives there (asked each time: models move)."""
+        return module_device(self.model)
+
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded (ids [B, P], mask [B, P]); each run of equal consecutive prompts is tokenised once."""
         starts, row_group = consecutive_runs(prompts)
         ids, mask = self._encode_unique([prompts[i] for i in starts])
-        return repeat_rows(ids, row_group), repeat_rows(mask, row_group)
+        return repeat_rows(ids, row_group.to(ids.device)), repeat_rows(mask, row_group.to(ids.device))
 
     def tokenize_completions(self, completions: list[str]) -> list[list[int]]:
         """Token ids of given completion texts, each ending with the stop token, as if the model had
@@ -162,17 +178,20 @@ class HFEngine:
     def pad_completions(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (ids [B, C], mask [B, C]) with the mask ending at the first stop token."""
         ids, _ = pad_tokens(token_lists, self.pad_id, left=False)
-        return ids, completion_mask_from_ids(ids, self.stop_ids)
+        ids = ids.to(self.device)
+        return ids, completion_mask_from_ids(ids, self.stop_ids.to(ids.device))
 
     def encode_completions(self, completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """`pad_completions(tokenize_completions(completions))`."""
         return self.pad_completions(self.tokenize_completions(completions))
 
     def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_tokens(self.tokenizer(list(prompts)).input_ids, self.pad_id, left=True)
+        ids, mask = pad_tokens(self.tokenizer(list(prompts)).input_ids, self.pad_id, left=True)
+        return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None) -> Rollouts:
+        generator = generator_on(generator, self.device)
         parts = [
             self._generate_batch(prompts[i : i + self.batch_size], params, generator)
             for i in range(0, len(prompts), self.batch_size)
@@ -186,6 +205,8 @@ class HFEngine:
         batch = len(prompts)
         starts, row_group = consecutive_runs(prompts)
         unique_ids, unique_mask = self._encode_unique([prompts[i] for i in starts])
+        device = unique_ids.device
+        row_group = row_group.to(device)
         expand = len(starts) != batch
         prompt_ids = repeat_rows(unique_ids, row_group)
         prompt_mask = repeat_rows(unique_mask, row_group)
@@ -197,10 +218,10 @@ class HFEngine:
                              f"of {limit} positions")
         # The attention mask for the whole loop, filled once: generated tokens are always attended
         # (finished rows keep feeding padding, exactly as before); each step passes a prefix view.
-        attention = torch.ones((batch, width + steps), dtype=prompt_mask.dtype)
+        attention = torch.ones((batch, width + steps), dtype=prompt_mask.dtype, device=device)
         attention[:, :width] = prompt_mask
-        completion_ids = torch.full((batch, steps), self.pad_id, dtype=torch.long)
-        finished = torch.zeros(batch, dtype=torch.bool)
+        completion_ids = torch.full((batch, steps), self.pad_id, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
         produced = 0
         if steps > 0:
             cache = new_expandable_cache(model) if self.shared_prefix else None
@@ -221,7 +242,7 @@ class HFEngine:
                 past = returned_cache(out)
                 logits = out.logits[:, -1, :]
                 next_position = positions[:, -1:] + 1
-            stop_ids = self.stop_ids
+            stop_ids = self.stop_ids.to(device)
             keyword = cache_keyword(model) or "past_key_values"
             for step in range(steps):
                 check_logits(logits, model)
@@ -245,8 +266,8 @@ class HFEngine:
         if was_training:
             model.train()
         completion_ids = completion_ids[:, :produced].contiguous()
-        completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids)
-        truncated = ~torch.isin(completion_ids, self.stop_ids).any(dim=1)
+        completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids.to(device))
+        truncated = ~torch.isin(completion_ids, self.stop_ids.to(device)).any(dim=1)
         texts = self.decode(completion_ids, completion_mask)
         return Rollouts(list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
 
@@ -271,7 +292,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         width = max(t.shape[1] for t in tensors)
         padded = []
         for t in tensors:
-            pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype)
+            pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
             padded.append(torch.cat([pad, t] if left else [t, pad], dim=1))
         return torch.cat(padded, dim=0)
 

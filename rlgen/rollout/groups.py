@@ -53,8 +53,8 @@ class RolloutBatch:
 
     @property
     def group_index(self) -> torch.Tensor:
-        """[N] the group (prompt) each row belongs to."""
-        return torch.arange(len(self)) // self.group_size
+        """[N] the group (prompt) each row belongs to, on the batch's device."""
+        return torch.arange(len(self), device=self.total.device) // self.group_size
 
     @property
     def inputs(self) -> ModelInputs:
@@ -73,8 +73,8 @@ class RolloutBatch:
     def select_groups(self, groups: list[int]) -> "RolloutBatch":
         """The given groups, in that order, with every per-row field (log-probs included) picked alike."""
         g = self.group_size
-        rows = torch.tensor([k * g + j for k in groups for j in range(g)], dtype=torch.long)
-        picked = rows.tolist()
+        picked = [k * g + j for k in groups for j in range(g)]
+        rows = torch.tensor(picked, dtype=torch.long, device=self.total.device)
         return RolloutBatch(
             records=[self.records[k] for k in groups],
             group_size=g,
@@ -106,6 +106,13 @@ class RolloutBatch:
         )
 
 
+def scored(rewards: RewardSet, samples: list[dict], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`rewards.score(samples)` (components, valid, total), moved to `device`. The rewards score on the CPU and
+    outside the trainer's autocast: a reward model's judgement does not depend on the training precision."""
+    with torch.autocast("cpu", enabled=False):
+        return tuple(t.to(device) for t in rewards.score(samples))
+
+
 @dataclass
 class GroupRollout:
     """Samples `group_size` completions of each prompt through the shared engine and scores them."""
@@ -117,10 +124,11 @@ class GroupRollout:
     generator: torch.Generator | None = None  # the trainer's, so a resumed run draws the same completions
 
     def sample(self, records: list[dict]) -> RolloutBatch:
+        """The batch on the engine's (the model's) device."""
         expanded = [r for r in records for _ in range(self.group_size)]
         rollouts = self.engine.generate([r["prompt"] for r in expanded], self.params, self.generator)
-        lengths = rollouts.completion_mask.sum(1)
-        samples = [{**r, "completion": text, "completion_tokens": int(n)}
+        lengths = rollouts.completion_mask.sum(1).tolist()
+        samples = [{**r, "completion": text, "completion_tokens": n}
                    for r, text, n in zip(expanded, rollouts.texts, lengths)]
-        components, valid, total = self.rewards.score(samples)
+        components, valid, total = scored(self.rewards, samples, rollouts.completion_ids.device)
         return RolloutBatch(list(records), self.group_size, rollouts, samples, components, valid, total)

@@ -108,7 +108,7 @@ def best_of_n(engine, prompts, params, generator=None, *, rewards, records=None,
     lengths = drawn.completion_mask.sum(dim=1).tolist()
     scores = guide_scores(rewards, _samples(prompts, records, owner, drawn.texts, lengths))
     pick = best_rows(scores.view(len(prompts), n))
-    return drawn.select(torch.arange(len(prompts)) * n + pick)
+    return drawn.select((torch.arange(len(prompts)) * n + pick).to(drawn.completion_ids.device))
 
 
 # --- sequential Monte Carlo ------------------------------------------------------------------------
@@ -255,8 +255,9 @@ def _build_rollouts(engine, prompts, token_lists, stopped, texts) -> Rollouts:
     else:  # an engine without encode_prompts: let it tell us the prompt encoding
         probe = engine.generate(list(prompts), SamplingParams(max_new_tokens=0))
         prompt_ids, prompt_mask = probe.prompt_ids, probe.prompt_mask
-    completion_ids, completion_mask = pad_tokens(token_lists, getattr(engine, "pad_id", 0), left=False)
-    truncated = torch.tensor([not s for s in stopped], dtype=torch.bool)
+    # on the prompts' device (the model's): the rollouts' tensors live together
+    completion_ids, completion_mask = (t.to(prompt_ids.device) for t in pad_tokens(token_lists, getattr(engine, "pad_id", 0), left=False))
+    truncated = torch.tensor([not s for s in stopped], dtype=torch.bool, device=prompt_ids.device)
     return Rollouts(list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, list(texts))
 
 

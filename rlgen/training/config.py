@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from rlgen.config import section, setting
+from rlgen.devices import check_device_spec
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSpec
 from rlgen.rewards.combine import parse_spec
+from rlgen.training.precision import Precision
 
 # Closed choices, shared by the configs that use them (one spelling of each).
 ScaleRewards = Literal["group", "batch", "none"]
@@ -88,6 +90,14 @@ class RunConfig:
     eval_every: int = setting(0, "held-out evaluation every N steps; 0 = none")
     threads: int = setting(0, "torch intra-op threads; 0 = torch's default")
     kernels: KernelMode = setting("auto", "log-prob kernels: auto (native where built), native, torch, or reference (eager, for debugging)")
+    device: str = setting("auto", "where the model trains: auto (CUDA when available; under torchrun the GPU of LOCAL_RANK), cpu, cuda or cuda:N")
+    precision: Precision = setting("fp32", "fp32 | bf16-mixed (bf16 autocast, fp32 master weights and AdamW states) | bf16 (bf16 weights) | fp16-mixed (fp16 autocast with a loss scaler)")
+    distributed: Literal["ddp", "fsdp"] = setting("ddp", "multi-process data parallelism: ddp (every rank holds the whole model, gradients summed) | fsdp (FSDP2: weights, gradients and AdamW states sharded over the ranks)")
+    reshard_after_forward: bool = setting(True, "fsdp: free each block's gathered weights after its forward (less memory; gathered again for the backward)")
+    cpu_offload: bool = setting(False, "fsdp: keep the sharded weights, gradients and AdamW states in CPU memory (CUDA runs; the update runs on the CPU)")
+
+    def validate(self) -> None:
+        check_device_spec(self.device, "run.device")
 
 
 @dataclass

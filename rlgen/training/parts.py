@@ -2,8 +2,21 @@
 rollout and its batch live in rlgen.rollout.groups; the preference update in rlgen.algorithms.parts)."""
 from __future__ import annotations
 
+import torch
+
+from rlgen.distributed import Dist
 from rlgen.models.sequences import pad_tokens
 from rlgen.rollout.groups import ModelInputs
+
+
+def summed_over_ranks(dist: Dist, values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over the ranks in one collective (metric numerators and counts of a sharded
+    global batch; the values themselves on one process)."""
+    if not dist.enabled:
+        return dict(values)
+    keys = list(values)
+    totals = dist.sum(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, totals.tolist()))
 
 
 class PairEncoder:
@@ -41,5 +54,6 @@ class PairEncoder:
                     self._tokens[known[k]] = entry
         entries = [self._tokens[position] if position is not None else tokens[k] for k, position in enumerate(known)]
         prompt_ids, prompt_mask = pad_tokens([e[0] for e in entries for _ in range(2)], self.engine.pad_id, left=True)
+        prompt_ids, prompt_mask = prompt_ids.to(self.engine.device), prompt_mask.to(self.engine.device)
         completion_ids, completion_mask = self.engine.pad_completions([answer for e in entries for answer in e[1:]])
         return ModelInputs(prompt_ids, prompt_mask, completion_ids, completion_mask)

@@ -6,12 +6,15 @@ import math
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from rlgen import kernels
+from rlgen.devices import resolve_device
+from rlgen.distributed import Dist, init_distributed, sync_gradients
 from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
 from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
@@ -19,7 +22,9 @@ from rlgen.models.backbone import LoadedModel, ReferencePolicy, backbone_named
 from rlgen.models.causal_lm import load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
 from rlgen.models.safe_load import load_peft_adapter
 from rlgen.plugins import registry
+from rlgen.training import fsdp
 from rlgen.training.config import DataConfig, OptimConfig, RunConfig  # noqa: F401 - re-exported (their home before)
+from rlgen.training.precision import PrecisionPolicy
 from rlgen.training.run_dir import RunDir
 from rlgen.training.state import load_state, restore_rng, rng_state, save_state
 
@@ -60,7 +65,14 @@ def lr_lambda(kind: str, warmup: int, total: int):
 
 
 class Trainer:
-    """Subclasses implement `train_step(step) -> metrics`; this class does the rest."""
+    """Subclasses implement `train_step(step) -> metrics`; this class does the rest: device placement,
+    precision, multi-process data parallelism (rlgen.distributed), checkpoints and the loop.
+
+    A trainer that runs multi-process (`supports_distributed = True`) trains on `self.dist.shard(batch)` of
+    every global batch and normalises its loss by global counts (`self.dist.sum`), so that the gradients
+    summed over ranks in `optimizer_step` are the single-process ones."""
+
+    supports_distributed = False
 
     def __init__(self, config, run_dir: RunDir, reporter, resume: bool = False):
         self.config = config
@@ -69,6 +81,51 @@ class Trainer:
         self.resume = resume
         self.step = 0
         self.nonfinite_skipped = 0  # updates skipped in the current step (optim.skip_nonfinite_steps)
+        self.dist = Dist()
+        self.device = torch.device("cpu")
+        self.precision = PrecisionPolicy("fp32", self.device)
+        self._runtime_ready = False
+
+    def init_runtime(self) -> None:
+        """Device, process group and precision, once per trainer (before anything touches the run dir, so
+        that only rank 0 writes it). Non-main ranks report nothing; rank 0 speaks for the run."""
+        if self._runtime_ready:
+            return
+        run = self.config.run
+        self.device = resolve_device(getattr(run, "device", "auto"), "run.device")
+        self.dist = init_distributed(self.device)
+        if self.dist.enabled and not self.supports_distributed:
+            raise RlgenError(f"{type(self).__name__} does not run multi-process yet (WORLD_SIZE={self.dist.world_size}); "
+                             "run it on one process")
+        self.precision = PrecisionPolicy(getattr(run, "precision", "fp32"), self.device)
+        if self.fsdp:
+            self.check_fsdp()
+        if not self.dist.is_main:
+            from rlgen.events import Events
+
+            self.reporter = Events()
+        self._runtime_ready = True
+
+    @property
+    def fsdp(self) -> bool:
+        """Sharded data parallelism (run.distributed = fsdp, rlgen.training.fsdp); one process never shards."""
+        return self.dist.enabled and getattr(self.config.run, "distributed", "ddp") == "fsdp"
+
+    def check_fsdp(self) -> None:
+        """What FSDP cannot do here, refused before the model loads. FSDP gathers weights inside every
+        forward pass, so every rank must run as many forward passes as the others: an equal, non-empty share
+        of each batch."""
+        cfg = self.config
+        if cfg.run.precision == "fp16-mixed":
+            raise RlgenError("run.precision = fp16-mixed does not run with run.distributed = fsdp (the loss scaler would "
+                             "see only its rank's gradient shard); use bf16-mixed")
+        if getattr(cfg.model, "lora_r", 0) > 0:
+            raise RlgenError("model.lora_r > 0 does not run with run.distributed = fsdp (LoRA adapters are small: use ddp)")
+        batch_size = getattr(getattr(cfg, "algorithm", None), "batch_size", None)
+        world = self.dist.world_size
+        if isinstance(batch_size, int) and batch_size % world:
+            raise RlgenError(f"algorithm.batch_size = {batch_size} must be a multiple of the {world} processes under "
+                             "run.distributed = fsdp (every rank runs the same forward passes)")
 
     # --- setup ---
     def setup(self) -> None:
@@ -91,6 +148,7 @@ class Trainer:
 
     def _setup(self, damaged: dict[Path, str]) -> Path | None:
         cfg = self.config
+        self.init_runtime()
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         try:
@@ -105,6 +163,7 @@ class Trainer:
         if self.resume and checkpoint is None:
             self.reporter.log(f"no checkpoint in {self.run.root}: starting from step 0")
         self.model, self.tokenizer, self.base_path = self._load_model(checkpoint)
+        self.place_model()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         o = cfg.optim
@@ -125,6 +184,39 @@ class Trainer:
             model = load_model(checkpoint / "model", cfg.dtype)
         return model, tokenizer, base_path
 
+    def place_model(self) -> None:
+        """The loaded model on the run's device, in the precision's weight dtype, with gradient
+        checkpointing when asked for (before the optimiser sees its parameters)."""
+        dtype = self.precision.weight_dtype
+        self.model.to(device=self.device, dtype=dtype) if dtype is not None else self.model.to(self.device)
+        if getattr(self.config.model, "gradient_checkpointing", False):
+            self.enable_gradient_checkpointing()
+        if self.fsdp:
+            self.shard(self.model)
+
+    def shard(self, module) -> None:
+        """FSDP2 over the run's ranks (bf16-mixed: bf16 gathered weights, fp32 gradient reduction)."""
+        run = self.config.run
+        fsdp.shard_model(module, run.reshard_after_forward, run.cpu_offload and self.device.type == "cuda",
+                         fsdp.mixed_precision_policy(run.precision))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in the backward pass (transformers' non-reentrant checkpointing)."""
+        model = self.model
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x's name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):  # a LoRA model's frozen embeddings give no grad to checkpoint
+            model.enable_input_require_grads()
+        if hasattr(model, "config"):
+            model.config.use_cache = False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Every trainer's backward pass (the fp16 loss scaler scales it here)."""
+        self.precision.backward(loss)
+
     def prepare_data(self) -> None:
         """Algorithm-specific setup that needs no model: data, rewards, registry look-ups."""
 
@@ -137,7 +229,13 @@ class Trainer:
         """The frozen reference for KL penalties and DPO-family losses, built by the model's backbone (the
         LoRA base with the adapter off, or a frozen copy of the base), the same way for every trainer."""
         handle = LoadedModel(self.model, self.tokenizer, Path(self.base_path))
-        return backbone_named(self.backbone_name).reference_policy(handle, self.config.model)
+        reference = backbone_named(self.backbone_name).reference_policy(handle, self.config.model)
+        if reference.is_copy and self.fsdp:
+            # Replicated on every rank, not sharded: it runs no collective, so ranks may run it unevenly
+            # (a reference cache filled shard by shard).
+            dtype = self.precision.weight_dtype
+            reference.module.to(device=self.device, dtype=dtype) if dtype is not None else reference.module.to(self.device)
+        return reference
 
     # --- checkpoints ---
     def extra_state(self) -> dict:
@@ -153,30 +251,49 @@ class Trainer:
     def restore_extra_tensors(self, tensors: dict) -> None:
         pass
 
-    def save_model(self, out_dir: Path, final: bool) -> None:
-        """The model in its upstream format: final/ merges LoRA when configured; checkpoints keep the adapter."""
+    def save_model(self, out_dir: Path | None, final: bool) -> None:
+        """The model in its upstream format: final/ merges LoRA when configured; checkpoints keep the adapter.
+        Under FSDP every rank comes here to gather the full weights, and rank 0 (out_dir not None) writes them."""
+        if self.fsdp:
+            state = fsdp.full_model_state(self.model)
+            if out_dir is not None:
+                fsdp.save_full_hf(self.model, self.tokenizer, out_dir, state)
+            return
         save_hf(self.model, self.tokenizer, out_dir, merge_lora=final and self.config.model.lora_merge_on_save)
 
-    def save_checkpoint(self) -> Path:
-        tmp = self.run.begin_checkpoint(self.step)
-        self.save_model(tmp / "model", final=False)
-        save_state(self.optimizer.state_dict(), tmp, "optimizer")
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint (under FSDP every rank comes here for the gathers: the full model
+        and optimiser states, in the single-process layout, so that any world size resumes from it)."""
+        optimizer_state = fsdp.full_optimizer_state(self.model, self.optimizer) if self.fsdp else self.optimizer.state_dict()
+        tmp = self.run.begin_checkpoint(self.step) if self.dist.is_main else None
+        self.save_model(tmp / "model" if tmp is not None else None, final=False)
+        if tmp is None:
+            return None
+        save_state(optimizer_state, tmp, "optimizer")
         save_state(rng_state(self.generator), tmp, "rng")
         tensors = self.extra_tensors()
         if tensors:
             save_state(tensors, tmp, "extra")
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(), **self.extra_state()}
+        if self.precision.scaler is not None:
+            state["grad_scaler"] = self.precision.state_dict()
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         return self.run.commit_checkpoint(tmp, self.step, self.config.run.keep_checkpoints)
 
     def _restore(self, checkpoint: Path) -> None:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         self.step = state["step"]
-        self.optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+        optimizer_state = load_state(checkpoint, "optimizer")
+        if self.fsdp:
+            _check_state_shapes(self.optimizer, optimizer_state)
+            fsdp.load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         _check_optimizer_state(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(load_state(checkpoint, "rng"), self.generator)
         self.restore_extra_state(state)
+        self.precision.load_state_dict(state.get("grad_scaler", {}))
         if (checkpoint / "extra.json").is_file():
             self.restore_extra_tensors(load_state(checkpoint, "extra"))
         self.reporter.log(f"resumed from {checkpoint} (step {self.step})")
@@ -189,8 +306,22 @@ class Trainer:
         """Clip and apply the update; every trainer goes through here. An update whose gradient norm is NaN/inf
         is never applied: the run stops, or with optim.skip_nonfinite_steps the update is skipped."""
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.fsdp:  # FSDP has summed (reduce-scattered) them in the backward pass already
+            sync_gradients(params, self.dist)  # multi-process: the sum over ranks = the global batch's gradient
+        self.precision.unscale(self.optimizer)
         max_norm = self.config.optim.max_grad_norm
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+        norm = float(fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))))
+        if not math.isfinite(norm) and self.precision.scaler is not None:
+            # fp16 overflow: the scaler skips this update and lowers its scale, as every fp16 trainer does
+            self.precision.step(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.precision.scaler.get_scale() < MIN_LOSS_SCALE:  # non-finite at any scale: not an overflow
+                raise RlgenError(f"step {self.step}: the fp16 loss scale fell below {MIN_LOSS_SCALE:g} (the gradients are "
+                                 f"non-finite at any scale); training stopped{self._resume_hint()}")
+            with warnings.catch_warnings():  # torch warns when the schedule moves before any applied update
+                warnings.filterwarnings("ignore", message=r".*lr_scheduler\.step\(\)` before `optimizer\.step\(\)")
+                self.scheduler.step()
+            return norm
         if not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             if not self.config.optim.skip_nonfinite_steps:
@@ -200,10 +331,10 @@ class Trainer:
             self.nonfinite_skipped += 1
             self.scheduler.step()  # the schedule follows step numbers, skipped or not
             return norm
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         # Finite gradients can still make weights non-finite (an overflowing lr, adam_eps = 0 on a zero
         # gradient); the inf-norm (max |w|) cannot overflow, so it is finite exactly when every weight is.
-        if params and not math.isfinite(float(torch.nn.utils.get_total_norm(params, norm_type=float("inf")))):
+        if params and not math.isfinite(float(fsdp.full_tensor(torch.nn.utils.get_total_norm(params, norm_type=float("inf"))))):
             raise RlgenError(f"step {self.step}: the optimizer update made weights non-finite (check optim.lr and "
                              f"optim.adam_eps); training stopped{self._resume_hint()}")
         self.scheduler.step()
@@ -231,45 +362,70 @@ class Trainer:
         try:
             return self._fit()
         finally:
-            self.run.unlock()
+            if self.dist.is_main:
+                self.run.unlock()
 
     def _fit(self) -> dict:
-        if self.resume:
+        self.init_runtime()
+        main = self.dist.is_main  # rank 0 alone writes the run directory
+        if main and self.resume:
             self.run.lock()
-        else:
+        elif main:
             self.run.check_fresh()  # early, before the model loads; create() checks again under the lock
         self.setup()
-        self.run.create(self.config, fresh=not self.resume)
-        if self.resume:  # the metric lines after the checkpoint (all of them without one) are written again
-            self.run.truncate_metrics(self.step)
+        if main:
+            self.run.create(self.config, fresh=not self.resume)
+            if self.resume:  # the metric lines after the checkpoint (all of them without one) are written again
+                self.run.truncate_metrics(self.step)
         cfg = self.config.run
         last: dict = {}
         if cfg.eval_every and self.step == 0:  # the starting point of the held-out curve
-            self._log_metrics({"step": 0, **{k: _plain(v) for k, v in self.evaluate().items()}})
+            self._evaluate_and_log({"step": 0})
         with self.reporter.progress(total=cfg.steps, completed=self.step, description=f"training ({self.run.root})") as advance:
             while self.step < cfg.steps:
                 self.step += 1
                 self.nonfinite_skipped = 0
                 started = time.perf_counter()
-                metrics = self.train_step()
+                with self.precision.autocast():
+                    metrics = self.train_step()
+                metrics = self.dist.mean_metrics(metrics)
                 self._check_loss(metrics)
                 if self.config.optim.skip_nonfinite_steps:
                     metrics["nonfinite_skipped"] = self.nonfinite_skipped
                 metrics["step_time"] = time.perf_counter() - started
                 metrics["lr"] = self.scheduler.get_last_lr()[0]
-                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    metrics.update(self.evaluate())
                 last = {"step": self.step, **{k: _plain(v) for k, v in metrics.items()}}
-                self._log_metrics(last)
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    last = self._evaluate_and_log(last)
+                else:
+                    self._log_metrics(last)
                 advance(last)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
-        self.save_model(self.run.final, final=True)
+                    if main or self.fsdp:
+                        self.save_checkpoint()
+                    self.dist.barrier()
+        if main or self.fsdp:
+            self.save_model(self.run.final if main else None, final=True)
+        self.dist.barrier()
         return last
+
+    def _evaluate_and_log(self, row: dict) -> dict:
+        """The held-out evaluation (rank 0's; the other ranks wait) added to a metrics row, which is logged.
+        Under FSDP every rank evaluates (the forward passes gather weights; greedy decoding runs the same on
+        every rank) and rank 0's result is kept."""
+        if self.dist.is_main or self.fsdp:
+            evaluated = {**row, **{k: _plain(v) for k, v in self.evaluate().items()}}
+            if self.dist.is_main:
+                row = evaluated
+                self._log_metrics(row)
+        self.dist.barrier()
+        return row
 
     def _log_metrics(self, row: dict) -> None:
         """Write a metrics row and hand it to the callbacks (rlgen.events.Events.metrics); a reporter without
-        a metrics event (an older or hand-made one) only logs and shows progress."""
+        a metrics event (an older or hand-made one) only logs and shows progress. Rank 0 only."""
+        if not self.dist.is_main:
+            return
         self.run.log_metrics(row)
         emit = getattr(self.reporter, "metrics", None)
         if emit is not None:
@@ -297,6 +453,10 @@ class Trainer:
 RESTORE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, SafetensorError)
 
 
+# The fp16 loss scale halves at every overflow; below this, no scale makes the gradients finite.
+MIN_LOSS_SCALE = 2.0**-24
+
+
 def _describe(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
@@ -310,6 +470,15 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             for name, value in optimizer.state.get(param, {}).items():
                 if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != param.shape):
                     raise ValueError(f"optimizer state '{name}' does not match its parameter's shape")
+
+
+def _check_state_shapes(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A saved optimiser state against the optimiser's parameters (their full shapes), before it is sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != params[int(index)].shape):
+                raise ValueError(f"optimizer state '{name}' does not match its parameter's shape")
 
 
 def _warn(message: str) -> None:

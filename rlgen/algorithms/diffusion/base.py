@@ -83,6 +83,10 @@ class DiffusionTrainer(Trainer):
             model = load_diffusion_model(cfg)
         return model, None, model.path
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's block activations in the backward pass (diffusers' checkpointing)."""
+        self.model.denoiser.enable_gradient_checkpointing()
+
     def _restore(self, checkpoint: Path) -> None:
         if self.config.model.lora_r == 0:
             from dataclasses import replace

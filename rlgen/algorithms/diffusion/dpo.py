@@ -79,6 +79,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
 
     def train_step(self) -> dict:
         a = self.config.algorithm
+        # draws from the run's CPU generator (checkpointed), moved to the model's device: the same batch on any device
         rows = torch.randint(len(self.pairs), (a.batch_size,), generator=self.generator)
         records = [self.pairs[int(i)] for i in rows]
         x0 = torch.cat([self.chosen[rows], self.rejected[rows]]).to(self.model.device)
@@ -91,7 +92,7 @@ class DiffusionDPOTrainer(DiffusionTrainer):
             reference = denoising_errors(self.model.predict(x_t, t, cond, reference=True), target)
         losses, inside = diffusion_dpo_loss(policy, reference, a.beta, a.loss_type)
         loss = losses.mean()
-        loss.backward()
+        self.backward(loss)
         grad_norm = self.optimizer_step()
         inside, policy = inside.detach(), policy.detach()
         accuracy = (inside > 0).float() + 0.5 * (inside == 0).float()

@@ -24,6 +24,7 @@ from rlgen.errors import RlgenError
 from rlgen.extension import capabilities
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, counted
+from rlgen.rollout.groups import scored
 from rlgen.config import POSITIVE, section, setting
 from rlgen.training.config import GroupRolloutConfig, OptimConfig, RegisteredName, RewardedTrainConfig, ScaleRewards
 
@@ -89,7 +90,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         # the KL term's reference: the pipeline's predict(reference=True) runs it
         self.reference = self.reference_policy() if self.config.algorithm.beta > 0 else None
         self.train_steps = self._trained_steps()
-        self.schedule = make_schedule(self.model, self.params.num_steps)  # the rollouts' step coefficients
+        self.schedule = make_schedule(self.model, self.params.num_steps).to(self.device)  # the rollouts' step coefficients
 
     def _trained_steps(self) -> list[int]:
         """Step indices trained on: the stochastic ones (an SDE window restricts them), the first fraction."""
@@ -150,21 +151,22 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         advantages = torch.zeros_like(total)
         if self.tracker is not None:
             rows = torch.nonzero(mask).flatten()
-            if len(rows):
-                advantages[rows] = self.tracker.advantages([str(records[i]["prompt"]) for i in rows.tolist()], total[rows])
+            if len(rows):  # the tracker's history is Python lists: its statistics run on the CPU
+                prompts = [str(records[i]["prompt"]) for i in rows.tolist()]
+                advantages[rows] = self.tracker.advantages(prompts, total[rows].cpu()).to(total.device)
         else:
             # the same keyword arguments as the LM trainers give, so gdpo's per-reward normalisation works here too
             # zero outside `mask` also for estimators ignoring it; an image has no tokens, so per-sample only
             advantages = estimate_advantages(self.advantage_fn, AdvantageInput(
                 grouped, mask.view(-1, g), components=components.view(-1, g, components.shape[-1]),
-                weights=self.rewards.weights, scale_rewards=a.scale_rewards)).advantages.reshape(-1)
+                weights=self.rewards.weights.to(total.device), scale_rewards=a.scale_rewards)).advantages.reshape(-1)
         return advantages.clamp(-a.adv_clip_max, a.adv_clip_max), zero_std
 
     def train_step(self) -> dict:
         started = time.perf_counter()
         records, rollouts = self._collect()
-        samples = [s for ro in rollouts for s in ro.samples]
-        components, valid, total = self.rewards.score(samples)
+        samples = [s for ro in rollouts for s in ro.samples]  # images on the CPU, where the rewards score
+        components, valid, total = scored(self.rewards, samples, self.device)
         rollout_time = time.perf_counter() - started
         metrics = self.rewards.metrics(components, total, valid)
         total = torch.where(valid, total, torch.zeros_like(total))
@@ -182,20 +184,23 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         old_log_probs = torch.cat([ro.trajectory.log_probs for ro in rollouts])
         cond = _cat([ro.cond for ro in rollouts])
         null = _cat([ro.null for ro in rollouts])
-        keep = torch.nonzero(advantages.abs() > 0).flatten() if a.skip_zero_advantage else torch.arange(len(advantages))
+        device = advantages.device
+        keep = torch.nonzero(advantages.abs() > 0).flatten() if a.skip_zero_advantage else torch.arange(len(advantages), device=device)
         sums: dict[str, float] = {}
         counts = 0
         first_ratio = None
         if keep.numel() == 0:
             return {"skipped_update": 1}
-        steps = torch.tensor(self.train_steps)
+        steps = torch.tensor(self.train_steps, device=device)
+        # the shuffles draw from the run's CPU generator (checkpointed), then move: the same order on any device
         for _ in range(a.num_inner_epochs):
-            order = keep[torch.randperm(len(keep), generator=self.generator)] if a.shuffle_timesteps else keep
+            order = keep[torch.randperm(len(keep), generator=self.generator).to(device)] if a.shuffle_timesteps else keep
             for part in order.chunk(a.updates_per_step):
                 batches = part.split(a.train_batch_size)
                 for rows in batches:
                     if a.shuffle_timesteps:
-                        step_order = torch.stack([steps[torch.randperm(len(steps), generator=self.generator)] for _ in rows])
+                        step_order = torch.stack([steps[torch.randperm(len(steps), generator=self.generator).to(device)]
+                                                  for _ in rows])
                     else:
                         step_order = steps.expand(len(rows), -1)
                     for j in range(step_order.shape[1]):
@@ -224,7 +229,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
         result = denoise_step(self.model, schedule, index, x_t, c, n, self.params, prev_sample=x_next)
         old = old_log_probs[rows, step_index]
         per_sample, _ = clipped_surrogate(result.log_prob.unsqueeze(-1), old.unsqueeze(-1), advantages[rows],
-                                             torch.ones(len(rows), 1), LossContext(epsilon=a.epsilon))
+                                             torch.ones(len(rows), 1, device=x_t.device), LossContext(epsilon=a.epsilon))
         loss = per_sample.mean()
         stats = {}
         if a.beta > 0:
@@ -233,7 +238,7 @@ class DiffusionPolicyGradientTrainer(DiffusionTrainer):
             kl = step_kl(result.mean, ref.mean, result.kl_scale).mean()
             loss = loss + a.beta * kl
             stats["kl"] = float(kl.detach())
-        (loss * scale).backward()
+        self.backward(loss * scale)
         with torch.no_grad():
             log_ratio = result.log_prob - old
             ratio = log_ratio.exp()

@@ -57,7 +57,7 @@ class RewardBackpropTrainer(DiffusionTrainer):
                             checkpointing=a.gradient_checkpointing, keep_trajectory=False)
         reward = self.rewards.differentiable_total(trajectory.images, records)
         loss = (reward - a.reward_target).abs().mean() if a.reward_target is not None else -reward.mean()
-        loss.backward()
+        self.backward(loss)
         grad_norm = self.optimizer_step()
         return {"loss": float(loss.detach()), "reward": float(reward.detach().mean()), "reward_std": float(reward.detach().std()),
                 "backprop_steps": k, "grad_norm": grad_norm, "images_per_s": len(records) / (time.perf_counter() - started)}

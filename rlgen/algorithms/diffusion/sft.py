@@ -86,8 +86,9 @@ class DiffusionSFTTrainer(DiffusionTrainer):
 
     def train_step(self) -> dict:
         a = self.config.algorithm
+        # draws from the run's CPU generator (checkpointed), moved to the model's device: the same batch on any device
         index = torch.randint(len(self.records), (a.batch_size,), generator=self.generator)
-        x0 = self.images[index].to(self.model.device)
+        x0 = self.images[index].to(self.model.device)  # the encoded dataset stays on the CPU
         records = [self.records[int(i)] for i in index]
         cond = self.model.conditioning([r["prompt"] for r in records], records)
         if cond is not None and a.cond_dropout > 0:
@@ -97,6 +98,6 @@ class DiffusionSFTTrainer(DiffusionTrainer):
         noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
         x_t, t, target = noised(self.model, x0, noise, sample_times(a.batch_size, self.generator, a.time_density))
         loss = denoising_errors(self.model.predict(x_t, t, cond), target).mean()
-        loss.backward()
+        self.backward(loss)
         grad_norm = self.optimizer_step()
         return {"loss": float(loss.detach()), "grad_norm": grad_norm}
