@@ -47,7 +47,11 @@ def resolve_device(spec: str = "auto", key: str = "--device", local_rank: int | 
 
 
 def module_device(module) -> torch.device:
-    """The device of a module's first parameter (the CPU for a module without any, or for no module)."""
+    """Where a module computes: its `compute_device` when the trainer set one (FSDP with CPU-offloaded
+    parameters computes on the GPU), else its first parameter's device (the CPU for none, or no module)."""
+    declared = getattr(module, "compute_device", None)
+    if isinstance(declared, torch.device):
+        return declared
     parameters = getattr(module, "parameters", None)
     for param in (parameters() if parameters is not None else ()):
         return param.device

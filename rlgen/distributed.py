@@ -61,7 +61,8 @@ class Dist:
         return float(tensor)
 
     def mean_metrics(self, metrics: dict) -> dict:
-        """Numeric metrics averaged over ranks (one collective); other values are rank 0's."""
+        """Numeric metrics averaged over ranks (one collective; every rank has the same keys); other values
+        are rank 0's."""
         if not self.enabled:
             return metrics
         keys = sorted(k for k, v in metrics.items() if _is_number(v))
@@ -126,12 +127,13 @@ def _reduce_bucket(grads: list[torch.Tensor]) -> None:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # NaN stays rank 0's
+    # NaN included: every rank must send the same keys (a NaN on any rank makes the mean NaN)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _collective_device() -> torch.device:
     """gloo reduces CPU tensors, nccl CUDA tensors."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    if dist.is_initialized() and dist.get_backend() == "nccl":  # ("cuda:nccl,cpu:gloo" reduces CPU tensors with gloo)
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -150,7 +152,8 @@ def init_distributed(device: torch.device) -> Dist:
         raise RlgenError("WORLD_SIZE > 1 but RANK / LOCAL_RANK are not set: launch with torchrun "
                          "(or `rlgen train ... --nproc N`)") from None
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # CUDA: nccl for GPU tensors plus gloo for CPU ones (FSDP's CPU-offloaded states, host-side sums)
+        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.cli_helpers import rlgen
+from cli_helpers import rlgen
 
 pytestmark = pytest.mark.cuda
 

@@ -81,4 +81,5 @@ def test_collectives_on_two_gloo_processes(tmp_path):
         assert r["tensor_sum"] == [1.0, 2.0]
         assert r["metrics"]["loss"] == 0.5 and r["metrics"]["tokens"] == 4  # an int metric stays an int
         assert r["metrics"]["flag"] is True  # booleans are not averaged
+        assert r["metrics"]["nan"] != r["metrics"]["nan"]  # a NaN anywhere makes the mean NaN
         assert r["broadcast"] == {"from": 0, "text": "é"}

@@ -267,3 +267,23 @@ def test_the_sharded_units_are_the_blocks_none_inside_another(tmp_path):
     units = blocks_of(wrapper)
     assert unet.up_blocks[1] in units and not any(m in units for m in unet.up_blocks[1].resnets)
     assert unet.down_blocks[0].resnets[0] in units
+
+
+@pytest.mark.slow
+def test_reward_model_under_fsdp_matches_one_process(tmp_path):
+    # the RM's 1-output head shards to an empty piece on rank 1: the weight check and the save must cope
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1)}) + "\n"
+                             for a in range(10) for b in range(4)))
+    common = ["-m", "rlgen", "train", "rm", "--data", str(pairs), "--steps", "2", "--set", "algorithm.batch_size=8",
+              "--set", "run.eval_every=0", "--set", "run.threads=1", "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(_free_port()), *common, "--set", 'run.distributed="fsdp"', "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    assert [r["loss"] for r in rows[1]] == pytest.approx([r["loss"] for r in rows[0]], rel=1e-4)
+    _assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", atol=1e-5)

@@ -136,3 +136,13 @@ def test_fp16_mixed_run_trains(tmp_path):
     rows = _train("sft", "fp16-mixed", tmp_path / "fp16", tmp_path)
     assert [row["step"] for row in rows] == [1, 2] and all(math.isfinite(row["loss"]) for row in rows)
     assert _saved_dtypes(tmp_path / "fp16" / "final") == {"F32"}
+
+
+def test_mixed_precision_needs_float32_master_weights(tmp_path):
+    from cli_helpers import rlgen as run_rlgen
+
+    code, out, err = run_rlgen("train", "sft", "--task", "arithmetic", "--steps", "1", "--out", str(tmp_path / "x"),
+                           "--precision", "fp16-mixed", "--set", 'model.dtype="float16"')
+    assert code == 2 and out == "" and not (tmp_path / "x").exists()
+    assert err.strip().splitlines() == ["rlgen: error: run.precision = fp16-mixed keeps float32 master weights: model.dtype "
+                                        "must be float32, not float16 (run.precision = bf16 trains bf16 weights)"]

@@ -168,6 +168,14 @@ def _caused_by_broken_pipe(exc: BaseException) -> bool:
     return isinstance(context, BrokenPipeError) or (isinstance(context, OSError) and context.errno == errno.EPIPE)
 
 
+def _end_process_group() -> None:
+    """A torchrun worker's clean exit: the process group of its run is destroyed (NCCL warns otherwise).
+    Only after a command succeeded: on a failure torchrun ends the other ranks."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RLGEN_DEBUG") == "1"
@@ -181,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             add_plugin_commands()
         command = typer.main.get_command(app)
         code = command.main(args=args, prog_name="rlgen", standalone_mode=False)
+        _end_process_group()
         if sys.stdout is not None:
             sys.stdout.flush()  # here, where a broken pipe is still ours to handle, not at shutdown
         # typer (without standalone mode) turns Ctrl-C into a returned 130 instead of raising

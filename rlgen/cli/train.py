@@ -117,7 +117,15 @@ def _launch(algorithm: str, nproc: int, config, sets, resume, flags: dict) -> in
     if not getattr(entry.trainer_cls, "supports_distributed", False):
         raise RlgenError(f"--nproc {nproc}: `rlgen train {algorithm}` does not run multi-process yet; use --nproc 1")
     typed = load_config(entry, config, sets=sets, resume=resume, **flags)
-    resolve_device(typed.run.device, "run.device", local_rank=0)
+    device = resolve_device(typed.run.device, "run.device", local_rank=0)
+    if device.type == "cuda":  # one GPU per process: two ranks on one GPU fail in NCCL ("Duplicate GPU")
+        import torch
+
+        if typed.run.device.startswith("cuda:"):
+            raise RlgenError(f"--nproc {nproc} with run.device = {typed.run.device}: each process takes the GPU of "
+                             "its LOCAL_RANK; use --device cuda (or CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        if nproc > torch.cuda.device_count():
+            raise RlgenError(f"--nproc {nproc} needs one GPU per process; this machine has {torch.cuda.device_count()}")
     args = Invocation.args or sys.argv[1:]  # sys.argv: a caller that runs the typer app without rlgen's main
     return run_torchrun(torchrun_command(nproc, args), debug=Invocation.debug)
 

@@ -28,7 +28,9 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     """
     head = Head(model)
     width = completion_ids.shape[1]
-    if shared_prefix and width > 0:
+    # An FSDP2-sharded model ("FSDP<Class>") gathers its weights collectively in every forward: whether a
+    # rank's own rows repeat a prompt must not decide how many forwards it runs, so it takes the plain path.
+    if shared_prefix and width > 0 and not type(model).__name__.startswith("FSDP"):
         starts, row_run = prefix_runs(prompt_ids, prompt_mask)
         if len(starts) < prompt_ids.shape[0]:
             cache = new_expandable_cache(model)

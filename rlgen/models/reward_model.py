@@ -45,11 +45,19 @@ class ValueHeadModel(torch.nn.Module):
         hidden = out.hidden_states[-1][torch.arange(input_ids.shape[0]), last]
         return self.value_head(hidden.to(self.value_head.weight.dtype))
 
-    def save_pretrained(self, directory: str, safe_serialization: bool = True) -> None:
+    def save_pretrained(self, directory: str, safe_serialization: bool = True, state_dict: dict | None = None) -> None:
+        """The LM as an HF directory plus the head's file; `state_dict` (this module's keys, e.g. the full
+        state FSDP gathered) replaces the live weights."""
         from safetensors.torch import save_file
 
-        self.lm.save_pretrained(directory, safe_serialization=True)
-        state = {k: v.detach().contiguous() for k, v in self.value_head.state_dict().items()}
+        if state_dict is None:
+            self.lm.save_pretrained(directory, safe_serialization=True)
+            head = self.value_head.state_dict()
+        else:
+            lm_state = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
+            self.lm.save_pretrained(directory, safe_serialization=True, state_dict=lm_state)
+            head = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+        state = {k: v.detach().contiguous() for k, v in head.items()}
         save_file(state, str(Path(directory) / VALUE_HEAD_FILE))
         (Path(directory) / MARKER).write_text(json.dumps({"head": "value-head"}) + "\n")
 

@@ -129,6 +129,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_registered(self.registered_names())
+        precision, dtype = getattr(self.run, "precision", "fp32"), getattr(self.model, "dtype", "float32")
+        if precision.endswith("-mixed") and dtype != "float32":  # fp16 gradients cannot even be unscaled
+            raise RlgenError(f"run.precision = {precision} keeps float32 master weights: model.dtype must be float32, "
+                             f"not {dtype} (run.precision = bf16 trains bf16 weights)")
 
 
 @dataclass

@@ -160,6 +160,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.run.seed)
         self.prepare_data()  # bad data or rewards fail here, before the (slow) model load
         checkpoint = self.run.latest_checkpoint(warn=_warn, skip=damaged) if self.resume else None
+        if self.dist.enabled:  # rank 0's choice for all: ranks must resume at the same step (or collectives desync)
+            chosen = self.dist.broadcast_object(str(checkpoint) if checkpoint is not None else None)
+            checkpoint = Path(chosen) if chosen is not None else None
         if self.resume and checkpoint is None:
             self.reporter.log(f"no checkpoint in {self.run.root}: starting from step 0")
         self.model, self.tokenizer, self.base_path = self._load_model(checkpoint)
@@ -193,6 +196,8 @@ class Trainer:
             self.enable_gradient_checkpointing()
         if self.fsdp:
             self.shard(self.model)
+        # where the model computes, also when FSDP keeps its parameters offloaded on the CPU (rlgen.devices)
+        self.model.compute_device = self.device
 
     def shard(self, module) -> None:
         """FSDP2 over the run's ranks (bf16-mixed: bf16 gathered weights, fp32 gradient reduction)."""
@@ -334,12 +339,20 @@ class Trainer:
         self.precision.step(self.optimizer)
         # Finite gradients can still make weights non-finite (an overflowing lr, adam_eps = 0 on a zero
         # gradient); the inf-norm (max |w|) cannot overflow, so it is finite exactly when every weight is.
-        if params and not math.isfinite(float(fsdp.full_tensor(torch.nn.utils.get_total_norm(params, norm_type=float("inf"))))):
+        if params and not self._weights_finite(params):
             raise RlgenError(f"step {self.step}: the optimizer update made weights non-finite (check optim.lr and "
                              f"optim.adam_eps); training stopped{self._resume_hint()}")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def _weights_finite(self, params: list) -> bool:
+        """Whether every weight is finite. Under FSDP each rank checks its own shards (an empty one, e.g. of a
+        1-element bias, has no inf-norm) and the ranks' largest values are summed: non-finite anywhere
+        makes the sum non-finite on every rank, so all ranks stop together."""
+        local = [t for t in (p.to_local() if hasattr(p, "to_local") else p for p in params) if t.numel()]
+        largest = float(torch.nn.utils.get_total_norm(local, norm_type=float("inf"))) if local else 0.0
+        return math.isfinite(self.dist.sum(largest) if self.fsdp else largest)
 
     def _resume_hint(self) -> str:
         """Where the run can go on from: its last checkpoint, which a failed step never touches."""
