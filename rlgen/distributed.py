@@ -73,6 +73,59 @@ class Dist:
             out[key] = int(round(value)) if isinstance(metrics[key], int) and not isinstance(metrics[key], bool) else value
         return out
 
+    def all_gather_rows(self, tensor: torch.Tensor, pad_value=0) -> torch.Tensor:
+        """Every rank's rows, concatenated in rank order: the global batch of per-rank shares (`share` is
+        contiguous, so this is the single-process order). Ranks may hold different numbers of rows, and
+        tensors of 2+ dims different widths along dim 1 (padded at the end to the widest with `pad_value`);
+        the other dims must agree. Keeps dtype and device; on one process the tensor itself."""
+        if not self.enabled:
+            return tensor
+        device = _collective_device()
+        width = tensor.shape[1] if tensor.dim() > 1 else 0
+        sizes = torch.tensor([tensor.shape[0], width], dtype=torch.long, device=device)
+        gathered_sizes = [torch.zeros_like(sizes) for _ in range(self.world_size)]
+        dist.all_gather(gathered_sizes, sizes)
+        rows = [int(s[0]) for s in gathered_sizes]
+        widest = max(int(s[1]) for s in gathered_sizes)
+        local = tensor.detach()
+        if local.dtype == torch.bool:  # gloo has no bool all_gather
+            local = local.to(torch.uint8)
+        if tensor.dim() > 1 and width < widest:
+            pad = torch.full((local.shape[0], widest - width, *local.shape[2:]), pad_value, dtype=local.dtype, device=local.device)
+            local = torch.cat([local, pad], dim=1)
+        most = max(rows)
+        if local.shape[0] < most:  # all_gather needs equal shapes: pad rows, trimmed again below
+            filler = torch.zeros((most - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+            local = torch.cat([local, filler])
+        local = local.to(device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        out = torch.cat([part[:n] for part, n in zip(parts, rows)])
+        return out.to(device=tensor.device, dtype=tensor.dtype)
+
+    def row_offset(self, local_rows: int) -> int:
+        """The global index of this rank's first row when each rank holds `local_rows` rows of one global
+        batch in rank order (one collective)."""
+        if not self.enabled:
+            return 0
+        counts = self.all_gather_rows(torch.tensor([local_rows], dtype=torch.long))
+        return int(counts[: self.rank].sum())
+
+    def all_gather_json(self, obj) -> list:
+        """Every rank's JSON-able object, in rank order (no pickle: JSON text in byte tensors)."""
+        if not self.enabled:
+            return [obj]
+        import json
+
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        sizes = self.all_gather_rows(torch.tensor([len(data)], dtype=torch.long)).tolist()
+        gathered = self.all_gather_rows(data)
+        out, start = [], 0
+        for size in sizes:
+            out.append(json.loads(bytes(gathered[start:start + size].tolist()).decode()))
+            start += size
+        return out
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

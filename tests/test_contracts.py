@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import pytest
 import torch
 
+from rlgen.distributed import Dist
 from rlgen.algorithms import advantages as adv
 from rlgen.algorithms import losses as L
 from rlgen.algorithms.contracts import (AdvantageInput, AdvantageOutput, LossContext, PolicyLossInput,
@@ -139,7 +140,7 @@ def fake_trainer(estimator, g: int):
     return SimpleNamespace(
         config=SimpleNamespace(rollout=SimpleNamespace(num_generations=g, max_new_tokens=4),
                                algorithm=SimpleNamespace(scale_rewards="group")),
-        advantage_fn=estimator, engine=None, rewards=RewardSet([RewardSpec("length")]))
+        advantage_fn=estimator, engine=None, rewards=RewardSet([RewardSpec("length")]), dist=Dist())
 
 
 TOTAL = torch.tensor([1.0, 3.0, 0.0, 2.0])  # two groups of two

@@ -51,6 +51,11 @@ WORKER = textwrap.dedent('''
         "tensor_sum": ctx.sum(torch.tensor([r, 1.0])).tolist(),
         "metrics": ctx.mean_metrics({"loss": float(r), "tokens": 3 + r, "flag": True, "nan": float("nan")}),
         "broadcast": ctx.broadcast_object({"from": r, "text": "é"}),
+        # rank 0: 2 rows of width 3; rank 1: 1 row of width 1 (padded with -1 to 3)
+        "gathered": ctx.all_gather_rows(torch.arange(6.0).view(2, 3) if r == 0 else torch.tensor([[9.0]]), pad_value=-1).tolist(),
+        "gathered_bool": ctx.all_gather_rows(torch.tensor([True, False]) if r == 0 else torch.zeros(0, dtype=torch.bool)).tolist(),
+        "offset": ctx.row_offset(2 if r == 0 else 1),
+        "objects": ctx.all_gather_json({"rank": r, "keys": ["a"] * (r + 1)}),
     }
     ctx.barrier()
     with open(os.path.join(sys.argv[1], f"rank{r}.json"), "w") as f:  # not stdout: the ranks' lines interleave
@@ -83,3 +88,7 @@ def test_collectives_on_two_gloo_processes(tmp_path):
         assert r["metrics"]["flag"] is True  # booleans are not averaged
         assert r["metrics"]["nan"] != r["metrics"]["nan"]  # a NaN anywhere makes the mean NaN
         assert r["broadcast"] == {"from": 0, "text": "é"}
+        assert r["gathered"] == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [9.0, -1.0, -1.0]]
+        assert r["gathered_bool"] == [True, False]  # a rank without rows adds none
+    assert [r["offset"] for r in results] == [0, 2]
+    assert all(r["objects"] == [{"rank": 0, "keys": ["a"]}, {"rank": 1, "keys": ["a", "a"]}] for r in results)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlgen.evaluation.metrics import pass_at_k
-from rlgen.rollout.engine import SamplingParams, choose_tokens, completion_mask_from_ids, filter_logits
+from rlgen.rollout.engine import (SamplingParams, choose_tokens, completion_mask_from_ids, filter_logits, row_seeds,
+                                 row_uniforms)
 
 # A hand-made distribution over 4 tokens, deliberately not sorted:
 # token 0: 0.10, token 1: 0.50, token 2: 0.15, token 3: 0.25
@@ -66,9 +67,8 @@ def test_survivors_keep_their_logits_and_rows_are_independent():
 
 
 def test_filtered_tokens_are_never_sampled():
-    gen = torch.Generator().manual_seed(0)
     logits = LOGITS.expand(2000, 4)
-    tokens = choose_tokens(logits, SamplingParams(temperature=1.0, top_k=2), gen)
+    tokens = choose_tokens(logits, SamplingParams(temperature=1.0, top_k=2), row_seeds(0, 0, 2000))
     assert set(tokens.tolist()) == {1, 3}
     # greedy (temperature 0) is the argmax
     assert choose_tokens(logits[:3], SamplingParams(temperature=0.0), None).tolist() == [1, 1, 1]
@@ -114,3 +114,46 @@ def test_pass_at_k_needs_k_samples():
     with pytest.raises(ValueError, match="pass@6"):
         pass_at_k(5, 1, 6)
     assert math.isclose(pass_at_k(1, 1, 1), 1.0)
+
+
+# --- per-row seeded sampling ---------------------------------------------------------------------------
+
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:  # the reference, on Python integers
+    x &= _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+@pytest.mark.parametrize("base", [0, 123456789, 2**62 - 1])
+def test_row_streams_are_splitmix64(base):
+    golden = 0x9E3779B97F4A7C15
+    seeds = row_seeds(base, 5, 3)
+    expected = [_splitmix64(base + (5 + k + 1) * golden) for k in range(3)]
+    assert [int(v) & _MASK for v in seeds.tolist()] == expected
+    for step in (0, 7, 10**6):
+        assert row_uniforms(seeds, step).tolist() == [(_splitmix64(s + (step + 1) * golden) >> 11) * 2.0**-53 for s in expected]
+
+
+def test_a_rows_draw_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    seeds = row_seeds(42, 0, 6)
+    whole = choose_tokens(logits, params, seeds, step=3)
+    parts = torch.cat([choose_tokens(logits[:2], params, seeds[:2], 3), choose_tokens(logits[2:], params, row_seeds(42, 2, 4), 3)])
+    assert torch.equal(whole, parts)
+    # reversed batch order, same rows: same tokens
+    assert torch.equal(choose_tokens(logits.flip(0), params, seeds.flip(0), 3), whole.flip(0))
+
+
+def test_seeded_draws_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.log().expand(20000, 4)
+    tokens = choose_tokens(logits, SamplingParams(temperature=1.0), row_seeds(7, 0, 20000))
+    frequency = torch.bincount(tokens, minlength=4).double() / 20000
+    assert frequency[1] == 0  # a zero-probability token is never drawn
+    assert torch.allclose(frequency, probs.double(), atol=0.015)

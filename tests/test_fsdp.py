@@ -107,9 +107,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, mode: str, processes: int) -> list[dict]:
+def _launch(tmp_path, mode: str, processes: int, worker: str = WORKER) -> list[dict]:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     if processes == 1:
@@ -287,3 +287,98 @@ def test_reward_model_under_fsdp_matches_one_process(tmp_path):
     rows = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")]
     assert [r["loss"] for r in rows[1]] == pytest.approx([r["loss"] for r in rows[0]], rel=1e-4)
     _assert_same_weights(tmp_path / "two" / "final", tmp_path / "one" / "final", atol=1e-5)
+
+
+# DPO (reference cache filled before step 1, and pair by pair as pairs are first seen) and KTO, whose frozen
+# reference FSDP shards like the policy: the ranks must run it equally often. Each rank counts the reference's
+# forward passes (a hook on its first block) and the dummy passes it ran for a share with nothing to compute.
+REFERENCE_WORKER = textwrap.dedent('''
+    import json, os, sys
+    from pathlib import Path
+    from rlgen.algorithms.dpo import DPOConfig, PreferenceTrainer
+    from rlgen.algorithms.kto import KTOConfig, KTOTrainer
+    from rlgen.distributed import shutdown
+    from rlgen.events import Events
+    from rlgen.training import fsdp
+    from rlgen.training.run_dir import RunDir
+
+    def run(kind, out, data, distributed, **algorithm):
+        cfg = KTOConfig() if kind == "kto" else DPOConfig()
+        cfg.model.path, cfg.data.path = "tiny-arith", data
+        for key, value in algorithm.items():
+            setattr(cfg.algorithm, key, value)
+        cfg.optim.lr, cfg.optim.adam_eps = 1e-3, 1e-3  # adam_eps: see tests/test_distributed_offline.py
+        cfg.run.out, cfg.run.steps, cfg.run.threads, cfg.run.eval_every = out, 3, 1, 0
+        cfg.run.distributed = distributed
+        trainer = (KTOTrainer if kind == "kto" else PreferenceTrainer)(cfg, RunDir(out), Events())
+        counts = {"passes": 0, "dummy": 0}
+        build, dummy = trainer.reference_policy, trainer.reference_dummy_pass
+
+        def counted_reference():
+            reference = build()
+            counts["bytes"] = fsdp.local_parameter_bytes(reference.module)
+            counts["sharded"] = fsdp.is_sharded(reference.module)
+            first = fsdp.blocks_of(reference.module)[0]
+            first.register_forward_pre_hook(lambda *_: counts.__setitem__("passes", counts["passes"] + 1))
+            return reference
+
+        def counted_dummy():
+            counts["dummy"] += 1
+            dummy()
+
+        trainer.reference_policy, trainer.reference_dummy_pass = counted_reference, counted_dummy
+        trainer.fit()
+        return counts
+
+    root, mode = Path(sys.argv[1]), sys.argv[2]
+    distributed = "fsdp" if mode == "two" else "ddp"
+    out = {
+        "dpo-precompute": run("dpo", str(root / mode / "dpo-precompute"), str(root / "pairs7.jsonl"), distributed,
+                              batch_size=4, precompute_ref_log_probs=True),
+        "dpo-lazy": run("dpo", str(root / mode / "dpo-lazy"), str(root / "pairs5.jsonl"), distributed, batch_size=2),
+        "kto": run("kto", str(root / mode / "kto"), str(root / "examples5.jsonl"), distributed, batch_size=2),
+    }
+    (root / f"{mode}-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(out))
+    shutdown()
+''')
+
+REFERENCE_SUMS = [(407, 779), (488, 790), (535, 648), (12, 34), (250, 250), (901, 87), (66, 77)]
+
+
+@pytest.mark.slow
+def test_fsdp_shards_the_frozen_reference_and_runs_it_evenly(tmp_path):
+    pairs = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10 * (k % 3 + 1))}
+             for k, (a, b) in enumerate(REFERENCE_SUMS)]
+    # 7 pairs: the precomputed cache is split 4 / 3 over the ranks. 5 pairs (KTO: examples) at 2 a step, drawn
+    # with run.seed 0: step 3 draws a new one and one seen at step 1, so rank 1 has nothing to compute.
+    for count in (7, 5):
+        (tmp_path / f"pairs{count}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs[:count]))
+    (tmp_path / "examples5.jsonl").write_text("".join(
+        json.dumps({"prompt": p["prompt"], "completion": p["chosen"] if k % 2 else p["rejected"], "label": bool(k % 2)}) + "\n"
+        for k, p in enumerate(pairs[:5])))
+    one = _launch(tmp_path, "one", 1, REFERENCE_WORKER)[0]
+    two = _launch(tmp_path, "two", 2, REFERENCE_WORKER)
+    for case in ("dpo-precompute", "dpo-lazy", "kto"):
+        single, sharded = _rows(tmp_path / "one" / case), _rows(tmp_path / "two" / case)
+        assert [r["step"] for r in sharded] == [r["step"] for r in single] == [1, 2, 3]
+        for a, b in zip(single, sharded):
+            for key, value in a.items():
+                # rewards/accuracies counts exact ties as wrong: at step 1 the rewards are rounding noise
+                # around 0, whose sign depends on how the batch was padded
+                if key in ("step_time", "rewards/accuracies") or value is None:
+                    continue
+                # FSDP takes the plain path, not the shared-prefix one: log-probs (~20) differ by ~1e-5
+                # relative, and the rewards (beta x log-prob differences) carry that as absolute error
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=5e-5), (case, a["step"], key)
+        _assert_same_weights(tmp_path / "two" / case / "final", tmp_path / "one" / case / "final", atol=1e-5)
+        # the reference is sharded: each rank holds half its bytes (within a row of padding), none lost
+        assert all(rank[case]["sharded"] for rank in two) and not one[case]["sharded"]
+        for rank in two:
+            assert rank[case]["bytes"] == pytest.approx(one[case]["bytes"] / 2, rel=0.02), case
+        assert sum(rank[case]["bytes"] for rank in two) == one[case]["bytes"]
+        # ... and every rank ran it as often as the others
+        assert two[0][case]["passes"] == two[1][case]["passes"] > 0, case
+    # the uneven cases happened: rank 1 had nothing to compute and ran a dummy pass instead
+    for case in ("dpo-lazy", "kto"):
+        assert [rank[case]["dummy"] for rank in two] == [0, 1], case
+    assert all(one[case]["dummy"] == 0 for case in one)

@@ -71,10 +71,9 @@ def test_a_failing_rank_exits_with_its_own_status(tmp_path, capfd, monkeypatch):
 
 
 def test_nproc_for_an_algorithm_without_multi_process_training_is_one_line(tmp_path):
-    code, out, err = rlgen("train", "grpo", "--task", "arithmetic", "--steps", "2", "--nproc", "2",
-                           "--out", tmp_path / "run")
+    code, out, err = rlgen("train", "reward-backprop", "--steps", "2", "--nproc", "2", "--out", tmp_path / "run")
     assert (code, out) == (2, "")
-    assert len(err.strip().splitlines()) == 1 and "--nproc 2" in err and "grpo" in err, err
+    assert len(err.strip().splitlines()) == 1 and "--nproc 2" in err and "reward-backprop" in err, err
     assert not (tmp_path / "run").exists()
 
 

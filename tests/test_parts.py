@@ -248,8 +248,8 @@ def test_online_dpo_step_loss_equals_the_preference_loss_of_its_pairs(tmp_path):
     seen = {}
     sample, step = trainer.group_rollout.sample, trainer.pairwise_update.step
 
-    def recording_sample(records):
-        seen["batch"] = sample(records)
+    def recording_sample(records, first_row=0):
+        seen["batch"] = sample(records, first_row)
         return seen["batch"]
 
     def recording_step(inputs, ref):
@@ -302,7 +302,7 @@ def grpo_trainer(tmp_path, seed: int, **algorithm):
 
 
 def test_grpo_dynamic_sampling_keeps_groups_with_a_spread_and_overlong_shaping_adds_the_penalty(tmp_path):
-    trainer = grpo_trainer(tmp_path, 1, dynamic_sampling=True, max_resample_rounds=3)
+    trainer = grpo_trainer(tmp_path, 2, dynamic_sampling=True, max_resample_rounds=3)
     batch, zero_std, rounds = trainer._collect()
     assert rounds >= 2  # this seed's first round has groups without a spread: the batch was refilled
     assert 0 < batch.num_groups <= 4 and len(batch) == 4 * batch.num_groups and 0.0 < zero_std <= 1.0
@@ -312,7 +312,7 @@ def test_grpo_dynamic_sampling_keeps_groups_with_a_spread_and_overlong_shaping_a
         correct = [float(s["completion"].strip() == s["answer"]) for s in batch.samples[rows]]
         assert batch.total[rows].tolist() == correct and max(correct) > min(correct)
 
-    trainer = grpo_trainer(tmp_path, 2, overlong_buffer=2, overlong_penalty=0.5)
+    trainer = grpo_trainer(tmp_path, 3, overlong_buffer=2, overlong_penalty=0.5)
     batch, _, rounds = trainer._collect()
     assert rounds == 1 and batch.num_groups == 4
     for sample, total in zip(batch.samples, batch.total.tolist()):  # buffer 2 of 6 tokens: penalised past 4

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from cli_helpers import rlgen_process
+from rlgen.distributed import Dist
 from rlgen.algorithms import advantages as adv
 from rlgen.algorithms.grpo import GRPOTrainer
 from rlgen.errors import RewardError, RlgenError
@@ -225,7 +226,7 @@ def _trainer(advantage_fn, g: int, rewards: RewardSet, greedy_texts=()):
     return SimpleNamespace(
         config=SimpleNamespace(rollout=SimpleNamespace(num_generations=g, max_new_tokens=8),
                                algorithm=SimpleNamespace(scale_rewards="group")),
-        advantage_fn=advantage_fn, engine=engine, rewards=rewards)
+        advantage_fn=advantage_fn, engine=engine, rewards=rewards, dist=Dist())
 
 
 def test_grpo_trainer_gives_all_none_completion_zero_advantage():

@@ -192,19 +192,25 @@ def test_lora_model_shares_prefix(llama):
 
 def test_micro_batches_hold_whole_groups(llama):
     from rlgen.algorithms.grpo import _micro_batches
-    from rlgen.rollout.engine import Rollouts
+    from rlgen.rollout.groups import ModelInputs
 
-    prompt_ids, prompt_mask, completion_ids, completion_mask = make_batch(llama.config.vocab_size)
-    rows = prompt_ids.shape[0]
-    rollouts = Rollouts([""] * rows, prompt_ids, prompt_mask, completion_ids, completion_mask, torch.zeros(rows, dtype=torch.bool))
+    inputs = ModelInputs(*make_batch(llama.config.vocab_size))
+    rows = inputs.prompt_ids.shape[0]
     starts = {0, 3, 4, 8}
     for steps in (1, 2, 3, 4, 7):
-        chunks, n = _micro_batches(llama, rollouts, steps, True)
-        assert n == len(chunks) == min(steps, len(RUNS))
+        chunks = _micro_batches(llama, inputs, steps, True)
+        assert len(chunks) == min(steps, len(RUNS))
         assert torch.cat(chunks).tolist() == list(range(rows))
         assert all(int(c[0]) in starts for c in chunks)  # every micro-batch starts at a group boundary
-    chunks, n = _micro_batches(llama, rollouts, 3, False)  # plain: rows chunked as before
-    assert n == 3 and [c.tolist() for c in chunks] == [c.tolist() for c in torch.arange(rows).chunk(3)]
+    group_of = [k for k, size in enumerate(RUNS) for _ in range(size)]
+    for budget, count in ((1, len(RUNS)), (40, None), (10**6, 1)):  # by token budget: groups stay whole too
+        chunks = _micro_batches(llama, inputs, 1, True, budget)
+        assert sorted(torch.cat(chunks).tolist()) == list(range(rows))
+        owner = {group_of[r]: k for k, c in enumerate(chunks) for r in c.tolist()}  # each group in one chunk:
+        assert all(owner[group_of[r]] == k for k, c in enumerate(chunks) for r in c.tolist())
+        assert count is None or len(chunks) == count  # a group over the budget goes alone
+    chunks = _micro_batches(llama, inputs, 3, False)  # plain: rows chunked as before
+    assert [c.tolist() for c in chunks] == [c.tolist() for c in torch.arange(rows).chunk(3)]
 
 
 def test_runs():

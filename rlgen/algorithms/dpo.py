@@ -8,7 +8,8 @@ checkpoints.
 
 Multi-process, every rank draws the same global batch of pairs and trains on its shard of it (losses over
 the global pair and token counts: `PairwiseUpdate`); the reference cache is filled shard by shard and
-exchanged, so that it is the same on every rank.
+exchanged, so that it is the same on every rank. Under FSDP the frozen reference is sharded too, and every
+rank runs it as many times (a rank with no rows to fill runs a dummy pass).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from rlgen.data.preferences import read_pairs
 from rlgen.errors import RlgenError
 from rlgen.plugins import registry
 from rlgen.rollout.engine import HFEngine
+from rlgen.rollout.groups import ModelInputs
 from rlgen.training.data import PromptSampler
+from rlgen.training.micro_batches import map_micro_batches, pair_units
 from rlgen.training.parts import PairEncoder
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RegisteredName, RunConfig, TrainConfig
@@ -111,7 +114,8 @@ class PreferenceTrainer(Trainer):
         a = self.config.algorithm
         self.pairwise_update = PairwiseUpdate(self.model, self.loss_fn, self.options, self.optimizer_step,
                                               getattr(a, "rpo_alpha", 0.0), a.shared_prefix,
-                                              self.config.optim.gradient_accumulation_steps, self.backward, self.dist)
+                                              self.config.optim.gradient_accumulation_steps, self.backward, self.dist,
+                                              self.config.optim.max_tokens_per_micro_batch, self.fsdp)
         self.eval_ref_cache: list[torch.Tensor] = []  # per chunk of held-out pairs
         self.reference = self.reference_policy() if self.uses_reference else None
         if self.uses_reference and getattr(self.config.algorithm, "precompute_ref_log_probs", False) and not self.resume:
@@ -142,10 +146,16 @@ class PreferenceTrainer(Trainer):
         return self.pair_encoder.encode(pairs)
 
     @torch.no_grad()
-    def frozen_logps(self, inputs) -> torch.Tensor:
-        """Summed reference log-probs per row: the frozen copy, or the base without the LoRA adapter."""
+    def frozen_logps(self, inputs, units: list[list[int]] | None = None) -> torch.Tensor:
+        """Summed reference log-probs per row: the frozen copy, or the base without the LoRA adapter; by
+        micro-batches of optim.max_tokens_per_micro_batch (keeping `units` whole) when set. Under FSDP the
+        reference is sharded: every rank calls this as often as the others (`reference_dummy_pass`) and runs
+        as many micro-batches (`dist`)."""
+        shared = self.config.algorithm.shared_prefix
         with self.reference.forward() as reference:
-            return sequence_logps(reference, inputs, 1.0, self.config.algorithm.shared_prefix)[0]
+            return map_micro_batches(lambda part: sequence_logps(reference, part, 1.0, shared)[0], ModelInputs(*inputs),
+                                     self.config.optim.max_tokens_per_micro_batch, units,
+                                     self.dist if self.fsdp else None)
 
     def reference_logps(self, pairs: list[dict], inputs=None) -> torch.Tensor:
         """[S, 2] (chosen, rejected) reference log-probs of this rank's shard (S pairs) of `pairs`, a global
@@ -154,7 +164,8 @@ class PreferenceTrainer(Trainer):
 
         def compute(missing: torch.Tensor) -> torch.Tensor:
             todo = [p for p, m in zip(shard, missing.tolist()) if m]
-            return self.frozen_logps(inputs if inputs is not None and len(todo) == len(shard) else self.encode(todo)).view(-1, 2)
+            encoded = inputs if inputs is not None and len(todo) == len(shard) else self.encode(todo)
+            return self.frozen_logps(encoded, pair_units(2 * len(todo))).view(-1, 2)
 
         return self.cached_reference(self.pair_encoder.positions(pairs), compute)
 
@@ -171,9 +182,18 @@ class PreferenceTrainer(Trainer):
             local = missing[span.start:span.stop]
             if bool(local.any()):
                 found[span.start:span.stop][local] = compute(local).double().cpu()
+            elif self.fsdp:
+                # The sharded reference gathers its weights in every forward (rlgen.training.fsdp): a rank with
+                # nothing to compute runs the pass its peers run, on a dummy row, and drops the result.
+                self.reference_dummy_pass()
             found = self.dist.sum(found)  # each row is filled on exactly one rank
             self.ref_cache[index[missing]] = found[missing]
         return self.ref_cache[index[span.start:span.stop]].float().to(self.device)
+
+    def reference_dummy_pass(self) -> None:
+        """One reference forward whose result is discarded: what `compute` in `cached_reference` runs (one
+        `frozen_logps` call: a sharded model takes the one-forward path, rlgen.models.logprobs)."""
+        self.frozen_logps(self.encode(self.pairs[:1]))
 
     # --- the update ---
     def train_step(self) -> dict:
@@ -202,10 +222,10 @@ class PreferenceTrainer(Trainer):
             ref = None
             if self.uses_reference and keep:
                 if chunk == len(self.eval_ref_cache):
-                    self.eval_ref_cache.append(self.frozen_logps(inputs).view(-1, 2))
+                    self.eval_ref_cache.append(self.frozen_logps(inputs, pair_units(inputs[0].shape[0])).view(-1, 2))
                 ref = self.eval_ref_cache[chunk]
             elif self.uses_reference:
-                ref = self.frozen_logps(inputs).view(-1, 2)
+                ref = self.frozen_logps(inputs, pair_units(inputs[0].shape[0])).view(-1, 2)
             scores = PairScores(summed[0::2], summed[1::2], tokens[0::2], tokens[1::2],
                                 ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
             out = self.loss_fn(scores, self.options)

@@ -19,8 +19,10 @@ from rlgen.models.sequences import prefix_runs, supports_shared_prefix
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec, counted
 from rlgen.rollout.engine import HFEngine, SamplingParams, check_context
-from rlgen.rollout.groups import GroupRollout, RolloutBatch, scored
+from rlgen.rollout.groups import GroupRollout, ModelInputs, RolloutBatch, scored
 from rlgen.training.data import PromptSampler
+from rlgen.training.micro_batches import even_passes, micro_batches, pad_to, row_costs, trimmed
+from rlgen.training.parts import summed_over_ranks
 from rlgen.config import section, setting
 from rlgen.training.config import (DataConfig, GroupRolloutConfig, OptimConfig, RegisteredName, RewardedTrainConfig, RunConfig,
                                    ScaleRewards)
@@ -79,7 +81,15 @@ class GRPOConfig(RewardedTrainConfig):
 
 
 class GRPOTrainer(Trainer):
+    """Multi-process (torchrun), every rank draws the same global prompt batch and rolls out its contiguous
+    share of the prompts (a prompt's group stays on one rank), each completion from its own seeded stream
+    (rlgen.rollout.engine.row_seeds: the same text whichever rank samples it). Rewards score per rank; the
+    rewards are then gathered, so advantages (group and batch statistics), dynamic sampling and the reward
+    metrics are the global batch's on every rank; the loss is normalised by global token / sequence counts
+    and the gradients summed over ranks: the update of the single-process run, up to floating-point order."""
+
     config: GRPOConfig
+    supports_distributed = True
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -94,10 +104,27 @@ class GRPOTrainer(Trainer):
         self.eval_records = None
         if cfg.run.eval_every:
             self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples]
+        if self.dist.enabled:
+            self.check_distributed()
+
+    def check_distributed(self) -> None:
+        """What multi-process GRPO cannot do, refused before the model loads."""
+        cfg = self.config
+        world = self.dist.world_size
+        check_rollout_shares(cfg, self.rewards, world)
+        if self.fsdp:  # FSDP gathers weights in every forward: ranks must run equally many
+            if cfg.rollout.prompts_per_step % world:
+                raise RlgenError(f"rollout.prompts_per_step = {cfg.rollout.prompts_per_step} must be a multiple of the {world} "
+                                 "processes under run.distributed = fsdp (every rank runs the same forward passes)")
+            if cfg.algorithm.dynamic_sampling:
+                raise RlgenError("algorithm.dynamic_sampling does not run with run.distributed = fsdp (the kept groups, "
+                                 "hence the forward passes, differ between ranks); use run.distributed = ddp")
 
     def prepare(self) -> None:
         check_context_length(self.model, self.tokenizer, self.records, self.config.rollout.max_new_tokens)
         self.engine = HFEngine(self.model, self.tokenizer)
+        if self.fsdp:  # sharded weights: every rank decodes until all ranks' rows have stopped
+            self.engine.finished_everywhere = lambda done: self.dist.sum(0.0 if done else 1.0) == 0
         self.reference = self.reference_policy() if self.config.algorithm.beta > 0 else None
 
     def extra_state(self) -> dict:
@@ -110,8 +137,11 @@ class GRPOTrainer(Trainer):
 
     # --- rollouts and rewards ---
     def _rollout_groups(self, records: list[dict]) -> RolloutBatch:
-        return GroupRollout(self.engine, self.rewards, self.config.rollout.num_generations, self.params,
-                            self.generator).sample(records)
+        """This rank's share of a global prompt batch, rolled out and scored (the whole batch on one process)."""
+        span = self.dist.share(len(records))
+        g = self.config.rollout.num_generations
+        return GroupRollout(self.engine, self.rewards, g, self.params, self.generator).sample(
+            records[span.start:span.stop], first_row=span.start * g)
 
     def _shape_overlong(self, total: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         a = self.config.algorithm
@@ -125,52 +155,73 @@ class GRPOTrainer(Trainer):
 
     def _collect(self) -> tuple[RolloutBatch, float, int]:
         """Roll out one batch, its `total` with the overlong shaping; with dynamic sampling keep only groups with
-        a reward spread, refilling. -> (batch, fraction of the first round's groups without a spread, rounds)."""
+        a reward spread, refilling. -> (batch, fraction of the first round's groups without a spread, rounds).
+        Multi-process, each round's groups are this rank's share; whether a group has a spread is decided on
+        the gathered rewards, and the groups kept are the first n of the global batch in the single-process
+        order (round by round), so a rank may keep fewer groups than another, or none."""
         cfg = self.config
         n, g = cfg.rollout.prompts_per_step, cfg.rollout.num_generations
-        batches = [self._rollout_groups(self.sampler.next_batch())]
+        batches: list[RolloutBatch] = []
+        spreads: list[torch.Tensor] = []  # per round: [groups of the global round] bool, the same on every rank
+        local_groups: list[range] = []  # per round: this rank's groups among them
         zero_std_fraction = None
-        rounds = 1
+        rounds = 0
         while True:
-            merged = RolloutBatch.concat(batches, self.engine.pad_id)
-            batch = replace(merged, total=self._shape_overlong(merged.total, merged.completion_lengths))
-            spread = _group_spread(batch.total.view(-1, g), batch.counted.view(-1, g))
+            records = self.sampler.next_batch()
+            part = self._rollout_groups(records)
+            part = replace(part, total=self._shape_overlong(part.total, part.completion_lengths))
+            batches.append(part)
+            local_groups.append(self.dist.share(len(records)))
+            spreads.append(self.dist.all_gather_rows(_group_spread(part.total.view(-1, g), part.counted.view(-1, g))))
+            rounds += 1
             if zero_std_fraction is None:
-                zero_std_fraction = float((~spread).float().mean())
+                zero_std_fraction = float((~spreads[0]).float().mean())
             if not cfg.algorithm.dynamic_sampling:
                 break
-            keep = spread.nonzero().flatten().tolist()
-            if len(keep) >= n or rounds >= cfg.algorithm.max_resample_rounds:
-                batch = batch.select_groups(keep[:n])
+            kept = int(sum(int(spread.sum()) for spread in spreads))
+            if kept >= n or rounds >= cfg.algorithm.max_resample_rounds:
                 break
-            batches.append(self._rollout_groups(self.sampler.next_batch()))
-            rounds += 1
+        batch = RolloutBatch.concat(batches, self.engine.pad_id)
+        if cfg.algorithm.dynamic_sampling:
+            chosen, seen, offset = [], 0, 0  # `seen`: groups kept so far in the global order
+            for spread, mine in zip(spreads, local_groups):
+                for group in spread.nonzero().flatten().tolist():
+                    if seen < n and group in mine:
+                        chosen.append(offset + group - mine.start)
+                    seen += 1
+                offset += len(mine)
+            batch = batch.select_groups(chosen)
         return batch, zero_std_fraction, rounds
 
     def _advantages(self, records, components, total, valid: torch.Tensor | None = None,
                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Advantages of the completions, [B] or per token [B, T] (`token_mask` [B, T]: the completion tokens,
         which a per-token estimator shapes its output after); one whose every reward is None (or that was
-        skipped) gets exactly 0 and is left out of its group's statistics (the estimators' `mask`)."""
+        skipped) gets exactly 0 and is left out of its group's statistics (the estimators' `mask`).
+        Multi-process, the inputs are this rank's rows: the estimator runs on the gathered global batch (its
+        batch statistics are the single-process ones) and this rank's rows of the result come back."""
         cfg = self.config
         g = cfg.rollout.num_generations
         mask = counted(components, torch.ones_like(total, dtype=torch.bool) if valid is None else valid)
+        baseline = greedy_baseline(self.engine, self.rewards, records, cfg.rollout.max_new_tokens, total.device) if capabilities(
+            self.advantage_fn, ADVANTAGE_ESTIMATOR_DEFAULTS).needs_greedy_baseline else None
+        gather = self.dist.all_gather_rows
+        rows = total.shape[0]
+        first = self.dist.row_offset(rows)
+        total_all = gather(total)
+        token_all = None if token_mask is None else gather(token_mask)
         batch = AdvantageInput(
-            rewards=total.view(-1, g),
-            mask=mask.view(-1, g),
-            components=components.view(-1, g, components.shape[-1]),
+            rewards=total_all.view(-1, g),
+            mask=gather(mask).view(-1, g),
+            components=gather(components).view(-1, g, components.shape[-1]),
             weights=self.rewards.weights.to(total.device),
             scale_rewards=cfg.algorithm.scale_rewards,
-            token_mask=None if token_mask is None else token_mask.bool().view(-1, g, token_mask.shape[-1]),
+            token_mask=None if token_all is None else token_all.bool().view(-1, g, token_all.shape[-1]),
+            baseline=None if baseline is None else gather(baseline),
         )
-        if capabilities(self.advantage_fn, ADVANTAGE_ESTIMATOR_DEFAULTS).needs_greedy_baseline:
-            greedy = self.engine.generate([r["prompt"] for r in records], SamplingParams(cfg.rollout.max_new_tokens, 0.0))
-            samples = [{**r, "completion": t} for r, t in zip(records, greedy.texts)]
-            greedy_components, greedy_valid, baseline = scored(self.rewards, samples, total.device)  # as the rollouts
-            no_baseline = ~counted(greedy_components, greedy_valid)
-            batch.baseline = torch.where(no_baseline, torch.full_like(baseline, float("nan")), baseline)
         advantages = estimate_advantages(self.advantage_fn, batch).advantages  # 0 outside mask
-        return advantages.reshape(total.shape[0], *advantages.shape[2:])
+        advantages = advantages.reshape(total_all.shape[0], *advantages.shape[2:])[first:first + rows]
+        return advantages if advantages.dim() == 1 else advantages[:, : token_mask.shape[-1]]
 
     # --- the update ---
     def train_step(self) -> dict:
@@ -178,8 +229,9 @@ class GRPOTrainer(Trainer):
         started = time.perf_counter()
         batch, zero_std, rounds = self._collect()
         rollout_time = time.perf_counter() - started
-        metrics = self._reward_metrics(batch, zero_std, rounds)
-        if not batch.records:
+        everywhere = GatheredRewards.of(batch, self.dist)  # the global batch's (this rank's rows on one process)
+        metrics = self._reward_metrics(everywhere, zero_std, rounds)
+        if not len(everywhere.total):  # decided on the global batch: every rank skips, or none
             metrics["skipped_update"] = 1
             return metrics
         rollouts, valid = batch.rollouts, batch.valid
@@ -193,49 +245,63 @@ class GRPOTrainer(Trainer):
         metrics.update(self._update(batch, mask, advantages))
         elapsed = time.perf_counter() - started
         metrics["rollout_time"] = rollout_time
-        metrics["completions_per_s"] = len(batch) / elapsed
-        metrics["tokens_per_s"] = rollouts.num_tokens / elapsed
-        if advantages.dim() == 1:
-            metrics["advantage_abs_mean"] = float(advantages.abs().mean())
+        metrics["completions_per_s"] = len(everywhere.total) / elapsed
+        metrics["tokens_per_s"] = float(everywhere.lengths.sum()) / elapsed
+        if advantages.dim() == 1:  # the global mean: this rank's sum over all ranks' rows, summed over ranks
+            share = {"advantage_abs_mean": float(advantages.abs().sum()) / len(everywhere.total)}
         else:  # per token: over the completion tokens
             tokens = rollouts.completion_mask.float()
-            metrics["advantage_abs_mean"] = float((advantages.abs() * tokens).sum() / tokens.sum().clamp(min=1))
+            share = {"advantage_abs_mean": float((advantages.abs() * tokens).sum()) / max(float(everywhere.lengths.sum()), 1.0)}
+        metrics.update(summed_over_ranks(self.dist, share))
         return metrics
 
     def _update(self, batch: RolloutBatch, mask, advantages) -> dict:
-        """The policy update on a rollout batch; the old-policy and reference log-probs it needs are filled in."""
+        """The policy update on a rollout batch; the old-policy and reference log-probs it needs are filled in.
+        Multi-process, `batch` holds this rank's rows (maybe none): the loss normalisers are the global batch's
+        token and sequence counts, and the statistics are summed over ranks."""
         cfg = self.config
         a = cfg.algorithm
         rows = advantages.shape[0]
         shared = a.shared_prefix  # one prompt forward per group (see completion_logprobs)
-        chunks, n_micro = _micro_batches(self.model, batch.rollouts, cfg.optim.gradient_accumulation_steps, shared)
+        budget = cfg.optim.max_tokens_per_micro_batch
+        chunks = _micro_batches(self.model, batch.inputs, cfg.optim.gradient_accumulation_steps, shared, budget)
+        # FSDP: every rank runs as many passes as the others (fillers at zero weight)
+        passes = even_passes(chunks, self.dist if self.fsdp else None)
         ctx = LossContext(
             epsilon=a.epsilon,
             epsilon_high=a.epsilon_high,
             delta=a.delta,
             importance_sampling_level=a.importance_sampling_level,
             max_completion_length=cfg.rollout.max_new_tokens,
-            num_items_in_batch=float(mask.sum().clamp(min=1)),
-            num_sequences_in_batch=float(rows),
-            num_micro_batches=n_micro,
+            num_items_in_batch=max(float(self.dist.sum(float(mask.sum()))), 1.0),
+            num_sequences_in_batch=float(self.dist.sum(rows)),
+            # bnpo's per-micro-batch token mean: each rank's micro-batches count (TRL's per-device batches)
+            num_micro_batches=max(len(chunks), 1) * self.dist.world_size,
         )
         inputs = batch.inputs
         temperature = cfg.rollout.temperature
-        if a.num_iterations > 1:
-            batch.old_logps = _frozen_logprobs(self.model, inputs, chunks, temperature, shared)
-        if a.beta > 0:
-            batch.ref_logps = self._reference_logprobs(inputs, chunks, temperature, shared)
+        if a.num_iterations > 1 and chunks:
+            batch.old_logps = _frozen_logprobs(self.model, inputs, passes, temperature, shared, budget)
+        if a.beta > 0 and chunks:
+            batch.ref_logps = self._reference_logprobs(inputs, passes, temperature, shared, budget)
         old_logps, ref_logps = batch.old_logps, batch.ref_logps
         sums: dict[str, float] = {}
+        grad_norm = 0.0
         for _ in range(a.num_iterations):
-            for idx in chunks:
-                logp, entropy = completion_logprobs(self.model, *[t[idx] for t in inputs], temperature, shared)
-                old = logp.detach() if old_logps is None else old_logps[idx]
-                kl = self.kl_fn(logp, ref_logps[idx]) if ref_logps is not None else None
-                loss, stats = policy_loss(self.loss_fn, logp, old, advantages[idx], mask[idx], ctx, kl, a.beta,
-                                          ref_logp=None if ref_logps is None else ref_logps[idx], name=a.loss_type)
+            for idx, real in passes:
+                part = _micro_inputs(inputs, idx, budget)
+                logp, entropy = completion_logprobs(self.model, *part, temperature, shared)
+                if not real:  # an FSDP filler pass: its forward and backward gather like the others', at zero weight
+                    self.backward(logp.sum() * 0.0)
+                    continue
+                w = logp.shape[1]  # the micro-batch's completion width (trimmed under a token budget)
+                old = logp.detach() if old_logps is None else old_logps[idx, :w]
+                ref = None if ref_logps is None else ref_logps[idx, :w]
+                kl = self.kl_fn(logp, ref) if ref is not None else None
+                adv = advantages[idx] if advantages.dim() == 1 else advantages[idx, :w]
+                m = mask[idx, :w]
+                loss, stats = policy_loss(self.loss_fn, logp, old, adv, m, ctx, kl, a.beta, ref_logp=ref, name=a.loss_type)
                 self.backward(loss)
-                m = mask[idx]
                 weight = float(m.sum()) / ctx.num_items_in_batch
                 _accumulate(sums, "loss", float(loss.detach()))
                 _accumulate(sums, "entropy", float((entropy.detach() * m).sum() / m.sum().clamp(min=1)) * weight)
@@ -243,17 +309,22 @@ class GRPOTrainer(Trainer):
                     _accumulate(sums, "kl", float((kl.detach() * m).sum() / m.sum().clamp(min=1)) * weight)
                 for key, value in stats.items():
                     _accumulate(sums, key, float(value) * weight)
-            sums["grad_norm"] = self.optimizer_step()
-        return {k: (v / a.num_iterations if k != "grad_norm" else v) for k, v in sums.items()}
+            grad_norm = self.optimizer_step()
+        if self.dist.enabled:  # every rank reports every key (a rank without rows has none of its own)
+            keys = sorted({key for keys in self.dist.all_gather_json(sorted(sums)) for key in keys})
+            sums = summed_over_ranks(self.dist, {key: sums.get(key, 0.0) for key in keys})
+        out = {k: v / a.num_iterations for k, v in sums.items()}
+        out["grad_norm"] = grad_norm
+        return out
 
-    def _reference_logprobs(self, inputs, chunks, temperature, shared: bool = True) -> torch.Tensor:
+    def _reference_logprobs(self, inputs, passes, temperature, shared: bool = True, budget: int = 0) -> torch.Tensor:
         with self.reference.forward() as reference:
-            return _frozen_logprobs(reference, inputs, chunks, temperature, shared)
+            return _frozen_logprobs(reference, inputs, passes, temperature, shared, budget)
 
-    def _reward_metrics(self, batch: RolloutBatch, zero_std: float, rounds: int) -> dict:
+    def _reward_metrics(self, batch: "GatheredRewards", zero_std: float, rounds: int) -> dict:
         metrics = self.rewards.metrics(batch.components, batch.total, batch.valid)
-        metrics["completion_length"] = float(batch.completion_lengths.float().mean())
-        metrics["truncated_fraction"] = float(batch.rollouts.truncated.float().mean())
+        metrics["completion_length"] = float(batch.lengths.float().mean())
+        metrics["truncated_fraction"] = float(batch.truncated.float().mean())
         metrics["frac_reward_zero_std"] = zero_std
         metrics["sampling_rounds"] = rounds
         metrics["rewards/skipped"] = int((~batch.valid).sum())
@@ -262,6 +333,47 @@ class GRPOTrainer(Trainer):
     @property
     def eval_max_new_tokens(self) -> int:
         return self.config.rollout.max_new_tokens
+
+
+@dataclass
+class GatheredRewards:
+    """The per-completion rewards and lengths of a step's global batch, on every rank (what the reward metrics
+    and the skip decision need; the tokens stay on their rank)."""
+
+    components: torch.Tensor  # [N, R]
+    total: torch.Tensor  # [N]
+    valid: torch.Tensor  # [N] bool
+    lengths: torch.Tensor  # [N] completion tokens
+    truncated: torch.Tensor  # [N] bool
+
+    @classmethod
+    def of(cls, batch: RolloutBatch, dist) -> "GatheredRewards":
+        gather = dist.all_gather_rows
+        return cls(gather(batch.components), gather(batch.total), gather(batch.valid), gather(batch.completion_lengths),
+                   gather(batch.rollouts.truncated))
+
+
+def greedy_baseline(engine, rewards: RewardSet, records: list[dict], max_new_tokens: int, device) -> torch.Tensor:
+    """[groups] the reward of each prompt's greedy completion (ReMax's baseline), scored and shaped as the
+    rollouts are; NaN where it has no reward."""
+    greedy = engine.generate([r["prompt"] for r in records], SamplingParams(max_new_tokens, 0.0))
+    samples = [{**r, "completion": t} for r, t in zip(records, greedy.texts)]
+    greedy_components, greedy_valid, baseline = scored(rewards, samples, device)
+    no_baseline = ~counted(greedy_components, greedy_valid)
+    return torch.where(no_baseline, torch.full_like(baseline, float("nan")), baseline)
+
+
+def check_rollout_shares(cfg, rewards: RewardSet, world: int) -> None:
+    """What prompt-sharded rollouts (GRPO, online DPO) need on `world` processes: a prompt for every rank, and
+    reward statistics that do not depend on a rank's own batch."""
+    if cfg.rollout.prompts_per_step < world:
+        raise RlgenError(f"rollout.prompts_per_step = {cfg.rollout.prompts_per_step} gives some of the {world} processes "
+                         "no prompt: use at least one prompt per process")
+    shaping = rewards.shaping
+    if shaping is not None and shaping.estimate is not None and any(
+            shaping.options.get(key) is None for key in shaping.estimate(torch.zeros(2))):
+        raise RlgenError(f"reward_shaping = '{cfg.reward_shaping}' estimates its statistics from a rank's first batch, "
+                         "which differs between processes: give them as options (e.g. ref-normalize:mean=..,std=..)")
 
 
 def check_context_length(model, tokenizer, records: list[dict], max_new_tokens: int) -> None:
@@ -286,23 +398,42 @@ def _accumulate(sums: dict, key: str, value: float) -> None:
 
 
 @torch.no_grad()
-def _frozen_logprobs(model, inputs, chunks, temperature, shared) -> torch.Tensor:
-    """Log-probs without gradient (old policy, reference), micro-batch by micro-batch."""
-    return torch.cat([completion_logprobs(model, *[t[i] for t in inputs], temperature, shared)[0] for i in chunks])
+def _frozen_logprobs(model, inputs, passes, temperature, shared, budget: int = 0) -> torch.Tensor:
+    """Log-probs without gradient (old policy, reference), pass by pass (`even_passes`: filler passes run and
+    are dropped), in the batch's row order and width."""
+    rows, width = inputs.completion_ids.shape
+    out = None
+    for idx, real in passes:
+        logp = completion_logprobs(model, *_micro_inputs(inputs, idx, budget), temperature, shared)[0]
+        if not real:
+            continue
+        if out is None:
+            out = logp.new_zeros((rows, width))
+        out[idx.to(logp.device)] = pad_to(logp, width)
+    return out
 
 
-def _micro_batches(model, rollouts, accumulation_steps: int, shared: bool):
-    """(row indices of each micro-batch, number of micro-batches). When the prompt forward is shared
-    (`shared` and the model supports it), micro-batches hold whole groups of identical prompts, so no
-    group's prompt is run twice; otherwise rows are chunked as before."""
-    rows = rollouts.prompt_ids.shape[0]
-    device = rollouts.prompt_ids.device  # the indices select rows of tensors there
-    if shared and supports_shared_prefix(model):
-        starts, _ = prefix_runs(rollouts.prompt_ids, rollouts.prompt_mask)
+def _micro_inputs(inputs: ModelInputs, idx: torch.Tensor, budget: int) -> ModelInputs:
+    """A micro-batch's inputs; under a token budget without its all-padding columns, so that a micro-batch of
+    short completions computes on short tensors."""
+    part = inputs.rows(idx.to(inputs.prompt_ids.device))
+    return trimmed(part) if budget > 0 else part
+
+
+def _micro_batches(model, inputs: ModelInputs, accumulation_steps: int, shared: bool, budget: int = 0) -> list[torch.Tensor]:
+    """Row indices of the update's micro-batches: by token budget (`optim.max_tokens_per_micro_batch`) when
+    set, else `accumulation_steps` near-equal parts. When the prompt forward is shared (`shared` and the model
+    supports it), micro-batches hold whole runs of identical prompts (a group), so no prompt is run twice."""
+    rows = inputs.prompt_ids.shape[0]
+    device = inputs.prompt_ids.device  # the indices select rows of tensors there
+    units = None
+    if rows and shared and supports_shared_prefix(model):
+        starts, _ = prefix_runs(inputs.prompt_ids, inputs.prompt_mask)
         if len(starts) < rows:
             bounds = starts.tolist() + [rows]
-            pieces = torch.arange(len(starts)).tensor_split(min(accumulation_steps, len(starts)))
-            chunks = [torch.arange(bounds[int(p[0])], bounds[int(p[-1]) + 1], device=device) for p in pieces]
-            return chunks, len(chunks)
-    n_micro = min(accumulation_steps, rows)
-    return torch.arange(rows, device=device).chunk(n_micro), n_micro
+            units = [list(range(bounds[k], bounds[k + 1])) for k in range(len(starts))]
+            if budget <= 0:  # near-equal numbers of groups per micro-batch
+                pieces = torch.arange(len(units)).tensor_split(min(accumulation_steps, len(units)))
+                return [torch.arange(bounds[int(p[0])], bounds[int(p[-1]) + 1], device=device) for p in pieces]
+    return [chunk.to(device) for chunk in micro_batches(rows, budget, accumulation_steps,
+                                                        row_costs(inputs) if budget > 0 else None, units)]

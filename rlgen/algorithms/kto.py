@@ -16,7 +16,9 @@ from rlgen.algorithms.preference_losses import PreferenceOptions, kto_losses
 from rlgen.data.preferences import read_pairs, read_unpaired
 from rlgen.errors import RlgenError
 from rlgen.plugins import registry
+from rlgen.rollout.groups import ModelInputs
 from rlgen.training.data import PromptSampler
+from rlgen.training.micro_batches import even_passes, map_micro_batches, micro_batches, row_costs, trimmed
 from rlgen.training.parts import summed_over_ranks
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
@@ -85,27 +87,43 @@ class KTOTrainer(PreferenceTrainer):
                               "rewards/rejected", "logps/rejected"), 0.0)
         # a rank without examples (a global batch smaller than the world) only joins the collectives
         kl_sum = torch.zeros((), device=self.device)
+        budget = self.config.optim.max_tokens_per_micro_batch
+        even = self.dist if self.fsdp and budget else None  # FSDP: every rank runs as many policy passes as the others
         if shard:
             inputs = self.encode_examples([prompts[i] for i in shard], [completions[i] for i in shard])
             kl_inputs = self.encode_examples([prompts[i] for i in shard], [mismatched[i] for i in shard])
             with torch.no_grad():
-                kl_sum = (sequence_logps(self.model, kl_inputs, 1.0, a.shared_prefix)[0] - self.frozen_logps(kl_inputs)).sum()
+                policy_kl = map_micro_batches(lambda part: sequence_logps(self.model, part, 1.0, a.shared_prefix)[0],
+                                              ModelInputs(*kl_inputs), budget, dist=even)
+                kl_sum = (policy_kl - self.frozen_logps(kl_inputs)).sum()
         ref = self.cached_reference(rows, lambda missing: self.frozen_logps(inputs)[missing])
         kl = self.dist.sum(kl_sum) / n  # the global batch's estimate: the same reference point on every rank
         if shard:
-            summed, _, _, entropy = sequence_logps(self.model, inputs, 1.0, a.shared_prefix)
-            desirable = torch.tensor([bool(self.examples[rows[i]]["label"]) for i in shard], device=summed.device)
-            logratios = summed - ref
-            losses = kto_losses(logratios, desirable, kl, a.beta, a.desirable_weight, a.undesirable_weight)
-            loss = losses.sum() / n
-            self.backward(loss)
-            rewards = a.beta * logratios.detach()
-            mask = inputs[3].float()
-            sums.update({"loss": float(loss.detach()), "entropy_sum": float((entropy.detach() * mask).sum()),
-                         "tokens": float(mask.sum()), "desirable": float(desirable.sum()),
-                         "rewards/chosen": float(rewards[desirable].sum()), "logps/chosen": float(summed.detach()[desirable].sum()),
-                         "rewards/rejected": float(rewards[~desirable].sum()),
-                         "logps/rejected": float(summed.detach()[~desirable].sum())})
+            inputs = ModelInputs(*inputs)
+            desirable_all = torch.tensor([bool(self.examples[rows[i]]["label"]) for i in shard], device=ref.device)
+            chunks = micro_batches(len(shard), budget, 1, row_costs(inputs) if budget else None)
+            for idx, real in even_passes(chunks, even):
+                part = inputs.rows(idx.to(inputs.prompt_ids.device))
+                part = trimmed(part) if budget else part  # a short micro-batch computes on its own width only
+                summed, _, _, entropy = sequence_logps(self.model, part, 1.0, a.shared_prefix)
+                idx = idx.to(ref.device)
+                desirable = desirable_all[idx]
+                logratios = summed - ref[idx]
+                losses = kto_losses(logratios, desirable, kl, a.beta, a.desirable_weight, a.undesirable_weight)
+                loss = losses.sum() / n
+                if not real:  # a filler pass (FSDP): zero weight, no statistics
+                    self.backward(loss * 0.0)
+                    continue
+                self.backward(loss)
+                rewards = a.beta * logratios.detach()
+                mask = part.completion_mask.float()
+                for key, value in (("loss", loss.detach()), ("entropy_sum", (entropy.detach() * mask).sum()),
+                                   ("tokens", mask.sum()), ("desirable", desirable.sum()),
+                                   ("rewards/chosen", rewards[desirable].sum()),
+                                   ("logps/chosen", summed.detach()[desirable].sum()),
+                                   ("rewards/rejected", rewards[~desirable].sum()),
+                                   ("logps/rejected", summed.detach()[~desirable].sum())):
+                    sums[key] += float(value)
         grad_norm = self.optimizer_step()
         sums = summed_over_ranks(self.dist, sums)
         desirable_count = sums["desirable"]
@@ -118,6 +136,10 @@ class KTOTrainer(PreferenceTrainer):
             metrics["rewards/rejected"] = sums["rewards/rejected"] / (n - desirable_count)
             metrics["logps/rejected"] = sums["logps/rejected"] / (n - desirable_count)
         return metrics
+
+    def reference_dummy_pass(self) -> None:
+        example = self.examples[0]
+        self.frozen_logps(self.encode_examples([example["prompt"]], [example["completion"]]))
 
     def extra_tensors(self) -> dict:
         return {"ref_cache": self.ref_cache}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.algorithms.dpo import PreferenceAlgoConfig, PreferenceTrainer
-from rlgen.algorithms.grpo import RolloutConfig, check_context_length, data_source
+from rlgen.algorithms.grpo import RolloutConfig, check_context_length, check_rollout_shares, data_source
 from rlgen.algorithms.preference_losses import PreferenceOptions, needs_reference
 from rlgen.data.preferences import make_pairs
 from rlgen.errors import RlgenError
@@ -67,9 +67,11 @@ def best_worst_pairs(batch: RolloutBatch) -> tuple[list[dict], torch.Tensor]:
 
 
 class OnlineDPOTrainer(PreferenceTrainer):
+    """Multi-process, each rank rolls out its share of the prompts (as GRPO does: each completion from its own
+    seeded stream), pairs its own groups, and the preference update averages over the pairs of all ranks."""
+
     config: OnlineDPOConfig
-    # its rollouts are sampled per batch: one process until sampling is split by prompt across ranks
-    supports_distributed = False
+    supports_distributed = True
 
     def prepare_data(self) -> None:
         cfg = self.config
@@ -86,6 +88,11 @@ class OnlineDPOTrainer(PreferenceTrainer):
         self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
         self.pairs = []
         self.ref_cache = torch.zeros((0, 2), dtype=torch.float64)  # the offline trainers' CPU cache: unused here
+        if self.dist.enabled:
+            check_rollout_shares(cfg, self.rewards, self.dist.world_size)
+            if self.fsdp:
+                raise RlgenError("online-dpo does not run with run.distributed = fsdp (the pairs, hence the forward passes, "
+                                 "differ between ranks); use run.distributed = ddp")
 
     def prepare(self) -> None:
         check_context_length(self.model, self.tokenizer, self.records, self.config.rollout.max_new_tokens)
@@ -117,14 +124,22 @@ class OnlineDPOTrainer(PreferenceTrainer):
 
     def train_step(self) -> dict:
         cfg = self.config
-        batch = self.group_rollout.sample(self.sampler.next_batch())
-        metrics = self.rewards.metrics(batch.components, batch.total, batch.valid)
+        records = self.sampler.next_batch()
+        span = self.dist.share(len(records))  # this rank's prompts (all of them on one process)
+        batch = self.group_rollout.sample(records[span.start:span.stop], first_row=span.start * cfg.rollout.num_generations)
+        gather = self.dist.all_gather_rows
+        metrics = self.rewards.metrics(gather(batch.components), gather(batch.total), gather(batch.valid))
         pairs, rows = best_worst_pairs(batch)
-        if not pairs:
+        if not self.dist.sum(len(pairs)):  # no pair on any rank: every rank skips
             metrics.update(pairs=0, skipped_update=1)
             return metrics
         inputs = batch.inputs.rows(rows)
-        ref = self.frozen_logps(inputs).view(-1, 2) if self.uses_reference else None
+        if not self.uses_reference:
+            ref = None
+        elif pairs:
+            ref = self.frozen_logps(inputs).view(-1, 2)
+        else:  # this rank has no pair: it only joins the update's collectives
+            ref = torch.zeros((0, 2), device=batch.total.device)
         metrics.update(self.pairwise_update.step(inputs, ref))
         every = cfg.algorithm.ref_update_every
         if every and self.reference is not None and self.step % every == 0:

@@ -11,6 +11,7 @@ from rlgen.algorithms.preference_losses import PairLoss, PairScores, PreferenceO
 from rlgen.distributed import Dist
 from rlgen.models.logprobs import completion_logprobs
 from rlgen.rollout.groups import ModelInputs
+from rlgen.training.micro_batches import even_passes, micro_batches, pair_units, row_costs, trimmed
 from rlgen.training.parts import summed_over_ranks
 
 
@@ -28,7 +29,8 @@ STAT_KEYS = ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/accur
 @dataclass
 class PairwiseUpdate:
     """One optimiser step of a preference loss on interleaved pairs (`PairEncoder`'s rows [chosen_0,
-    rejected_0, ...]), micro-batched by whole pairs for gradient accumulation -> the step's metrics.
+    rejected_0, ...]), micro-batched by whole pairs (`accumulation_steps` of them, or by the token budget
+    `max_tokens`) -> the step's metrics.
 
     `optimizer_step` applies the accumulated gradient and returns its norm (the trainer's, which clips and
     stops on non-finite updates); `backward` is the trainer's backward pass (its fp16 loss scaling). The loss
@@ -46,6 +48,8 @@ class PairwiseUpdate:
     accumulation_steps: int = 1
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
     dist: Dist = field(default_factory=Dist)
+    max_tokens: int = 0  # optim.max_tokens_per_micro_batch: micro-batches of whole pairs by token budget
+    fsdp: bool = False  # the model is FSDP-sharded: every rank runs as many passes as the others
 
     def step(self, inputs: ModelInputs, ref: torch.Tensor | None) -> dict:
         """`ref`: [B, 2] (chosen, rejected) summed reference log-probs, or None for a reference-free loss."""
@@ -55,9 +59,20 @@ class PairwiseUpdate:
         n, chosen_tokens = int(totals["pairs"]), totals["chosen_tokens"]
         sums: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
         # a rank with no pairs (a global batch smaller than the world) still joins the collectives below
-        for idx in torch.arange(local_pairs).chunk(min(self.accumulation_steps, local_pairs)) if local_pairs else ():
-            rows = torch.stack([2 * idx, 2 * idx + 1], dim=1).flatten()
-            loss, nll, stats = self.pair_loss(inputs.rows(rows), ref[idx] if ref is not None else None, n, chosen_tokens)
+        budget = self.max_tokens
+        chunks = micro_batches(2 * local_pairs, budget, self.accumulation_steps, row_costs(inputs) if budget else None,
+                               pair_units(2 * local_pairs))
+        # under FSDP every rank runs as many passes as the others (the budget may split shards unevenly)
+        for rows, real in even_passes(chunks, self.dist if self.fsdp and budget else None):
+            if not real:  # a filler pass: one whole pair, zero weight
+                rows = torch.cat([rows - rows % 2, rows - rows % 2 + 1])
+            idx = rows[0::2] // 2
+            part = inputs.rows(rows.to(inputs.prompt_ids.device))
+            loss, nll, stats = self.pair_loss(trimmed(part) if budget else part, ref[idx] if ref is not None else None, n,
+                                              chosen_tokens)
+            if not real:
+                self.backward(loss * 0.0)
+                continue
             self.backward(loss)
             sums["loss"] += float(loss.detach())
             sums["nll"] += nll

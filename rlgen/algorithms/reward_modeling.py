@@ -18,6 +18,7 @@ from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import resolve_model_path
 from rlgen.models.reward_model import load_reward_model, reward_scores
 from rlgen.training.data import PromptSampler
+from rlgen.training.micro_batches import even_passes, micro_batches, pair_units
 from rlgen.training.parts import summed_over_ranks
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RunConfig, TrainConfig
@@ -90,8 +91,13 @@ class RewardModelTrainer(Trainer):
         shard = self.dist.shard(pairs)
         sums = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0}
         # a rank without pairs (a global batch smaller than the world) only joins the collectives
-        chunks = torch.arange(len(shard)).chunk(min(cfg.optim.gradient_accumulation_steps, len(shard))) if shard else ()
-        for idx in chunks:
+        budget = cfg.optim.max_tokens_per_micro_batch
+        costs = None
+        if budget and shard:  # tokens of each scored text (prompt + answer), rows [chosen_0, rejected_0, ...]
+            costs = [len(ids) for ids in self.tokenizer([p + c for p, c in zip(*interleave(shard))]).input_ids]
+        rows = micro_batches(2 * len(shard), budget, cfg.optim.gradient_accumulation_steps, costs, pair_units(2 * len(shard)))
+        # under FSDP every rank runs as many passes as the others (the budget may split shards unevenly)
+        for idx, real in even_passes([chunk[0::2] // 2 for chunk in rows], self.dist if self.fsdp and budget else None):
             part = [shard[i] for i in idx.tolist()]
             prompts, completions = interleave(part)
             scores = reward_scores(self.model, self.tokenizer, prompts, completions)
@@ -102,6 +108,9 @@ class RewardModelTrainer(Trainer):
             if cfg.algorithm.center_rewards_coefficient:
                 losses = losses + cfg.algorithm.center_rewards_coefficient * (chosen + rejected) ** 2
             loss = losses.sum() / n
+            if not real:  # a filler pass (FSDP): zero weight, no statistics
+                self.backward(loss * 0.0)
+                continue
             self.backward(loss)
             sums["loss"] += float(loss.detach())
             sums["accuracy"] += float((chosen > rejected).float().sum()) / n

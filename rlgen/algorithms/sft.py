@@ -10,6 +10,8 @@ from rlgen.models.logprobs import completion_logprobs
 from rlgen.data.records import check_text
 from rlgen.errors import RlgenError
 from rlgen.rollout.engine import HFEngine, check_context, context_limit
+from rlgen.rollout.groups import ModelInputs
+from rlgen.training.micro_batches import even_passes, micro_batches, row_costs, trimmed
 from rlgen.training.data import PromptSampler
 from rlgen.training.parts import summed_over_ranks
 from rlgen.config import section, setting
@@ -107,13 +109,17 @@ class SFTTrainer(Trainer):
             local_tokens = int(completion_mask.sum())
         total_tokens = max(int(self.dist.sum(local_tokens)), 1)  # the global batch's: the loss is its token mean
         if batch:
-            rows = len(batch)
-            for idx in torch.arange(rows).chunk(min(cfg.optim.gradient_accumulation_steps, rows)):
-                logp, _ = completion_logprobs(self.model, prompt_ids[idx], prompt_mask[idx], completion_ids[idx], completion_mask[idx])
-                mask = completion_mask[idx].float()
-                loss = -(logp * mask).sum() / total_tokens
-                self.backward(loss)
-                loss_sum += float(loss.detach())
+            inputs = ModelInputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+            budget = cfg.optim.max_tokens_per_micro_batch
+            chunks = micro_batches(len(batch), budget, cfg.optim.gradient_accumulation_steps, row_costs(inputs) if budget else None)
+            # under FSDP every rank runs as many passes as the others (the budget may split shards unevenly)
+            for idx, real in even_passes(chunks, self.dist if self.fsdp and budget else None):
+                part = inputs.rows(idx.to(prompt_ids.device))
+                part = trimmed(part) if budget else part  # a short micro-batch computes on its own width only
+                logp, _ = completion_logprobs(self.model, *part)
+                loss = -(logp * part.completion_mask.float()).sum() / total_tokens
+                self.backward(loss if real else loss * 0.0)
+                loss_sum += float(loss.detach()) if real else 0.0
         grad_norm = self.optimizer_step()
         return {"loss": summed_over_ranks(self.dist, {"loss": loss_sum})["loss"], "grad_norm": grad_norm, "tokens": total_tokens}
 

@@ -105,10 +105,19 @@ def initial_noise(model, n: int, generator: torch.Generator | None) -> torch.Ten
     return torch.randn((n, *model.latent_shape), generator=generator).to(model.device)
 
 
+def step_noises(model, params: DiffusionSamplingParams, n: int, generator: torch.Generator | None) -> list:
+    """The per-step noise `sample` draws for n samples, drawn the same way and in the same order (None for a
+    deterministic step): drawn up front, a batch's draws can be sliced among processes."""
+    noisy = _noisy(params, make_schedule(model, params.num_steps))
+    return [torch.randn((n, *model.latent_shape), generator=generator).to(model.device)
+            if stochastic(params, index) and noisy else None for index in range(params.num_steps)]
+
+
 def sample(model, cond, null, params: DiffusionSamplingParams, generator: torch.Generator | None = None, *,
            noise: torch.Tensor | None = None, grad_last: int = 0, checkpointing: bool = True,
-           keep_trajectory: bool = True, step_callback=None) -> Trajectory:
+           keep_trajectory: bool = True, step_callback=None, step_noise: list | None = None) -> Trajectory:
     """Run the sampler from `noise` (drawn from `generator` when None).
+    `step_noise` (from `step_noises`) gives every step's noise instead of drawing it from `generator`.
 
     grad_last = K > 0 keeps the autograd graph through the last K steps (DRaFT-K / AlignProp), each step
     recomputed in backward when `checkpointing`; earlier steps run without grad. `step_callback(index, x, x0_pred)`
@@ -122,16 +131,19 @@ def sample(model, cond, null, params: DiffusionSamplingParams, generator: torch.
     for index in range(total):
         with_grad = grad_last > 0 and index >= total - grad_last
         # drawn on the CPU, then moved, as the initial noise
-        step_noise = torch.randn(x.shape, generator=generator).to(x.device) if stochastic(params, index) and _noisy(params, schedule) else None
+        if step_noise is not None:
+            noise_now = step_noise[index]
+        else:
+            noise_now = torch.randn(x.shape, generator=generator).to(x.device) if stochastic(params, index) and _noisy(params, schedule) else None
         if with_grad:
             if checkpointing and grad_last > 1:  # with one step there is nothing to save by recomputing
-                result = checkpoint(_step_tensors, model, schedule, index, x, cond, null, params, step_noise, use_reentrant=False)
+                result = checkpoint(_step_tensors, model, schedule, index, x, cond, null, params, noise_now, use_reentrant=False)
                 result = StepResult(*result)
             else:
-                result = denoise_step(model, schedule, index, x, cond, null, params, noise=step_noise)
+                result = denoise_step(model, schedule, index, x, cond, null, params, noise=noise_now)
         else:
             with torch.no_grad():
-                result = denoise_step(model, schedule, index, x.detach(), cond, null, params, noise=step_noise)
+                result = denoise_step(model, schedule, index, x.detach(), cond, null, params, noise=noise_now)
         x = result.prev_sample
         log_probs.append(result.log_prob.detach())
         if step_callback is not None:

@@ -37,6 +37,10 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     lora_merge_on_save: bool = True  # final/ holds merged weights; false keeps the adapter
     gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% more time)
+    # Log-prob passes without padding: each batch's sequences packed into rows, position_ids restarting per
+    # sequence (rlgen.models.logprobs.supports_packing says which models; the others silently run padded).
+    padding_free: bool = field(default=False, metadata={"doc": "pack log-prob passes without padding (position_ids "
+                                                               "per sequence; other models run padded)"})
 
     def validate(self):
         if self.dtype not in DTYPES:

@@ -44,19 +44,28 @@ def prefix_runs(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[to
     return new_run.nonzero().flatten(), new_run.long().cumsum(0) - 1
 
 
+def plain_decoder(model):
+    """The transformers model (under its peft wrapper, if any) when it is a plain decoder-only LM whose
+    sequence positions are all real tokens: no prompt-learning adapter (prefix tuning's virtual tokens own
+    the cache), no encoder or cross-attention, not stateful; else None. A capability check."""
+    base = unwrap_peft(model)
+    if base is not model:
+        active = getattr(model, "active_peft_config", None)
+        if active is None or getattr(active, "is_prompt_learning", False):
+            return None
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        return None
+    return None if getattr(base, "_is_stateful", False) else base
+
+
 def supports_shared_prefix(model) -> bool:
     """Whether a prompt's KV cache can be computed once and repeated over rows (a capability check on
     the model class, its config and its cache layout; nothing is run). False -> the plain path."""
-    base = unwrap_peft(model)
-    if base is not model:  # peft: prompt-learning adapters (prefix tuning...) own the cache
-        active = getattr(model, "active_peft_config", None)
-        if active is None or getattr(active, "is_prompt_learning", False):
-            return False
-    config = getattr(base, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+    base = plain_decoder(model)
+    if base is None:
         return False
-    if getattr(base, "_is_stateful", False):
-        return False
+    config = base.config
     supports_dynamic = getattr(base, "_supports_default_dynamic_cache", None)
     if supports_dynamic is None or not supports_dynamic():
         return False

@@ -4,7 +4,7 @@ holding its own copy of the weights (vLLM, a server) can be told that the policy
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -52,7 +52,10 @@ class Rollouts:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None) -> Rollouts: ...
+    def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None,
+                 seeds: torch.Tensor | None = None) -> Rollouts:
+        """Completions of `prompts`. `seeds` ([B] int64, `row_seeds`): each row's own random stream, like vLLM's
+        per-request seed; without them one base seed is drawn from `generator` for the call."""
 
     def sync_weights(self, model) -> None: ...
 
@@ -71,22 +74,64 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor | None, step: int = 0) -> torch.Tensor:
+    """The next token of each row: the argmax at temperature 0, else a draw from the tempered, top-k / top-p
+    filtered distribution by inverse CDF with row `i`'s uniform `row_uniforms(seeds, step)[i]`. A row's draw
+    depends only on its own seed and logits, never on the rest of the batch (vLLM's per-request seed), so a
+    prompt sampled on any rank, in any batch, gets the same completion."""
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(-1)  # float64: the last entries of a 150k-token CDF keep their width
+    target = row_uniforms(seeds.to(probs.device), step) * cdf[:, -1]
+    token = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    # a target rounded up to the total would pick past the end (or a trailing zero-probability token)
+    last_possible = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(token, last_possible)
 
 
-def generator_on(generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
-    """A generator that samples on `device`: the given one when it is there already (the CPU: draws unchanged),
-    else a new one on the device seeded from it, so that a run's CPU generator (checkpointed, resumed) still
-    decides every draw."""
-    if generator is None or generator.device.type == device.type:
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    return torch.Generator(device=device).manual_seed(seed)
+# splitmix64 (Steele, Lea and Flood 2014) on int64 tensors: multiplication wraps modulo 2^64 as in C, and
+# the right shifts are made logical with a mask.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _wrapped(value: int) -> int:
+    """A Python integer as the int64 it wraps to."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >> 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def row_seeds(base: int, first_row: int, rows: int, device=None) -> torch.Tensor:
+    """[rows] int64 seeds of the rows `first_row ...` of a batch whose draws start from `base`: the
+    splitmix64 stream of `base` at those positions, so that row k's seed is the same whichever rank or
+    batch holds it."""
+    index = torch.arange(first_row + 1, first_row + rows + 1, dtype=torch.long, device=device)
+    return _mix64(_wrapped(base) + index * _GOLDEN)
+
+
+def row_uniforms(seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """[B] float64 uniforms in [0, 1): draw `step` of each row's own splitmix64 stream."""
+    x = _mix64(seeds + _wrapped((step + 1) * _GOLDEN))
+    return _shift_right(x, 11).double() * 2.0**-53
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One base seed from the run's generator (the global RNG without one): a generate call draws exactly one,
+    however many rows it has, so every rank's generator stays in step with the others'."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def check_logits(logits: torch.Tensor, model) -> None:
@@ -141,8 +186,10 @@ class HFEngine:
     Prompts usually arrive in groups of identical consecutive prompts (GRPO's G completions per
     prompt, pass@k). Each run of equal consecutive prompts is tokenised once and, when the model's
     cache can be expanded (`supports_shared_prefix`), prefilled once; its KV cache and last logits
-    are then repeated for every row of the run before the rows are decoded. Sampling is unchanged:
-    one draw over the whole batch per step, so seeded runs stay reproducible. The path taken depends
+    are then repeated for every row of the run before the rows are decoded. Each row samples from its
+    own seeded stream (`choose_tokens`), so a row's completion does not depend on its batch (batch size,
+    shared prefix or not, the rank it runs on), up to the floating-point effects of batching on the
+    logits. The path taken depends
     only on the model (and `shared_prefix`), never on the batch, so every call runs the same code.
     """
 
@@ -154,6 +201,9 @@ class HFEngine:
         self.stop_ids = torch.tensor(stop_token_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0].item()
         self._stop_set = set(self.stop_ids.tolist())
+        # Sharded weights (FSDP) need every rank in every forward: then the trainer sets this to a collective
+        # "have all ranks' rows stopped?", and no rank stops decoding before the others.
+        self.finished_everywhere: Callable[[bool], bool] | None = None
 
     def sync_weights(self, model) -> None:
         self.model = model  # same process, same weights: nothing to copy
@@ -190,15 +240,20 @@ class HFEngine:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None) -> Rollouts:
-        generator = generator_on(generator, self.device)
+    def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None,
+                 seeds: torch.Tensor | None = None) -> Rollouts:
+        if seeds is None:
+            seeds = row_seeds(draw_seed(generator), 0, len(prompts))
+        elif len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = seeds.to(self.device)
         parts = [
-            self._generate_batch(prompts[i : i + self.batch_size], params, generator)
+            self._generate_batch(prompts[i : i + self.batch_size], params, seeds[i : i + self.batch_size])
             for i in range(0, len(prompts), self.batch_size)
         ]
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.pad_id)
 
-    def _generate_batch(self, prompts, params: SamplingParams, generator) -> Rollouts:
+    def _generate_batch(self, prompts, params: SamplingParams, seeds: torch.Tensor) -> Rollouts:
         model = self.model
         was_training = model.training
         model.eval()
@@ -246,12 +301,15 @@ class HFEngine:
             keyword = cache_keyword(model) or "past_key_values"
             for step in range(steps):
                 check_logits(logits, model)
-                token = choose_tokens(logits, params, generator)
+                token = choose_tokens(logits, params, seeds, step)
                 token = token.masked_fill(finished, self.pad_id)
                 completion_ids[:, step] = token
                 produced = step + 1
                 finished |= torch.isin(token, stop_ids)
-                if produced == steps or bool(finished.all()):
+                done = bool(finished.all())
+                if self.finished_everywhere is not None:
+                    done = self.finished_everywhere(done)
+                if produced == steps or done:
                     break  # no forward pass for logits nobody will sample from
                 out = model(
                     input_ids=token.unsqueeze(-1),

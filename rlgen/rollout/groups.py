@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from rlgen.rewards.base import RewardSet, counted
-from rlgen.rollout.engine import RolloutEngine, Rollouts, SamplingParams, concat_rollouts
+from rlgen.rollout.engine import RolloutEngine, Rollouts, SamplingParams, concat_rollouts, draw_seed, row_seeds
 
 
 class ModelInputs(NamedTuple):
@@ -123,10 +123,14 @@ class GroupRollout:
     params: SamplingParams
     generator: torch.Generator | None = None  # the trainer's, so a resumed run draws the same completions
 
-    def sample(self, records: list[dict]) -> RolloutBatch:
-        """The batch on the engine's (the model's) device."""
+    def sample(self, records: list[dict], first_row: int = 0) -> RolloutBatch:
+        """The batch on the engine's (the model's) device. `records` may be one rank's share of a global batch
+        whose completions start at row `first_row`: each completion samples from the stream of its global row
+        (`row_seeds`), and every call draws one base seed from the generator, so all ranks stay in step."""
+        base = draw_seed(self.generator)
         expanded = [r for r in records for _ in range(self.group_size)]
-        rollouts = self.engine.generate([r["prompt"] for r in expanded], self.params, self.generator)
+        seeds = row_seeds(base, first_row, len(expanded))
+        rollouts = self.engine.generate([r["prompt"] for r in expanded], self.params, self.generator, seeds=seeds)
         lengths = rollouts.completion_mask.sum(1).tolist()
         samples = [{**r, "completion": text, "completion_tokens": n}
                    for r, text, n in zip(expanded, rollouts.texts, lengths)]

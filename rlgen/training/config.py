@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlgen.config import section, setting
+from rlgen.config import NON_NEGATIVE, section, setting
 from rlgen.devices import check_device_spec
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig
@@ -76,6 +76,10 @@ class OptimConfig:
     lr_scheduler: LrScheduler = setting("constant", "learning-rate schedule after the warm-up")
     warmup_steps: int = setting(0, "linear warm-up from 0 over this many steps")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimiser step")
+    # The forward pads a micro-batch to its longest row: the budget counts rows x longest row (prompt + completion).
+    max_tokens_per_micro_batch: int = setting(0, "token budget of each forward/backward micro-batch (rows x longest row, "
+                                                 "balanced, split by token count); 0 = gradient_accumulation_steps decides",
+                                              bounds=NON_NEGATIVE)
     # A NaN/inf gradient norm stops the run (the update is never applied) unless this is true.
     skip_nonfinite_steps: bool = setting(False, "skip updates whose gradient norm is NaN/inf (counted as `nonfinite_skipped`) instead of stopping")
 

@@ -170,3 +170,13 @@ def local_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) 
            "optimizer": sum(size(v) for v in states)}
     out["total"] = sum(out.values())
     return out
+
+
+def local_parameter_bytes(module: torch.nn.Module) -> int:
+    """The bytes of every parameter, frozen ones included, that this rank holds (a sharded one: its local
+    shard), e.g. a frozen reference's."""
+    total = 0
+    for param in module.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        total += local.numel() * local.element_size()
+    return total

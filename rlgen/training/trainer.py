@@ -198,6 +198,7 @@ class Trainer:
             self.shard(self.model)
         # where the model computes, also when FSDP keeps its parameters offloaded on the CPU (rlgen.devices)
         self.model.compute_device = self.device
+        self.model.padding_free = getattr(self.config.model, "padding_free", False)  # read by completion_logprobs
 
     def shard(self, module) -> None:
         """FSDP2 over the run's ranks (bf16-mixed: bf16 gathered weights, fp32 gradient reduction)."""
@@ -236,10 +237,14 @@ class Trainer:
         handle = LoadedModel(self.model, self.tokenizer, Path(self.base_path))
         reference = backbone_named(self.backbone_name).reference_policy(handle, self.config.model)
         if reference.is_copy and self.fsdp:
-            # Replicated on every rank, not sharded: it runs no collective, so ranks may run it unevenly
-            # (a reference cache filled shard by shard).
+            # Sharded like the policy (a replicated copy would double a large model's memory); it then
+            # gathers its weights in every forward, so the trainers run it as many times on every rank.
+            # Resharded after each forward: it has no backward to keep the gathered weights for.
+            run = self.config.run
             dtype = self.precision.weight_dtype
             reference.module.to(device=self.device, dtype=dtype) if dtype is not None else reference.module.to(self.device)
+            fsdp.shard_model(reference.module, True, run.cpu_offload and self.device.type == "cuda",
+                             fsdp.mixed_precision_policy(run.precision))
         return reference
 
     # --- checkpoints ---

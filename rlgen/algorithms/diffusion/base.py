@@ -83,6 +83,26 @@ class DiffusionTrainer(Trainer):
             model = load_diffusion_model(cfg)
         return model, None, model.path
 
+    def shard(self, module) -> None:
+        """FSDP shards the denoiser (its down / mid / up blocks, then the rest of it): the pipeline calls it
+        directly, so its forward is where the weights are gathered. A frozen-copy reference (KL, DPO) is
+        copied from the denoiser before it is sharded (a sharded module does not copy); Trainer.reference_policy
+        places it."""
+        if self.needs_reference():
+            self.fsdp_reference = self.reference_policy()
+        super().shard(module.denoiser)
+
+    fsdp_reference = None  # the reference built before sharding (see `shard`)
+
+    def needs_reference(self) -> bool:
+        """Whether the trainer builds a reference policy in prepare() (its frozen copy is made before FSDP shards)."""
+        return False
+
+    def reference_policy(self):
+        if self.fsdp_reference is not None:
+            return self.fsdp_reference
+        return super().reference_policy()
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the denoiser's block activations in the backward pass (diffusers' checkpointing)."""
         self.model.denoiser.enable_gradient_checkpointing()
@@ -92,7 +112,13 @@ class DiffusionTrainer(Trainer):
             from dataclasses import replace
 
             saved = load_diffusion_model(replace(self.config.model, path=str(checkpoint / "model")))
-            self.model.denoiser.load_state_dict(saved.denoiser.state_dict())
+            if self.fsdp:  # each rank keeps its shards of the full weights
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+                set_model_state_dict(self.model.denoiser, saved.denoiser.state_dict(),
+                                     options=StateDictOptions(full_state_dict=True))
+            else:
+                self.model.denoiser.load_state_dict(saved.denoiser.state_dict())
         super()._restore(checkpoint)
 
     records: list[dict] = []  # training prompts (records with `prompt`), set by prepare_data
@@ -101,7 +127,16 @@ class DiffusionTrainer(Trainer):
         """Every prompt must condition the model: a class-conditional one fails here, before any sampling."""
         self.model.check_prompts(self.records + (self.eval_records or []))
 
-    def save_model(self, out_dir: Path, final: bool) -> None:
+    def save_model(self, out_dir: Path | None, final: bool) -> None:
+        if self.fsdp:  # every rank gathers the denoiser's full weights; rank 0 (out_dir given) writes them
+            from rlgen.training import fsdp
+
+            state = fsdp.full_model_state(self.model.denoiser)
+            if out_dir is not None:  # a plain (unsharded) pipeline with the gathered weights, saved as one process does
+                plain = load_diffusion_model(self.config.model)
+                plain.denoiser.load_state_dict(state)
+                plain.save(out_dir, merge_lora=False)
+            return
         self.model.save(out_dir, merge_lora=final and self.config.model.lora_merge_on_save)
 
     def eval_task_rewards(self) -> tuple[str, ...]:

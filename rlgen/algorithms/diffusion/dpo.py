@@ -59,6 +59,10 @@ def read_image_pairs(path: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]
 
 
 class DiffusionDPOTrainer(DiffusionTrainer):
+    # One process only, whatever the diffusion base allows: every rank would train on the whole batch (no
+    # shard, no global counts). Its reference runs once a step, so sharding it would need nothing more.
+    supports_distributed = False
+
     def prepare_data(self) -> None:
         data = self.config.data
         if not data.path:
