@@ -22,6 +22,9 @@ CASES = {
     "grpo": ("grpo", ["--set", "rollout.prompts_per_step=5"]),
     # rounds of 5 prompts until 5 groups with a reward spread: the kept groups sit unevenly on the ranks
     "grpo-dynamic-sampling": ("grpo", ["--set", "rollout.prompts_per_step=5", "--set", "algorithm.dynamic_sampling=true"]),
+    # 2 prompts, dynamic sampling and a greedy baseline: a rank may keep no group and then decodes no baseline
+    "grpo-dynamic-remax": ("grpo", ["--set", "rollout.prompts_per_step=2", "--set", "algorithm.dynamic_sampling=true",
+                                    "--set", "algorithm.advantage=remax", "--steps", 4]),
     "grpo-kl-iterations": ("grpo", ["--set", "rollout.prompts_per_step=5", "--set", "algorithm.beta=0.1",
                                     "--set", "algorithm.num_iterations=2", "--set", "optim.gradient_accumulation_steps=2"]),
     # a greedy baseline per prompt (ReMax), batch-wide reward scaling, the per-sequence loss
@@ -42,7 +45,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_roll_out_and_train_like_one(tmp_path, case):
     algorithm, extra = CASES[case]
-    args = ["train", algorithm, *ROLLOUT, *extra, "--steps", 3, *COMMON]
+    args = ["train", algorithm, *ROLLOUT, "--steps", 3, *extra, *COMMON]  # a case's own --steps wins
     rlgen_ok(*args, "--out", tmp_path / "single", cwd=tmp_path)
     torchrun(*args, "--out", tmp_path / "multi", cwd=tmp_path)
     diffs = assert_same_run(tmp_path / "single", tmp_path / "multi")

@@ -157,3 +157,16 @@ def test_seeded_draws_follow_the_distribution():
     frequency = torch.bincount(tokens, minlength=4).double() / 20000
     assert frequency[1] == 0  # a zero-probability token is never drawn
     assert torch.allclose(frequency, probs.double(), atol=0.015)
+
+
+def test_greedy_decoding_draws_nothing_from_the_global_rng():
+    from rlgen.models.causal_lm import load_model, load_tokenizer, resolve_model_path
+    from rlgen.rollout.engine import HFEngine
+
+    path = resolve_model_path("tiny-arith")
+    engine = HFEngine(load_model(path), load_tokenizer(path))
+    state = torch.get_rng_state()
+    engine.generate(["12+34=", "5+6="], SamplingParams(max_new_tokens=4, temperature=0.0))
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation leaves dropout's RNG (checkpointed) alone
+    engine.generate(["12+34="], SamplingParams(max_new_tokens=4, temperature=1.0))
+    assert not torch.equal(torch.get_rng_state(), state)  # sampling without a generator draws its base seed there

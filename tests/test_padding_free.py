@@ -272,6 +272,26 @@ def test_off_by_default_and_set_by_the_trainer(tmp_path):
         assert trainer.model.padding_free is value
 
 
+def test_a_frozen_reference_copy_runs_the_policys_path(tmp_path):
+    """DPO's reference is a separate frozen copy: it packs when the policy packs, so at step 1 the policy and
+    the reference score every answer identically (exact ties, zero margins), not padded vs packed noise."""
+    import json
+
+    from rlgen.api import build_trainer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 1) * (1 + k % 4)})
+                             + "\n" for k, (a, b) in enumerate([(864, 394), (41, 265), (497, 414), (5, 9), (70, 88), (123, 4)])))
+    trainer = build_trainer("dpo", out=str(tmp_path / "run"), steps=1, data=str(pairs),
+                            sets=["run.eval_every=0", "run.threads=1", "model.padding_free=true",
+                                  "algorithm.shared_prefix=false", "algorithm.batch_size=6"])
+    trainer.setup()
+    assert trainer.reference.module.padding_free is True
+    trainer.step = 1
+    metrics = trainer.train_step()
+    assert metrics["rewards/margins"] == 0.0 and metrics["rewards/accuracies"] == 0.0  # ties count as wrong
+
+
 def test_pack_rows():
     rows, starts = _pack([5, 2, 4, 3, 1], 5)
     # first-fit decreasing, rows of at most 5: 5 | 4 then 1 | 3 then 2

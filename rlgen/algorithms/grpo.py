@@ -123,8 +123,6 @@ class GRPOTrainer(Trainer):
     def prepare(self) -> None:
         check_context_length(self.model, self.tokenizer, self.records, self.config.rollout.max_new_tokens)
         self.engine = HFEngine(self.model, self.tokenizer)
-        if self.fsdp:  # sharded weights: every rank decodes until all ranks' rows have stopped
-            self.engine.finished_everywhere = lambda done: self.dist.sum(0.0 if done else 1.0) == 0
         self.reference = self.reference_policy() if self.config.algorithm.beta > 0 else None
 
     def extra_state(self) -> dict:
@@ -275,8 +273,9 @@ class GRPOTrainer(Trainer):
             max_completion_length=cfg.rollout.max_new_tokens,
             num_items_in_batch=max(float(self.dist.sum(float(mask.sum()))), 1.0),
             num_sequences_in_batch=float(self.dist.sum(rows)),
-            # bnpo's per-micro-batch token mean: each rank's micro-batches count (TRL's per-device batches)
-            num_micro_batches=max(len(chunks), 1) * self.dist.world_size,
+            # bnpo's per-micro-batch token mean: the mean over the ranks holding rows of each rank's mean over its
+            # micro-batches (TRL's per-device batches)
+            num_micro_batches=max(len(chunks), 1) * max(int(self.dist.sum(1 if rows else 0)), 1),
         )
         inputs = batch.inputs
         temperature = cfg.rollout.temperature
@@ -356,6 +355,8 @@ class GatheredRewards:
 def greedy_baseline(engine, rewards: RewardSet, records: list[dict], max_new_tokens: int, device) -> torch.Tensor:
     """[groups] the reward of each prompt's greedy completion (ReMax's baseline), scored and shaped as the
     rollouts are; NaN where it has no reward."""
+    if not records:  # a rank that kept no group (dynamic sampling) has no prompt to decode
+        return torch.empty(0, device=device)
     greedy = engine.generate([r["prompt"] for r in records], SamplingParams(max_new_tokens, 0.0))
     samples = [{**r, "completion": t} for r, t in zip(records, greedy.texts)]
     greedy_components, greedy_valid, baseline = scored(rewards, samples, device)

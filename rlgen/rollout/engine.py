@@ -242,8 +242,8 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams, generator: torch.Generator | None = None,
                  seeds: torch.Tensor | None = None) -> Rollouts:
-        if seeds is None:
-            seeds = row_seeds(draw_seed(generator), 0, len(prompts))
+        if seeds is None:  # greedy decoding draws nothing (and leaves the generator, or the global RNG, alone)
+            seeds = row_seeds(draw_seed(generator) if params.temperature > 0 else 0, 0, len(prompts))
         elif len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         seeds = seeds.to(self.device)

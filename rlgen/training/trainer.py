@@ -173,6 +173,10 @@ class Trainer:
         self.optimizer = make_adamw(params, o)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.lr_scheduler, o.warmup_steps, cfg.run.steps))
         self.prepare()
+        engine = getattr(self, "engine", None)
+        if self.fsdp and engine is not None and hasattr(engine, "finished_everywhere"):
+            # sharded weights gather inside every forward: each rank decodes until every rank's rows have stopped
+            engine.finished_everywhere = lambda done: self.dist.sum(0.0 if done else 1.0) == 0
         return checkpoint
 
     def _load_model(self, checkpoint: Path | None):
@@ -236,6 +240,8 @@ class Trainer:
         LoRA base with the adapter off, or a frozen copy of the base), the same way for every trainer."""
         handle = LoadedModel(self.model, self.tokenizer, Path(self.base_path))
         reference = backbone_named(self.backbone_name).reference_policy(handle, self.config.model)
+        if reference.is_copy:  # the same log-prob path as the policy (packed or padded): equal scores at step 1
+            reference.module.padding_free = getattr(self.model, "padding_free", False)
         if reference.is_copy and self.fsdp:
             # Sharded like the policy (a replicated copy would double a large model's memory); it then
             # gathers its weights in every forward, so the trainers run it as many times on every rank.
