@@ -19,6 +19,7 @@ from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RegisteredName
+from rlgen.training.parts import summed_over_ranks
 
 
 @dataclass
@@ -59,9 +60,11 @@ def read_image_pairs(path: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]
 
 
 class DiffusionDPOTrainer(DiffusionTrainer):
-    # One process only, whatever the diffusion base allows: every rank would train on the whole batch (no
-    # shard, no global counts). Its reference runs once a step, so sharding it would need nothing more.
-    supports_distributed = False
+    """Multi-process: every rank draws the single process's whole batch of pairs, noise and times and trains
+    on its contiguous share of the pairs, the loss and metrics divided by the global batch size (under FSDP
+    the base trainer's equal shares give every rank the same policy and reference forwards)."""
+
+    supports_distributed = True
 
     def prepare_data(self) -> None:
         data = self.config.data
@@ -72,6 +75,12 @@ class DiffusionDPOTrainer(DiffusionTrainer):
         if data.task and data.eval_samples:
             self.eval_records = registry("task").get(data.task).split(data.eval_split)[: data.eval_samples]
         self.eval_rewards = RewardSet(self.config.rewards)
+        if self.dist.enabled and self.config.algorithm.batch_size < self.dist.world_size:
+            raise RlgenError(f"algorithm.batch_size = {self.config.algorithm.batch_size} gives some of the "
+                             f"{self.dist.world_size} processes no pair: use at least one pair per process")
+
+    def needs_reference(self) -> bool:
+        return True  # FSDP: the frozen copy is made before the denoiser is sharded
 
     def prepare(self) -> None:
         super().prepare()
@@ -83,23 +92,35 @@ class DiffusionDPOTrainer(DiffusionTrainer):
 
     def train_step(self) -> dict:
         a = self.config.algorithm
-        # draws from the run's CPU generator (checkpointed), moved to the model's device: the same batch on any device
+        # draws from the run's CPU generator (checkpointed), moved to the model's device: the same batch on any
+        # device. Every draw is of the global batch, in the single process's order; a rank keeps its pairs `mine`.
         rows = torch.randint(len(self.pairs), (a.batch_size,), generator=self.generator)
+        span = self.dist.share(a.batch_size)
+        mine = slice(span.start, span.stop)
+        rows = rows[mine]
         records = [self.pairs[int(i)] for i in rows]
         x0 = torch.cat([self.chosen[rows], self.rejected[rows]]).to(self.model.device)
-        noise = torch.randn((a.batch_size, *x0.shape[1:]), generator=self.generator).repeat(2, 1, 1, 1).to(x0.device)
-        u = sample_times(a.batch_size, self.generator, a.time_density).repeat(2)
+        noise = torch.randn((a.batch_size, *x0.shape[1:]), generator=self.generator)[mine].repeat(2, 1, 1, 1).to(x0.device)
+        u = sample_times(a.batch_size, self.generator, a.time_density)[mine].repeat(2)
         cond = self.model.conditioning([str(r["prompt"]) for r in records] * 2, records * 2)
         x_t, t, target = noised(self.model, x0, noise, u)
         policy = denoising_errors(self.model.predict(x_t, t, cond), target)
         with torch.no_grad():
             reference = denoising_errors(self.model.predict(x_t, t, cond, reference=True), target)
         losses, inside = diffusion_dpo_loss(policy, reference, a.beta, a.loss_type)
-        loss = losses.mean()
-        self.backward(loss)
-        grad_norm = self.optimizer_step()
-        inside, policy = inside.detach(), policy.detach()
+        inside, chosen, rejected = inside.detach(), *policy.detach().chunk(2)
         accuracy = (inside > 0).float() + 0.5 * (inside == 0).float()
-        return {"loss": float(loss.detach()), "implicit_acc": float(accuracy.mean()), "inside_mean": float(inside.mean()),
-                "mse_chosen": float(policy.chunk(2)[0].mean()), "mse_rejected": float(policy.chunk(2)[1].mean()),
-                "grad_norm": grad_norm}
+        if not self.dist.enabled:  # one process: the batch means as ever
+            loss = losses.mean()
+            self.backward(loss)
+            metrics = {"loss": float(loss.detach()), "implicit_acc": float(accuracy.mean()), "inside_mean": float(inside.mean()),
+                       "mse_chosen": float(chosen.mean()), "mse_rejected": float(rejected.mean())}
+        else:  # this rank's part of each global mean, summed over the ranks
+            loss = losses.sum() / a.batch_size
+            self.backward(loss)
+            sums = {"loss": float(loss.detach()), "implicit_acc": float(accuracy.sum()), "inside_mean": float(inside.sum()),
+                    "mse_chosen": float(chosen.sum()), "mse_rejected": float(rejected.sum())}
+            metrics = {key: value if key == "loss" else value / a.batch_size
+                       for key, value in summed_over_ranks(self.dist, sums).items()}
+        metrics["grad_norm"] = self.optimizer_step()
+        return metrics

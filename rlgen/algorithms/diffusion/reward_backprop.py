@@ -11,11 +11,12 @@ import torch
 
 from rlgen.algorithms.diffusion.base import DiffusionTrainer, ImageTrainConfig, SamplingConfig
 from rlgen.diffusion.generate import expand
-from rlgen.diffusion.sampling import initial_noise, sample
+from rlgen.diffusion.sampling import initial_noise, sample, step_noises
 from rlgen.errors import RlgenError
 from rlgen.rewards.base import RewardSet
 from rlgen.config import section, setting
 from rlgen.training.config import GroupRolloutConfig, OptimConfig
+from rlgen.training.parts import summed_over_ranks
 
 
 @dataclass
@@ -35,6 +36,14 @@ class RewardBackpropConfig(ImageTrainConfig):
 
 
 class RewardBackpropTrainer(DiffusionTrainer):
+    """Multi-process: every rank draws the single process's prompts, K and every noise tensor of the whole
+    batch (initial and per-step, in its order) and samples its contiguous share of the images, so a rank's
+    images are the single process's; the loss is divided by the global image count and the rewards are
+    gathered for the metrics. Every rank holds at least one image, so under FSDP each runs the same
+    denoiser forwards (one per sampling step)."""
+
+    supports_distributed = True
+
     def prepare_data(self) -> None:
         self.load_prompts()
         self.rewards = RewardSet(self.config.rewards)
@@ -43,6 +52,10 @@ class RewardBackpropTrainer(DiffusionTrainer):
         self.params = self.config.sampling.params()
         if self.config.algorithm.backprop_steps > self.params.num_steps:
             raise RlgenError(f"algorithm.backprop_steps ({self.config.algorithm.backprop_steps}) exceeds sampling.num_steps ({self.params.num_steps})")
+        r = self.config.rollout
+        if self.dist.enabled and r.prompts_per_step * r.num_generations < self.dist.world_size:
+            raise RlgenError(f"rollout.prompts_per_step = {r.prompts_per_step} x rollout.num_generations = {r.num_generations} "
+                             f"gives some of the {self.dist.world_size} processes no image: use at least one image per process")
 
     def train_step(self) -> dict:
         a = self.config.algorithm
@@ -50,14 +63,32 @@ class RewardBackpropTrainer(DiffusionTrainer):
         picks = torch.randint(len(self.records), (self.config.rollout.prompts_per_step,), generator=self.generator)
         records = expand([self.records[int(i)] for i in picks], self.config.rollout.num_generations)
         k = a.backprop_steps if a.backprop_strategy == "fixed" else int(torch.randint(1, a.backprop_steps + 1, (1,), generator=self.generator))
+        n = len(records)  # the global batch's images
+        if self.dist.enabled:  # the global batch's draws, in the single process's order, sliced to this rank's images
+            span = self.dist.share(n)
+            mine = slice(span.start, span.stop)
+            noise = initial_noise(self.model, n, self.generator)[mine]
+            steps = [s[mine] if s is not None else None for s in step_noises(self.model, self.params, n, self.generator)]
+            records = records[mine]
+        else:
+            noise, steps = None, None
         cond = self.model.conditioning([str(r["prompt"]) for r in records], records)
         null = self.model.null_conditioning(len(records)) if self.params.guidance_scale != 1.0 else None
-        noise = initial_noise(self.model, len(records), self.generator)
+        if noise is None:
+            noise = initial_noise(self.model, len(records), self.generator)
         trajectory = sample(self.model, cond, null, self.params, self.generator, noise=noise, grad_last=k,
-                            checkpointing=a.gradient_checkpointing, keep_trajectory=False)
+                            checkpointing=a.gradient_checkpointing, keep_trajectory=False, step_noise=steps)
         reward = self.rewards.differentiable_total(trajectory.images, records)
-        loss = (reward - a.reward_target).abs().mean() if a.reward_target is not None else -reward.mean()
-        self.backward(loss)
+        if self.dist.enabled:  # this rank's part of the global mean; metrics of the gathered rewards
+            loss = ((reward - a.reward_target).abs() if a.reward_target is not None else -reward).sum() / n
+            self.backward(loss)
+            loss_value = summed_over_ranks(self.dist, {"loss": float(loss.detach())})["loss"]
+            rewards = self.dist.all_gather_rows(reward.detach())
+        else:
+            loss = (reward - a.reward_target).abs().mean() if a.reward_target is not None else -reward.mean()
+            self.backward(loss)
+            loss_value, rewards = float(loss.detach()), reward.detach()
         grad_norm = self.optimizer_step()
-        return {"loss": float(loss.detach()), "reward": float(reward.detach().mean()), "reward_std": float(reward.detach().std()),
-                "backprop_steps": k, "grad_norm": grad_norm, "images_per_s": len(records) / (time.perf_counter() - started)}
+        return {"loss": loss_value, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "backprop_steps": k, "grad_norm": grad_norm, "images_per_s": n / (time.perf_counter() - started)}
+

@@ -17,6 +17,7 @@ from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet
 from rlgen.config import section, setting
 from rlgen.training.config import OptimConfig, RegisteredName
+from rlgen.training.parts import summed_over_ranks
 
 
 @dataclass
@@ -72,6 +73,12 @@ def sloppy_labels(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch
 
 
 class DiffusionSFTTrainer(DiffusionTrainer):
+    """Multi-process: every rank draws the single process's whole batch (images, label dropout, noise, times)
+    and trains on its contiguous share of the rows, the loss divided by the global batch size, so the
+    gradients summed over ranks are the single process's."""
+
+    supports_distributed = True
+
     def prepare_data(self) -> None:
         images, self.records = load_image_dataset(self.config.data)
         self.images = images  # pixels in [0, 1]; encoded once the model is loaded
@@ -79,6 +86,9 @@ class DiffusionSFTTrainer(DiffusionTrainer):
         if data.eval_task and data.eval_samples:
             self.eval_records = registry("task").get(data.eval_task).split(data.eval_split)[: data.eval_samples]
             self.eval_rewards = RewardSet(self.config.rewards)
+        if self.dist.enabled and self.config.algorithm.batch_size < self.dist.world_size:
+            raise RlgenError(f"algorithm.batch_size = {self.config.algorithm.batch_size} gives some of the "
+                             f"{self.dist.world_size} processes no image: use at least one image per process")
 
     def prepare(self) -> None:
         super().prepare()
@@ -86,18 +96,23 @@ class DiffusionSFTTrainer(DiffusionTrainer):
 
     def train_step(self) -> dict:
         a = self.config.algorithm
-        # draws from the run's CPU generator (checkpointed), moved to the model's device: the same batch on any device
+        # draws from the run's CPU generator (checkpointed), moved to the model's device: the same batch on any
+        # device. Every draw is of the global batch, in the single process's order; a rank keeps its rows `mine`.
         index = torch.randint(len(self.records), (a.batch_size,), generator=self.generator)
-        x0 = self.images[index].to(self.model.device)  # the encoded dataset stays on the CPU
-        records = [self.records[int(i)] for i in index]
+        span = self.dist.share(a.batch_size)
+        mine = slice(span.start, span.stop)
+        x0 = self.images[index[mine]].to(self.model.device)  # the encoded dataset stays on the CPU
+        records = [self.records[int(i)] for i in index[mine]]
         cond = self.model.conditioning([r["prompt"] for r in records], records)
         if cond is not None and a.cond_dropout > 0:
-            drop = torch.rand(a.batch_size, generator=self.generator) < a.cond_dropout
-            null = self.model.null_conditioning(a.batch_size)
+            drop = (torch.rand(a.batch_size, generator=self.generator) < a.cond_dropout)[mine]
+            null = self.model.null_conditioning(len(records))
             cond = torch.where(drop.reshape(-1, *([1] * (cond.ndim - 1))).to(cond.device), null, cond)
-        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
-        x_t, t, target = noised(self.model, x0, noise, sample_times(a.batch_size, self.generator, a.time_density))
-        loss = denoising_errors(self.model.predict(x_t, t, cond), target).mean()
+        noise = torch.randn((a.batch_size, *x0.shape[1:]), generator=self.generator)[mine].to(x0.device)
+        x_t, t, target = noised(self.model, x0, noise, sample_times(a.batch_size, self.generator, a.time_density)[mine])
+        errors = denoising_errors(self.model.predict(x_t, t, cond), target)
+        # one process: the batch mean as ever; several: this rank's part of the global mean
+        loss = errors.sum() / a.batch_size if self.dist.enabled else errors.mean()
         self.backward(loss)
         grad_norm = self.optimizer_step()
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm}
+        return {"loss": summed_over_ranks(self.dist, {"loss": float(loss.detach())})["loss"], "grad_norm": grad_norm}
