@@ -15,18 +15,24 @@ the engine's, not the update's.
 Configurations: precision fp32 vs bf16-mixed x model.gradient_checkpointing off / on; with FSDP
 (rlgen/training/fsdp.py and run.distributed = "fsdp" accepted) fp32 under 1 and 2 ranks, each rank
 updating on its P / ranks prompts; with token-budget micro-batching (optim.max_tokens_per_micro_batch
-accepted) a sweep of the completion length T at a fixed budget. Whatever the config does not accept
-yet is skipped with a note.
+accepted) a sweep of the completion length T at a fixed budget (P x G of --sweep-prompts x --generations),
+and as the contrast the same lengths without a budget (--sweep-baseline: the lengths, "all" or "none"; a
+micro-batch is then the whole batch). A micro-batch never splits a GRPO group (its prompt forward is shared),
+so the budget bounds the peak once a group fits in it and the batch holds several; --sweep-split-groups
+(algorithm.shared_prefix = false: each row runs its own prompt) lets it split groups, a row at a time. Whatever the config does
+not accept yet is skipped with a note.
 
 Measured in each process:
 
   peak MiB          CUDA: torch.cuda.max_memory_allocated over the update (reset after setup: includes
                     the weights). CPU: the peak RSS over the update minus the RSS after setup (VmHWM reset
                     by /proc/self/clear_refs after gc + malloc_trim; where that is not possible ru_maxrss,
-                    which includes the load's own peak): gradients, AdamW states, activations, temporaries.
+                    which includes the load's own peak): gradients, AdamW states, activations, temporaries
+                    (the weights, memory-mapped from safetensors, are read once before, so they are resident).
   params / grads / optim MiB   exact bytes of this rank's tensors (sharded ones: the local shard):
                     parameters, gradients (read just before the optimiser step) and AdamW states after it.
   update s          wall time of the update (CUDA: synchronised before and after).
+  micro-batches     the update's micro-batches and the largest one's tokens (rows x (prompt + T)).
 
     python bench/scale.py                                  # the full 0.5B shape: ~2 GB per process (CPU: minutes)
     python bench/scale.py --preset tiny                    # seconds (the test)
@@ -123,6 +129,7 @@ def trainer_config(job: dict) -> dict:
     optim = {"lr": 1e-6}
     if job.get("token_budget"):
         optim["max_tokens_per_micro_batch"] = job["token_budget"]
+    algorithm = {"shared_prefix": False} if job.get("split_groups") else {}
     run = {"out": job["out"], "steps": 1, "seed": job["seed"], "eval_every": 0, "save_every": 0,
            "threads": job["threads"], "device": job["device"], "precision": job["precision"]}
     if job.get("distributed"):
@@ -133,6 +140,7 @@ def trainer_config(job: dict) -> dict:
         "rollout": {"prompts_per_step": job["prompts"], "num_generations": job["generations"],
                     "max_new_tokens": job["completion_tokens"]},
         "optim": optim,
+        "algorithm": algorithm,
         "run": run,
     }
 
@@ -181,9 +189,12 @@ def configurations(args, model_path: str, device: torch.device, notes: list[str]
     elif refused:
         notes.append(f"completion-length sweep skipped: optim.max_tokens_per_micro_batch is not accepted ({refused})")
     else:
+        sweep = {**base, "prompts": args.sweep_prompts, "split_groups": args.sweep_split_groups}
         for length in args.sweep:
-            jobs.append({**base, "name": f"budget {args.token_budget} T={length}", "completion_tokens": length,
+            jobs.append({**sweep, "name": f"budget {args.token_budget} T={length}", "completion_tokens": length,
                          "token_budget": args.token_budget})
+        for length in args.sweep_baseline:  # the contrast: the same batches in one micro-batch
+            jobs.append({**sweep, "name": f"no budget T={length}", "completion_tokens": length})
     return jobs
 
 
@@ -280,6 +291,18 @@ def synthetic_batch(trainer, job: dict, prompts: int):
     return batch, rollouts.completion_mask.float(), advantages.to(trainer.device)
 
 
+def micro_batch_sizes(trainer, batch) -> list[int]:
+    """Rows per micro-batch of the update under the token budget (each group whole when its prompt forward is
+    shared, as the GRPO trainer splits them); without a budget the gradient-accumulation split."""
+    from rlgen.api import group_units, micro_batches, row_costs
+
+    cfg = trainer.config
+    rows = batch.inputs.prompt_ids.shape[0]
+    chunks = micro_batches(rows, cfg.optim.max_tokens_per_micro_batch, cfg.optim.gradient_accumulation_steps,
+                           row_costs(batch.inputs), group_units(rows, batch.group_size) if cfg.algorithm.shared_prefix else None)
+    return [len(chunk) for chunk in chunks]
+
+
 def worker(job: dict) -> dict:
     from rlgen.api import build_trainer
 
@@ -294,6 +317,9 @@ def worker(job: dict) -> dict:
     trainer.optimizer.register_step_pre_hook(
         lambda opt, *_: grad_bytes.append(sum(_local_bytes(p.grad) for g in opt.param_groups for p in g["params"]
                                               if p.grad is not None)))
+    with torch.no_grad():  # safetensors weights are memory-mapped: page them in, so the CPU baseline holds them
+        for tensor in [*trainer.model.parameters(), *trainer.model.buffers()]:
+            (tensor.to_local() if hasattr(tensor, "to_local") else tensor).sum()
     setup_s = time.perf_counter() - started
     memory = PeakMemory(trainer.device)
     begin = time.perf_counter()
@@ -306,6 +332,7 @@ def worker(job: dict) -> dict:
     out.update(
         name=job["name"], rank=trainer.dist.rank, ranks=world, device=str(trainer.device), setup_s=setup_s, update_s=update_s,
         rows=prompts * job["generations"], tokens=int(mask.sum()), loss=metrics.get("loss"),
+        micro_batch_rows=micro_batch_sizes(trainer, batch),
         param_bytes=sum(_local_bytes(p) for p in trainer.model.parameters()),
         grad_bytes=grad_bytes[-1] if grad_bytes else None,
         optim_bytes=sum(_local_bytes(v) for state in trainer.optimizer.state.values() for v in state.values()
@@ -350,7 +377,8 @@ def run_job(job: dict, timeout: float | None) -> dict:
             return {"name": job["name"], "error": f"{causes[0] if causes else 'failed'} (exit {proc.returncode})\n{tail}"}
     out = {**results[0], "precision": job["precision"], "gradient_checkpointing": job["gradient_checkpointing"],
            "distributed": job["distributed"], "token_budget": job["token_budget"],
-           "prompts": job["prompts"], "generations": job["generations"], "completion_tokens": job["completion_tokens"]}
+           "prompts": job["prompts"], "generations": job["generations"], "completion_tokens": job["completion_tokens"],
+           "prompt_tokens": job["prompt_tokens"]}
     out["per_rank"] = [{k: r[k] for k in ("rank", "peak_bytes", "state_bytes", "param_bytes", "grad_bytes", "optim_bytes")}
                        for r in results]
     out["max_peak_bytes"] = max(r["peak_bytes"] for r in results)
@@ -371,6 +399,11 @@ def parse_args(argv=None):
     p.add_argument("--precisions", default="fp32,bf16-mixed", help="comma-separated run.precision values (default: fp32,bf16-mixed)")
     p.add_argument("--sweep", help="completion lengths of the token-budget sweep (default: 256,512,1024,2048; tiny: 16,...,128)")
     p.add_argument("--token-budget", type=int, help="optim.max_tokens_per_micro_batch of the sweep (default: 4096; tiny: 64)")
+    p.add_argument("--sweep-prompts", type=int, help="P of the sweep's batches (default: --prompts)")
+    p.add_argument("--sweep-split-groups", action="store_true",
+                   help="sweep with algorithm.shared_prefix = false, so a micro-batch may split a group (small P)")
+    p.add_argument("--sweep-baseline", default="all",
+                   help="completion lengths also run WITHOUT a budget: comma-separated, 'all' (the sweep's, default) or 'none'")
     p.add_argument("--no-fsdp", action="store_true", help="leave out the FSDP rows")
     p.add_argument("--no-sweep", action="store_true", help="leave out the completion-length sweep")
     common.add_device_arg(p)
@@ -390,10 +423,17 @@ def parse_args(argv=None):
     args.prompt_tokens = args.prompt_tokens or prompt_tokens
     args.sweep = [int(v) for v in args.sweep.split(",")] if args.sweep else list(sweep)
     args.token_budget = args.token_budget or budget
+    args.sweep_prompts = args.sweep_prompts or args.prompts
+    baseline = args.sweep_baseline.strip().lower()
+    try:
+        args.sweep_baseline = (list(args.sweep) if baseline == "all" else [] if baseline in ("none", "")
+                               else [int(v) for v in baseline.split(",")])
+    except ValueError:
+        p.error(f"--sweep-baseline must be comma-separated lengths, 'all' or 'none', not {args.sweep_baseline!r}")
     args.precisions = [v.strip() for v in args.precisions.split(",") if v.strip()]
     if args.generations < 2:
         p.error("--generations must be >= 2")
-    for name in ("prompts", "completion_tokens", "prompt_tokens", "token_budget"):
+    for name in ("prompts", "completion_tokens", "prompt_tokens", "token_budget", "sweep_prompts"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
@@ -401,6 +441,14 @@ def parse_args(argv=None):
 
 def mib(value) -> float | None:
     return None if value is None else value / MIB
+
+
+def micro_batch_cell(row: dict) -> str:
+    sizes = row.get("micro_batch_rows")
+    if not sizes:
+        return "-"
+    per_row = row["tokens"] // max(row["rows"], 1) + row["prompt_tokens"]  # every row is full length here
+    return f"{len(sizes)} ({max(sizes)} x {per_row} = {max(sizes) * per_row})"
 
 
 def print_table(result: dict) -> None:
@@ -412,8 +460,8 @@ def print_table(result: dict) -> None:
     peak_name = "peak MiB (CUDA allocated)" if result["device"].startswith("cuda") else "peak RSS delta MiB"
     print()
     print(f"| configuration | precision | grad ckpt | ranks | P x G x T | update s | {peak_name} | params MiB/rank "
-          "| grads MiB/rank | AdamW MiB/rank | state MiB/rank |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| grads MiB/rank | AdamW MiB/rank | state MiB/rank | micro-batches (largest, tokens) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         if "error" in r:
             print(f"| {r['name']} | error: {r['error'].splitlines()[0]} |")
@@ -421,7 +469,8 @@ def print_table(result: dict) -> None:
         shape = f"{r['prompts']} x {r['generations']} x {r['completion_tokens']}"
         print(f"| {r['name']} | {r['precision']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['ranks']} | {shape} "
               f"| {fmt(r['update_s'], '.2f')} | {fmt(mib(r['max_peak_bytes']))} | {fmt(mib(r['param_bytes']))} "
-              f"| {fmt(mib(r['grad_bytes']))} | {fmt(mib(r['optim_bytes']))} | {fmt(mib(r['state_bytes']))} |")
+              f"| {fmt(mib(r['grad_bytes']))} | {fmt(mib(r['optim_bytes']))} | {fmt(mib(r['state_bytes']))} "
+              f"| {micro_batch_cell(r)} |")
     print()
     print(f"peak: {result['rows'][0].get('memory_method', '?') if result['rows'] else '?'}; state = parameters + "
           "gradients + AdamW states, exact bytes of this rank's tensors (largest rank's peak shown)")
@@ -456,12 +505,16 @@ def main(argv=None) -> dict:
     for job in jobs:
         print(f"running {job['name']}", file=sys.stderr)
         rows.append(run_job({**common_job, **job}, args.timeout))
+        row = rows[-1]  # progress, so that a long run's finished rows are known before the table
+        print(f"  {row['error'].splitlines()[0]}" if "error" in row else
+              f"  peak {fmt(mib(row['max_peak_bytes']))} MiB, update {fmt(row['update_s'], '.1f')} s", file=sys.stderr)
     result = {
         "preset": args.preset, "device": str(device),
         "model": {**shape, "params": params},
         "batch": {"prompts": args.prompts, "generations": args.generations, "completion_tokens": args.completion_tokens,
-                  "prompt_tokens": args.prompt_tokens, "token_budget": args.token_budget, "sweep": args.sweep},
-        "rows": rows, "notes": notes + halving_notes(rows),
+                  "prompt_tokens": args.prompt_tokens, "token_budget": args.token_budget, "sweep": args.sweep,
+                  "sweep_prompts": args.sweep_prompts, "sweep_baseline": args.sweep_baseline},
+        "rows": rows, "notes": notes + halving_notes(rows) + sweep_notes(rows),
         "machine": common.machine_info(args.threads or torch.get_num_threads(), None, time.perf_counter() - started),
         "versions": common.versions_info(False),
     }
@@ -479,6 +532,17 @@ def halving_notes(rows: list[dict]) -> list[str]:
         return []
     worst = max(rank["state_bytes"] for rank in fsdp[2]["per_rank"])
     return [f"FSDP per-rank state, 2 ranks / 1 rank: {worst / fsdp[1]['state_bytes']:.3f} (largest rank; 0.5 = halved)"]
+
+
+def sweep_notes(rows: list[dict]) -> list[str]:
+    """Peak at the sweep's longest completion over its shortest, with the budget and without."""
+    out = []
+    for label, budgeted in (("with the budget", True), ("without a budget", False)):
+        sweep = sorted((r["completion_tokens"], r["max_peak_bytes"]) for r in rows
+                       if "error" not in r and r["name"].startswith("budget " if budgeted else "no budget "))
+        if len(sweep) >= 2 and sweep[0][1] > 0:
+            out.append(f"peak {label}: T={sweep[-1][0]} / T={sweep[0][0]} = {sweep[-1][1] / sweep[0][1]:.2f}")
+    return out
 
 
 if __name__ == "__main__":

@@ -47,6 +47,38 @@ def test_tiny_preset_measures_every_configuration(tmp_path):
         assert any("FSDP rows skipped" in note for note in result["notes"])
     sweep = [r for r in result["rows"] if r.get("token_budget")]
     assert sweep or any("sweep skipped" in note for note in result["notes"])
+    if sweep:
+        # budget 64 tokens, groups of 2 rows x (8 + T) tokens kept whole: two groups (>= 2 x 2 x 24 = 96 tokens)
+        # never fit together, so every length runs one group per micro-batch; without a budget, one micro-batch
+        baseline = {r["completion_tokens"]: r for r in result["rows"] if r["name"].startswith("no budget ")}
+        assert sorted(baseline) == sorted(r["completion_tokens"] for r in sweep) == result["batch"]["sweep"]
+        for row in sweep:
+            assert "error" not in row and row["micro_batch_rows"] == [2, 2], (row["name"], row.get("micro_batch_rows"))
+            assert f"| 2 (2 x {8 + row['completion_tokens']} = {2 * (8 + row['completion_tokens'])}) |" in proc.stdout
+        for row in baseline.values():
+            assert "error" not in row and row["token_budget"] is None and row["micro_batch_rows"] == [4]
+            assert row["max_peak_bytes"] > 0
+
+
+@pytest.mark.slow  # three processes
+def test_split_groups_sweep_puts_one_long_row_per_micro_batch(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = run_scale("--preset", "tiny", "--threads", "1", "--no-fsdp", "--precisions", "", "--sweep-prompts", "1",
+                     "--sweep-split-groups", "--token-budget", "136", "--sweep", "16,128", "--sweep-baseline", "128",
+                     "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == ["budget 136 T=128", "budget 136 T=16", "no budget T=128"]
+    # rows of 8 + T tokens: at T=16 both (48) fit in 136; at T=128 one (136) does, two (272) do not
+    assert rows["budget 136 T=16"]["micro_batch_rows"] == [2]
+    assert rows["budget 136 T=128"]["micro_batch_rows"] == [1, 1]
+    assert rows["no budget T=128"]["micro_batch_rows"] == [2]
+    assert all(r["prompts"] == 1 and r["generations"] == 2 for r in rows.values())
+
+
+def test_sweep_baseline_rejects_a_bad_value():
+    proc = run_scale("--preset", "tiny", "--sweep-baseline", "longest")
+    assert proc.returncode == 2 and "--sweep-baseline" in proc.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -60,6 +60,12 @@ _EXPORTS = {
     "PairEncoder": ("rlgen.training.parts", "PairEncoder"),
     "PairwiseUpdate": ("rlgen.algorithms.parts", "PairwiseUpdate"),
     "sequence_logps": ("rlgen.algorithms.parts", "sequence_logps"),
+    # token-budget micro-batching (optim.max_tokens_per_micro_batch) for plugin trainers' passes
+    "micro_batches": ("rlgen.training.micro_batches", "micro_batches"),
+    "row_costs": ("rlgen.training.micro_batches", "row_costs"),
+    "group_units": ("rlgen.training.micro_batches", "group_units"),
+    "pair_units": ("rlgen.training.micro_batches", "pair_units"),
+    "map_micro_batches": ("rlgen.training.micro_batches", "map_micro_batches"),
     "make_pairs": ("rlgen.data.preferences", "make_pairs"),
     "Backbone": ("rlgen.models.backbone", "Backbone"),
     "LoadedModel": ("rlgen.models.backbone", "LoadedModel"),
