@@ -191,8 +191,13 @@ def configurations(args, model_path: str, device: torch.device, notes: list[str]
     else:
         sweep = {**base, "prompts": args.sweep_prompts, "split_groups": args.sweep_split_groups}
         for length in args.sweep:
+            # --sweep-tokens: as many prompts as give that many tokens at this length, so every length's batch
+            # fills the budget (several micro-batches each: the gradient buffers then coexist with every
+            # micro-batch after the first at every length, as in real accumulation)
+            prompts = (max(1, round(args.sweep_tokens / (args.generations * (args.prompt_tokens + length))))
+                       if args.sweep_tokens else sweep["prompts"])
             jobs.append({**sweep, "name": f"budget {args.token_budget} T={length}", "completion_tokens": length,
-                         "token_budget": args.token_budget})
+                         "token_budget": args.token_budget, "prompts": prompts})
         for length in args.sweep_baseline:  # the contrast: the same batches in one micro-batch
             jobs.append({**sweep, "name": f"no budget T={length}", "completion_tokens": length})
     return jobs
@@ -396,6 +401,8 @@ def parse_args(argv=None):
     p.add_argument("--generations", type=int, help="G completions per prompt (default: 4; tiny: 2)")
     p.add_argument("--completion-tokens", type=int, help="T tokens per completion (default: 256; tiny: 16)")
     p.add_argument("--prompt-tokens", type=int, help="prompt length in tokens (default: 64; tiny: 8)")
+    p.add_argument("--sweep-tokens", type=int, default=0,
+                   help="sweep rows: prompts chosen per length to give about this many tokens (0: --sweep-prompts at every length)")
     p.add_argument("--precisions", default="fp32,bf16-mixed", help="comma-separated run.precision values (default: fp32,bf16-mixed)")
     p.add_argument("--sweep", help="completion lengths of the token-budget sweep (default: 256,512,1024,2048; tiny: 16,...,128)")
     p.add_argument("--token-budget", type=int, help="optim.max_tokens_per_micro_batch of the sweep (default: 4096; tiny: 64)")
