@@ -15,6 +15,7 @@ from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams, make_schedule, sample
 from rlgen.rollout.image_search import FKState, add_log_potentials, chi_norm_penalty, fk_log_potentials, fk_steering
 from rlgen.diffusion.steps import flow_sde_step
+from rlgen.distributed import Dist
 from rlgen.errors import RlgenError
 from rlgen.rewards.base import RewardSet, RewardSpec
 from rlgen.rollout.samplers import prepare_sampler
@@ -153,6 +154,7 @@ def _trainer(cls, config, model):
     trainer.generator = torch.Generator().manual_seed(11)
     trainer.optimizer_step = lambda: 0.0
     trainer.precision = PrecisionPolicy("fp32", torch.device("cpu"))
+    trainer.dist = Dist()  # one process: the whole batch is this rank's
     return trainer
 
 

@@ -70,7 +70,11 @@ def test_a_failing_rank_exits_with_its_own_status(tmp_path, capfd, monkeypatch):
     assert err == "rlgen: error: boom\n"
 
 
-def test_nproc_for_an_algorithm_without_multi_process_training_is_one_line(tmp_path):
+def test_nproc_for_an_algorithm_without_multi_process_training_is_one_line(tmp_path, monkeypatch):
+    # every built-in trainer runs multi-process; a plugin's trainer need not (supports_distributed = False)
+    from rlgen.algorithms.diffusion.reward_backprop import RewardBackpropTrainer
+
+    monkeypatch.setattr(RewardBackpropTrainer, "supports_distributed", False)
     code, out, err = rlgen("train", "reward-backprop", "--steps", "2", "--nproc", "2", "--out", tmp_path / "run")
     assert (code, out) == (2, "")
     assert len(err.strip().splitlines()) == 1 and "--nproc 2" in err and "reward-backprop" in err, err
