@@ -7,6 +7,7 @@ process's is checked in-process (fast)."""
 from __future__ import annotations
 
 import glob
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def assert_trained(run: Path, model: str) -> None:
 def test_flow_grpo_two_processes_ddp_and_fsdp_train_like_one(tmp_path):
     rlgen_ok(*FLOW, *COMMON, "--out", tmp_path / "single", cwd=tmp_path)
     torchrun(*FLOW, *COMMON, "--out", tmp_path / "ddp", cwd=tmp_path)
-    torchrun(*FLOW, *COMMON, "--set", "run.distributed=fsdp", "--out", tmp_path / "fsdp", cwd=tmp_path)
+    torchrun(*FLOW, *COMMON, "--set", "run.distributed=fsdp", "--save-every", 2, "--out", tmp_path / "fsdp", cwd=tmp_path)
     assert_trained(tmp_path / "single", "tiny-digits-flow")
     for run in ("ddp", "fsdp"):
         diffs = assert_same_run(tmp_path / "single", tmp_path / run)
@@ -81,6 +82,21 @@ def test_flow_grpo_two_processes_ddp_and_fsdp_train_like_one(tmp_path):
               f"max grad_norm rel diff {diffs['grad_norm_rel']:.1e}")
     # the held-out evaluation ran (rank 0's under ddp; every rank's under fsdp)
     assert all("eval/reward" in r for r in rows_of(tmp_path / "fsdp") if r["step"] in (0, 2, 3))
+
+    # its sharded step-2 checkpoint (each rank's rows of the denoiser and AdamW states; the frozen reference
+    # and text encoder come from the base) resumes on one process and on two to the same final weights
+    assert (tmp_path / "fsdp" / "checkpoints" / "step-2" / "shards" / "shards.json").is_file()
+    for processes in (1, 2):
+        resumed = tmp_path / f"resumed-{processes}"
+        shutil.copytree(tmp_path / "fsdp", resumed)
+        shutil.rmtree(resumed / "final")
+        if processes == 1:
+            rlgen_ok("train", "flow-grpo", "--resume", resumed, "--quiet", cwd=tmp_path)
+        else:
+            torchrun("train", "flow-grpo", "--resume", resumed, "--quiet", cwd=tmp_path)
+        diffs = assert_same_run(tmp_path / "fsdp", resumed)
+        print(f"flow-grpo fsdp resumed on {processes}: max |metric diff| {diffs['metric']:.2e}, "
+              f"max |weight diff| {diffs['weight']:.2e}")
 
 
 @pytest.mark.slow

@@ -140,34 +140,77 @@ def test_two_processes_train_like_one(tmp_path, pair_file, algorithm):
         torch.testing.assert_close(caches[1], caches[0], atol=1e-6, rtol=RTOL, equal_nan=True)
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            pass  # a process that ended while we looked
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def kill_after_checkpoint(args: list, run: Path, cwd: Path) -> bool:
-    """Start a 2-process run and SIGKILL its whole process group once the step-2 checkpoint is committed ->
-    whether the run was still going (it normally is: steps 3-4 and final/ remain)."""
+    """Start a 2-process run and, once the step-2 checkpoint is committed, SIGKILL one rank: torchrun then
+    stops the other and fails the job (torchrun starts each rank in a session of its own, so killing
+    torchrun's group would leave the ranks running) -> whether the run was still going (it normally is:
+    steps 3-4 and final/ remain)."""
     proc = subprocess.Popen(torchrun_command(*args, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=torchrun_env(), cwd=cwd, start_new_session=True)
     deadline = time.monotonic() + 300
+    ranks: list[int] = []
     try:
         while not (run / "checkpoints" / "step-2").is_dir():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no step-2 checkpoint"
             time.sleep(0.002)
-        still_running = proc.poll() is None
-        os.killpg(proc.pid, signal.SIGKILL)
+        ranks = _children(proc.pid)
+        still_running = proc.poll() is None and len(ranks) == 2
+        os.kill(max(ranks), signal.SIGKILL)  # one rank (the later-started one)
+        assert proc.wait(timeout=120) != 0, "torchrun did not fail the job"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
+        for pid in ranks:  # every rank is gone before the test reads the run directory
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+            while _alive(pid):
+                time.sleep(0.01)
     return still_running and not (run / "final").exists()
 
 
-def test_killed_two_process_run_resumes_on_one_or_two_processes(tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_killed_two_process_run_resumes_on_one_or_two_processes(tmp_path, distributed):
+    """ddp writes full checkpoints (rank 0's HF model and AdamW states); fsdp sharded ones (each rank its rows:
+    run.checkpoint_format = auto), which one process reads whole and two read by rows."""
     args = ["train", "sft", "--task", "arithmetic", "--set", "algorithm.batch_size=6", "--set", "data.eval_samples=0",
-            "--steps", 4, "--save-every", 2, *COMMON]
+            "--steps", 4, "--save-every", 2, "--set", f"run.distributed={distributed}", *COMMON]
     rlgen_ok(*args, "--out", tmp_path / "uninterrupted", cwd=tmp_path)
     killed = tmp_path / "killed"
     interrupted = kill_after_checkpoint(args, killed, tmp_path)
     print(f"killed before the end: {interrupted}")
+    checkpoint = killed / "checkpoints" / "step-2"
+    if distributed == "fsdp":
+        assert sorted(p.name for p in (checkpoint / "shards").iterdir()) == [
+            "rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors", "shards.json"]
+        assert not (checkpoint / "model").exists()  # nothing gathered
+        halves = [load_file(str(checkpoint / "shards" / f"rank-0000{r}-of-00002.safetensors")) for r in (0, 1)]
+        embed = "model.model.embed_tokens.weight"
+        assert halves[0][embed].shape[0] + halves[1][embed].shape[0] == load_file(str(
+            resolve_model_path("tiny-arith") / "model.safetensors"))["model.embed_tokens.weight"].shape[0]
+    else:
+        assert (checkpoint / "model" / "model.safetensors").is_file() and not (checkpoint / "shards").exists()
     on_one, on_two = tmp_path / "resumed-1", tmp_path / "resumed-2"
     shutil.copytree(killed, on_one)
     shutil.copytree(killed, on_two)

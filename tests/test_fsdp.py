@@ -58,7 +58,7 @@ WORKER = textwrap.dedent('''
         def __init__(self, *args, **kwargs):
             refuse_pickle()
 
-    def run(out, distributed="ddp", precision="fp32", resume=False, reshard_after_forward=True):
+    def run(out, distributed="ddp", precision="fp32", resume=False, reshard_after_forward=True, checkpoint_format="auto"):
         cfg = SFTConfig()
         cfg.model.path = "tiny-arith"
         cfg.data.task = "arithmetic"
@@ -68,6 +68,7 @@ WORKER = textwrap.dedent('''
         cfg.run.out, cfg.run.steps, cfg.run.save_every, cfg.run.threads = out, 3, 2, 1
         cfg.run.distributed, cfg.run.precision = distributed, precision
         cfg.run.reshard_after_forward = reshard_after_forward
+        cfg.run.checkpoint_format = checkpoint_format
         if resume:  # nothing in a checkpoint is unpickled
             pickle.load = pickle.loads = torch.load = refuse_pickle
             pickle.Unpickler = RefusingUnpickler
@@ -92,7 +93,7 @@ WORKER = textwrap.dedent('''
         trainer = run(str(root / "fsdp"), "fsdp")
         out["sharded"] = fsdp.is_sharded(trainer.model)
         out["bytes"] = state_bytes(trainer)
-        run(str(root / "fsdp-bf16"), "fsdp", "bf16-mixed", reshard_after_forward=False)
+        run(str(root / "fsdp-bf16"), "fsdp", "bf16-mixed", reshard_after_forward=False, checkpoint_format="full")
         run(str(root / "one-to-two"), "fsdp", resume=True)
     elif mode == "resume":
         run(str(root / "two-to-one"), resume=True)
@@ -155,10 +156,13 @@ def test_fsdp_matches_ddp_and_one_process_and_resumes_at_any_world_size(tmp_path
     for run in ("ddp", "fsdp"):
         assert _losses(tmp_path / run) == pytest.approx(reference, rel=1e-4)
         _assert_same_weights(tmp_path / run / "final", tmp_path / "one" / "final", atol=1e-5)
-    # checkpoints hold plain HF weights and the single-process optimiser layout: world-size independent
+    # FSDP checkpoints are sharded (each rank's rows; auto), or with checkpoint_format = full plain HF weights
+    # and the single-process optimiser layout; both world-size independent, neither pickled
     fsdp_checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-2"
-    assert (fsdp_checkpoint / "model" / "model.safetensors").is_file()
-    assert not list((tmp_path / "fsdp").rglob("*.metadata")) and not list((tmp_path / "fsdp").rglob("*.pt"))
+    assert (fsdp_checkpoint / "shards" / "shards.json").is_file() and not (fsdp_checkpoint / "model").exists()
+    assert (tmp_path / "fsdp-bf16" / "checkpoints" / "step-2" / "model" / "model.safetensors").is_file()
+    for run in ("fsdp", "fsdp-bf16"):
+        assert not list((tmp_path / run).rglob("*.metadata")) and not list((tmp_path / run).rglob("*.pt"))
     _assert_same_weights(tmp_path / "two-to-one" / "final", tmp_path / "fsdp" / "final", atol=1e-5)
     _assert_same_weights(tmp_path / "one-to-two" / "final", tmp_path / "one-final", atol=1e-5)
     assert _losses(tmp_path / "two-to-one") == pytest.approx(_losses(tmp_path / "fsdp"), rel=1e-4)
@@ -180,6 +184,7 @@ def test_fsdp_settings_are_documented_run_keys():
     rows = {line.split()[0]: line.split() for line in rlgen_ok("config", "show", "sft").out.splitlines() if line.strip()}
     assert '"ddp"' in rows["run.distributed"] and "fsdp" in " ".join(rows["run.distributed"])
     assert "true" in rows["run.reshard_after_forward"] and "false" in rows["run.cpu_offload"]
+    assert '"auto"' in rows["run.checkpoint_format"] and "sharded" in " ".join(rows["run.checkpoint_format"])
 
 
 def test_fsdp_on_one_process_trains_unsharded(tmp_path):

@@ -99,6 +99,7 @@ class RunConfig:
     distributed: Literal["ddp", "fsdp"] = setting("ddp", "multi-process data parallelism: ddp (every rank holds the whole model, gradients summed) | fsdp (FSDP2: weights, gradients and AdamW states sharded over the ranks)")
     reshard_after_forward: bool = setting(True, "fsdp: free each block's gathered weights after its forward (less memory; gathered again for the backward)")
     cpu_offload: bool = setting(False, "fsdp: keep the sharded weights, gradients and AdamW states in CPU memory (CUDA runs; the update runs on the CPU)")
+    checkpoint_format: Literal["auto", "full", "sharded"] = setting("auto", "checkpoints: full (rank 0 gathers and writes the whole model, an HF directory, and the AdamW states) | sharded (each rank writes the rows it holds: nothing gathered; needs a file system every node writes to) | auto (sharded under fsdp, else full); both resume at any world size")
 
     def validate(self) -> None:
         check_device_spec(self.device, "run.device")

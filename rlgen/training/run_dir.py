@@ -263,6 +263,15 @@ def checkpoint_problem(path: Path, step: int) -> str | None:
                 continue
             if '"__tensor__"' in json.dumps(_json_file(skeleton)) and not (path / f"{name}.safetensors").is_file():
                 return f"{name}.safetensors is missing"
+        shards = path / "shards" / "shards.json"
+        if shards.is_file():  # a sharded checkpoint: every file its index names is there (and not truncated)
+            index = _json_file(shards)
+            files = {piece[0] for info in index["tensors"].values() for piece in info["pieces"]}
+            for name in sorted(files):
+                if Path(name).name != name or not (shards.parent / name).is_file():
+                    return f"shards/shards.json names a missing shard {name}"
+                read_header(shards.parent / name)
+            return None
         model = path / "model"
         configs = [model / f for f in ("config.json", "adapter_config.json", "model_index.json") if (model / f).is_file()]
         if not configs:
@@ -281,7 +290,7 @@ def checkpoint_problem(path: Path, step: int) -> str | None:
             read_header(file)  # bounds of every tensor against the file size: catches truncation
     except ValueError as exc:
         return str(exc)
-    except (AttributeError, TypeError):
+    except (AttributeError, TypeError, KeyError, IndexError):
         return "a JSON file of unexpected shape"
     except RlgenError as exc:
         return str(exc).replace(str(path) + "/", "")

@@ -26,6 +26,7 @@ from rlgen.training import fsdp
 from rlgen.training.config import DataConfig, OptimConfig, RunConfig  # noqa: F401 - re-exported (their home before)
 from rlgen.training.precision import PrecisionPolicy
 from rlgen.training.run_dir import RunDir
+from rlgen.training.sharded_state import ShardedState, is_sharded_checkpoint, save_sharded
 from rlgen.training.state import load_state, restore_rng, rng_state, save_state
 
 
@@ -165,7 +166,9 @@ class Trainer:
             checkpoint = Path(chosen) if chosen is not None else None
         if self.resume and checkpoint is None:
             self.reporter.log(f"no checkpoint in {self.run.root}: starting from step 0")
-        self.model, self.tokenizer, self.base_path = self._load_model(checkpoint)
+        # a sharded checkpoint holds no model directory: the base model is loaded, and _restore writes the
+        # checkpoint's rows into each rank's shards once the model is placed and sharded
+        self.model, self.tokenizer, self.base_path = self._load_model(None if is_sharded_checkpoint(checkpoint) else checkpoint)
         self.place_model()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -277,14 +280,32 @@ class Trainer:
             return
         save_hf(self.model, self.tokenizer, out_dir, merge_lora=final and self.config.model.lora_merge_on_save)
 
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """run.checkpoint_format: sharded (each rank writes its shards) or full (rank 0 writes gathered states)."""
+        chosen = getattr(self.config.run, "checkpoint_format", "auto")
+        return chosen == "sharded" or (chosen == "auto" and self.fsdp)
+
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes the checkpoint (under FSDP every rank comes here for the gathers: the full model
-        and optimiser states, in the single-process layout, so that any world size resumes from it)."""
-        optimizer_state = fsdp.full_optimizer_state(self.model, self.optimizer) if self.fsdp else self.optimizer.state_dict()
-        tmp = self.run.begin_checkpoint(self.step) if self.dist.is_main else None
-        self.save_model(tmp / "model" if tmp is not None else None, final=False)
-        if tmp is None:
-            return None
+        """Rank 0 writes the checkpoint. Full format: under FSDP every rank comes here for the gathers (the full
+        model and optimiser states, in the single-process layout). Sharded format: every rank writes its own
+        rows of the trained weights and AdamW states. Either resumes at any world size."""
+        if self.sharded_checkpoints:
+            tmp = self.run.begin_checkpoint(self.step) if self.dist.is_main else None
+            tmp = Path(self.dist.broadcast_object(str(tmp) if tmp is not None else None))
+            if not tmp.is_dir():
+                raise RlgenError(f"rank {self.dist.rank} does not see the run directory's {tmp}: sharded checkpoints need "
+                                 "a file system every node writes to (or run.checkpoint_format = full)")
+            tensors, optimizer_state = self._sharded_state()
+            save_sharded(tmp / "shards", tensors, self.dist.rank, self.dist.world_size, self.dist.all_gather_json)
+            if not self.dist.is_main:
+                return None
+        else:
+            optimizer_state = fsdp.full_optimizer_state(self.model, self.optimizer) if self.fsdp else self.optimizer.state_dict()
+            tmp = self.run.begin_checkpoint(self.step) if self.dist.is_main else None
+            self.save_model(tmp / "model" if tmp is not None else None, final=False)
+            if tmp is None:
+                return None
         save_state(optimizer_state, tmp, "optimizer")
         save_state(rng_state(self.generator), tmp, "rng")
         tensors = self.extra_tensors()
@@ -296,11 +317,66 @@ class Trainer:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         return self.run.commit_checkpoint(tmp, self.step, self.config.run.keep_checkpoints)
 
+    def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trained parameters by name (tied ones once); a sharded checkpoint holds these, the rest of the
+        model (frozen) comes from the base."""
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
+    def _sharded_state(self) -> tuple[dict, dict]:
+        """The tensors of a sharded checkpoint (each parameter and AdamW state, as this rank holds it) and the
+        optimiser's JSON part: its groups and every state's place, by parameter name."""
+        params = self._trained_parameters()
+        names = {id(p): name for name, p in params.items()}
+        tensors = {f"model.{name}": p for name, p in params.items()}
+        groups, states = [], {}
+        for group in self.optimizer.param_groups:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [names[id(p)] for p in group["params"]]})
+            for p in group["params"]:
+                entry = {}
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optimizer.{names[id(p)]}.{key}"] = value
+                        entry[key] = {"__shard__": f"optimizer.{names[id(p)]}.{key}"}
+                    else:
+                        entry[key] = value
+                if entry:
+                    states[names[id(p)]] = entry
+        return tensors, {"format": "sharded", "param_groups": groups, "state": states}
+
+    def _restore_sharded(self, checkpoint: Path, optimizer_state: dict) -> None:
+        """Each rank reads its rows of the weights and AdamW states (any world size, sharded or not)."""
+        shards = ShardedState(checkpoint / "shards")
+        params = self._trained_parameters()
+        for name, param in params.items():
+            shards.copy_into(f"model.{name}", param)
+        ordered = [p for group in self.optimizer.param_groups for p in group["params"]]
+        index = {id(p): i for i, p in enumerate(ordered)}
+        groups = optimizer_state["param_groups"]
+        if len(groups) != len(self.optimizer.param_groups):
+            raise ValueError("the optimizer state has a different number of parameter groups")
+        for saved, group in zip(groups, self.optimizer.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("an optimizer parameter group holds a different number of parameters")
+        state = {}
+        for name, entry in optimizer_state["state"].items():
+            param = params[name]
+            state[index[id(param)]] = restored = {}
+            for key, value in entry.items():
+                if isinstance(value, dict) and "__shard__" in value:
+                    shape = shards.shape(value["__shard__"])
+                    # a moment is laid out (and sharded) as its parameter; a scalar (AdamW's step) is whole
+                    value = shards.like(value["__shard__"], param if shape == param.shape else torch.empty(shape))
+                restored[key] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": [
+            {**saved, "params": [index[id(params[name])] for name in saved["params"]]} for saved in groups]})
+
     def _restore(self, checkpoint: Path) -> None:
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         self.step = state["step"]
         optimizer_state = load_state(checkpoint, "optimizer")
-        if self.fsdp:
+        if is_sharded_checkpoint(checkpoint):
+            self._restore_sharded(checkpoint, optimizer_state)
+        elif self.fsdp:
             _check_state_shapes(self.optimizer, optimizer_state)
             fsdp.load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
         else:

@@ -14,6 +14,7 @@ from rlgen.errors import RlgenError
 from rlgen.evaluation.images import reward_statistics
 from rlgen.rewards.base import RewardSpec
 from rlgen.training.config import DataConfig, TrainConfig
+from rlgen.training.sharded_state import is_sharded_checkpoint
 from rlgen.training.trainer import Trainer, load_records
 
 
@@ -108,7 +109,7 @@ class DiffusionTrainer(Trainer):
         self.model.denoiser.enable_gradient_checkpointing()
 
     def _restore(self, checkpoint: Path) -> None:
-        if self.config.model.lora_r == 0:
+        if self.config.model.lora_r == 0 and not is_sharded_checkpoint(checkpoint):  # sharded: Trainer._restore reads them
             from dataclasses import replace
 
             saved = load_diffusion_model(replace(self.config.model, path=str(checkpoint / "model")))
