@@ -30,7 +30,10 @@ def score(records, rewards, *, on_error: str = "raise", combine: str = "weighted
     names = string_list("rewards", rewards, "NAME[:WEIGHT] reward strings") or []
     if not names:
         raise RlgenError("no reward given (use --reward NAME)")
-    reward_set = RewardSet([RewardSpec.parse(r) for r in names], on_error, combine=combine, shaping=shape)
+    import torch
+
+    reward_set = RewardSet([RewardSpec.parse(r) for r in names], on_error, combine=combine, shaping=shape,
+                           dtype=torch.float64)
     records, source = _records_and_name(records, required=("prompt",))
     with scoring_device(target):
         components, valid, totals = reward_set.score(_with_resolved_images(records, source))

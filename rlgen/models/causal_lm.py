@@ -200,8 +200,9 @@ def unwrap_peft(model):
     return model.get_base_model() if is_peft(model) and hasattr(model, "get_base_model") else model
 
 
-def save_hf(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> None:
-    """Write an HF directory (safetensors) atomically: a temporary sibling, then rename."""
+def save_hf(model, tokenizer, out_dir: Path, merge_lora: bool = True, extra_files: tuple[Path, ...] = ()) -> None:
+    """Write an HF directory (safetensors) atomically: a temporary sibling, then rename. `extra_files` are
+    copied in beside the weights (e.g. the base model's rlgen_defaults.toml)."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     if tmp.exists():
@@ -213,7 +214,22 @@ def save_hf(model, tokenizer, out_dir: Path, merge_lora: bool = True) -> None:
         to_save = copy.deepcopy(model).merge_and_unload()
     to_save.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    copy_side_files(extra_files, tmp)
     replace_dir(tmp, out_dir)
+
+
+def copy_side_files(files, directory: Path) -> None:
+    """Copy regular files (not links) into a model directory being written."""
+    for file in files:
+        file = Path(file)
+        if file.is_file() and not file.is_symlink():
+            shutil.copyfile(file, Path(directory) / file.name)
+
+
+def side_files(model_dir) -> tuple[Path, ...]:
+    """Files of a model directory that rlgen reads and that a trained copy keeps: its recommended settings."""
+    recommended = Path(model_dir) / "rlgen_defaults.toml"
+    return (recommended,) if recommended.is_file() else ()
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

@@ -181,7 +181,13 @@ class RewardSet:
     value (`shaping`, a reward-shaping spec such as "par:ref_field=answer"; "" = none). See
     rlgen.rewards.combine for both."""
 
-    def __init__(self, specs: list[RewardSpec], on_error: str = "raise", combine: str = "weighted-sum", shaping: str = ""):
+    dtype = torch.float32
+
+    def __init__(self, specs: list[RewardSpec], on_error: str = "raise", combine: str = "weighted-sum", shaping: str = "",
+                 dtype: torch.dtype = torch.float32):
+        # float32 for training; `rlgen score` computes in float64, so that written rewards are the reward
+        # functions' own values (-0.2, not -0.20000000298)
+        self.dtype = dtype
         if not specs:
             raise RlgenError("no reward given (use --reward NAME)")
         if on_error not in ("raise", "skip"):
@@ -222,7 +228,7 @@ class RewardSet:
 
     @property
     def weights(self) -> torch.Tensor:
-        return torch.tensor([spec.weight for spec in self.specs], dtype=torch.float32)
+        return torch.tensor([spec.weight for spec in self.specs], dtype=self.dtype)
 
     def compute(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """(components [N, R] with NaN where not applicable, valid [N] bool: False for skipped samples)."""
@@ -232,7 +238,7 @@ class RewardSet:
         for spec, fn in zip(self.specs, self.functions):
             values = self._column(spec, fn, samples, valid)
             columns.append(values)
-        components = torch.stack(columns, dim=1) if columns else torch.zeros((n, 0))
+        components = torch.stack(columns, dim=1) if columns else torch.zeros((n, 0), dtype=self.dtype)
         return components, valid
 
     def _column(self, spec: RewardSpec, fn: Callable, samples: list[dict], valid: torch.Tensor) -> torch.Tensor:
@@ -242,7 +248,7 @@ class RewardSet:
             raise
         except Exception:
             values = [self._one(spec, fn, s, i, valid) for i, s in enumerate(samples)]
-        out = torch.empty(len(samples), dtype=torch.float32)
+        out = torch.empty(len(samples), dtype=self.dtype)
         for i, value in enumerate(values):
             try:
                 number = reward_number(value)

@@ -135,10 +135,10 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
                              options=StateDictOptions(full_state_dict=True))
 
 
-def save_full_hf(model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: dict) -> None:
+def save_full_hf(model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: dict, extra_files: tuple = ()) -> None:
     """A plain Hugging Face directory from a gathered full state dict, atomically (as save_hf). A tied weight
     (the LM head sharing the embeddings) is written once, under its first name, as save_pretrained does."""
-    from rlgen.models.causal_lm import replace_dir
+    from rlgen.models.causal_lm import copy_side_files, replace_dir
 
     first: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -152,6 +152,7 @@ def save_full_hf(model: torch.nn.Module, tokenizer, out_dir: Path, state_dict: d
         shutil.rmtree(tmp)
     model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
+    copy_side_files(extra_files, tmp)
     replace_dir(tmp, out_dir)
 
 

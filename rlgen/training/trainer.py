@@ -19,7 +19,7 @@ from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
 from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
 from rlgen.models.backbone import LoadedModel, ReferencePolicy, backbone_named
-from rlgen.models.causal_lm import load_model, load_policy, load_tokenizer, resolve_model_path, save_hf
+from rlgen.models.causal_lm import load_model, load_policy, load_tokenizer, resolve_model_path, save_hf, side_files
 from rlgen.models.safe_load import load_peft_adapter
 from rlgen.plugins import registry
 from rlgen.training import fsdp
@@ -273,12 +273,15 @@ class Trainer:
     def save_model(self, out_dir: Path | None, final: bool) -> None:
         """The model in its upstream format: final/ merges LoRA when configured; checkpoints keep the adapter.
         Under FSDP every rank comes here to gather the full weights, and rank 0 (out_dir not None) writes them."""
+        # the base's rlgen_defaults.toml goes along: `train grpo --model runs/sft/final` gets the same settings
+        keep = side_files(self.base_path) if self.base_path else ()
         if self.fsdp:
             state = fsdp.full_model_state(self.model)
             if out_dir is not None:
-                fsdp.save_full_hf(self.model, self.tokenizer, out_dir, state)
+                fsdp.save_full_hf(self.model, self.tokenizer, out_dir, state, keep)
             return
-        save_hf(self.model, self.tokenizer, out_dir, merge_lora=final and self.config.model.lora_merge_on_save)
+        save_hf(self.model, self.tokenizer, out_dir, merge_lora=final and self.config.model.lora_merge_on_save,
+                extra_files=keep)
 
     @property
     def sharded_checkpoints(self) -> bool:
