@@ -65,11 +65,11 @@ _rlgen_sample() {
         -t|--task)
             _rlgen_words "arithmetic countdown digits sorting"
             return ;;
-        --batch-size|--device|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|-n|--num-samples|--num-steps|--sampler-reward|--seed|--temperature|--top-k|--top-p)
+        --batch-size|--chat-template|--device|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|-n|--num-samples|--num-steps|--sampler-reward|--seed|--system-prompt|--temperature|--top-k|--top-p)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--batch-size --debug --device --eta --grid --guidance-scale --help --image-dir --limit --max-new-tokens --model --num-samples --num-steps --out --prompts --quiet --sampler --sampler-opt --sampler-reward --seed --split --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
+        _rlgen_words "--batch-size --chat-template --debug --device --eta --grid --guidance-scale --help --image-dir --limit --max-new-tokens --model --num-samples --num-steps --out --prompts --quiet --sampler --sampler-opt --sampler-reward --seed --split --system-prompt --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
         return
     fi
 }
@@ -128,6 +128,9 @@ _rlgen_train() {
         --data)
             _rlgen_files
             return ;;
+        --eval-data)
+            _rlgen_files
+            return ;;
         -m|--model)
             _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
@@ -151,10 +154,10 @@ _rlgen_train() {
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--config --data --debug --device --help --json --model --nproc --out --precision --quiet --resume --reward --save-every --seed --set --steps --task -c -h -m -o -q -r -t"
+        _rlgen_words "--config --data --debug --device --eval-data --help --json --model --nproc --out --precision --quiet --resume --reward --save-every --seed --set --steps --task -c -h -m -o -q -r -t"
         return
     fi
-    _rlgen_npos "--config --data --device --model --nproc --out --precision --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
+    _rlgen_npos "--config --data --device --eval-data --model --nproc --out --precision --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
     case $npos in
         0)
             _rlgen_words "cispo dapo ddpo diffusion-dpo diffusion-sft dpo dr-grpo flow-grpo gdpo grpo gspo kto online-dpo orpo reinforce-pp remax reward-backprop rloo rm rpo sft simpo"

@@ -85,11 +85,12 @@ def test_duplicate_json_keys_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("prompt", 5, "field 'prompt' must be a string, got int 5"),
-    ("prompt", [{"role": "user", "content": "hi"}], "chat message lists are not supported yet"),
-    ("completion", {"text": "2"}, "field 'completion' must be a string, got dict"),
+    ("prompt", 5, "field 'prompt' must be a string or a list of chat messages, got int 5"),
+    ("prompt", [{"role": "user"}], "field 'prompt': message 0 (user) has no 'content' string"),
+    ("prompt", [], "field 'prompt': must be a string or a non-empty list of messages"),
+    ("completion", {"text": "2"}, "field 'completion' must be a string or a list of chat messages, got dict"),
     ("completion", None, "field 'completion' is null"),
-    ("completion", 2, "field 'completion' must be a string, got int 2"),
+    ("completion", 2, "field 'completion' must be a string or a list of chat messages, got int 2"),
 ])
 def test_text_fields_must_be_strings(tmp_path, field, value, expected):
     data = tmp_path / "samples.jsonl"
@@ -150,9 +151,9 @@ def test_parquet_strings_are_read(tmp_path):
 
 @pytest.mark.parametrize("record,expected", [
     ({"prompt": "1+1=", "answer": None}, "line 2: field 'answer' is null"),
-    ({"prompt": "1+1=", "answer": 2}, "line 2: field 'answer' must be a string, got int 2"),
+    ({"prompt": "1+1=", "answer": 2}, "line 2: field 'answer' must be a string or a list of chat messages, got int 2"),
     ({"prompt": "1+1=", "completion": None, "answer": "2"}, "line 2: field 'completion' is null"),
-    ({"prompt": ["1+1="], "completion": "2"}, "line 2: field 'prompt' must be a string, got list"),
+    ({"prompt": ["1+1="], "completion": "2"}, "line 2: field 'prompt': message 0 is a str, not an object with 'role' and 'content'"),
 ])
 def test_sft_refuses_non_text_targets_before_loading_a_model(tmp_path, monkeypatch, record, expected):
     data = tmp_path / "sft.jsonl"

@@ -96,7 +96,7 @@ def test_margin_from_scores_and_explicit_margin_wins(tmp_path):
     ({**GOOD, "tie": "yes"}, "'tie' must be true or false"),
     ({"chosen": "2", "rejected": "3"}, "missing field 'prompt'"),
     ({**GOOD, "prompt": None}, "missing field 'prompt'"),
-    ({**GOOD, "chosen": ["2"]}, "'chosen' must be a string, got list"),
+    ({**GOOD, "chosen": ["2"]}, "'chosen': message 0 is a str, not an object"),
 ])
 def test_check_pair_rejects(record, message):
     with pytest.raises(RlgenError, match=message) as info:

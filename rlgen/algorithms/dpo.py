@@ -14,7 +14,7 @@ rank runs it as many times (a rank with no rows to fill runs a dummy pass).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -40,6 +40,8 @@ class PreferenceDataConfig:
     eval_path: str | None = setting(None, "held-out pairs: accuracy of the implicit reward, every run.eval_every steps")
     eval_split: str = setting("test", "the task's held-out split")
     eval_samples: int = setting(200, "held-out problems of the task (0 = none)")
+    chat_template: Literal["auto", "always", "never"] = setting("auto", "apply the tokenizer's chat template to prompts and answers (strings or lists of messages): auto (when the tokenizer has one), always, never")
+    system_prompt: str = setting("", "a system message put first in every prompt (with a chat template)")
 
     def registered_names(self) -> list[RegisteredName]:
         return [("data.task", "task", self.task)] if self.task else []
@@ -110,7 +112,7 @@ class PreferenceTrainer(Trainer):
             disable_dropout(self.model)
         self.engine = HFEngine(self.model, self.tokenizer)
         # KTO shares this set-up: it has no pairs to cache and no rpo_alpha
-        self.pair_encoder = PairEncoder(self.tokenizer, self.engine, getattr(self, "pairs", None))
+        self.pair_encoder = PairEncoder(self.tokenizer, self.engine, getattr(self, "pairs", None), self.example_texts)
         a = self.config.algorithm
         self.pairwise_update = PairwiseUpdate(self.model, self.loss_fn, self.options, self.optimizer_step,
                                               getattr(a, "rpo_alpha", 0.0), a.shared_prefix,

@@ -93,7 +93,7 @@ class GRPOTrainer(Trainer):
 
     def prepare_data(self) -> None:
         cfg = self.config
-        self.records = load_records(cfg.data, cfg.data.split)
+        self.records, self.eval_records = self.split_held_out(load_records(cfg.data, cfg.data.split))
         self.sampler = PromptSampler(self.records, cfg.rollout.prompts_per_step, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards, cfg.rewards_on_error, combine=cfg.reward_combine, shaping=cfg.reward_shaping)
         self.rewards.check_fields(self.records, data_source(cfg.data))  # e.g. exact-match without `answer`
@@ -101,9 +101,6 @@ class GRPOTrainer(Trainer):
         self.loss_fn = registry("policy-loss").get(cfg.algorithm.loss_type)
         self.kl_fn = KL_ESTIMATORS[cfg.algorithm.kl_estimator]
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
-        self.eval_records = None
-        if cfg.run.eval_every:
-            self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples]
         if self.dist.enabled:
             self.check_distributed()
 
@@ -121,7 +118,8 @@ class GRPOTrainer(Trainer):
                                  "hence the forward passes, differ between ranks); use run.distributed = ddp")
 
     def prepare(self) -> None:
-        check_context_length(self.model, self.tokenizer, self.records, self.config.rollout.max_new_tokens)
+        check_context_length(self.model, self.tokenizer, self.rendered(self.records), self.config.rollout.max_new_tokens,
+                             self.chat.add_special_tokens)
         self.engine = HFEngine(self.model, self.tokenizer)
         self.reference = self.reference_policy() if self.config.algorithm.beta > 0 else None
 
@@ -138,7 +136,7 @@ class GRPOTrainer(Trainer):
         """This rank's share of a global prompt batch, rolled out and scored (the whole batch on one process)."""
         span = self.dist.share(len(records))
         g = self.config.rollout.num_generations
-        return GroupRollout(self.engine, self.rewards, g, self.params, self.generator).sample(
+        return GroupRollout(self.engine, self.rewards, g, self.params, self.generator, self.prompt_text).sample(
             records[span.start:span.stop], first_row=span.start * g)
 
     def _shape_overlong(self, total: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -377,9 +375,9 @@ def check_rollout_shares(cfg, rewards: RewardSet, world: int) -> None:
                          "which differs between processes: give them as options (e.g. ref-normalize:mean=..,std=..)")
 
 
-def check_context_length(model, tokenizer, records: list[dict], max_new_tokens: int) -> None:
+def check_context_length(model, tokenizer, records: list[dict], max_new_tokens: int, add_special_tokens: bool = True) -> None:
     """Prompt plus completion must fit the model's declared context (the helper `sample` and `eval` use too)."""
-    check_context(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, "rollout.max_new_tokens")
+    check_context(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, "rollout.max_new_tokens", add_special_tokens)
 
 
 def data_source(data: DataConfig) -> str:

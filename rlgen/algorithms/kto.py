@@ -70,6 +70,7 @@ class KTOTrainer(PreferenceTrainer):
         self.ref_cache = torch.full((len(self.examples),), float("nan"), dtype=torch.float64)
 
     def encode_examples(self, prompts: list[str], completions: list[str]):
+        prompts, completions = self.example_texts(prompts, completions)
         prompt_ids, prompt_mask = self.engine.encode_prompts(prompts)
         completion_ids, completion_mask = self.engine.encode_completions(completions)
         return prompt_ids, prompt_mask, completion_ids, completion_mask

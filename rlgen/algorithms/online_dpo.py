@@ -75,7 +75,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
 
     def prepare_data(self) -> None:
         cfg = self.config
-        self.records = load_records(cfg.data, cfg.data.split)
+        self.records, self.eval_records = self.split_held_out(load_records(cfg.data, cfg.data.split))
         self.sampler = PromptSampler(self.records, cfg.rollout.prompts_per_step, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards, cfg.rewards_on_error, combine=cfg.reward_combine, shaping=cfg.reward_shaping)
         self.rewards.check_fields(self.records, data_source(cfg.data))  # e.g. exact-match without `answer`
@@ -85,7 +85,6 @@ class OnlineDPOTrainer(PreferenceTrainer):
         self.options = PreferenceOptions(a.beta, a.label_smoothing, a.simpo_gamma)
         self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
         self.eval_pairs = None
-        self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
         self.pairs = []
         self.ref_cache = torch.zeros((0, 2), dtype=torch.float64)  # the offline trainers' CPU cache: unused here
         if self.dist.enabled:
@@ -95,12 +94,13 @@ class OnlineDPOTrainer(PreferenceTrainer):
                                  "differ between ranks); use run.distributed = ddp")
 
     def prepare(self) -> None:
-        check_context_length(self.model, self.tokenizer, self.records, self.config.rollout.max_new_tokens)
+        check_context_length(self.model, self.tokenizer, self.rendered(self.records), self.config.rollout.max_new_tokens,
+                             self.chat.add_special_tokens)
         if self.config.algorithm.ref_update_every and is_peft(self.model):
             raise RlgenError("config key 'algorithm.ref_update_every' needs full fine-tuning (model.lora_r = 0)")
         super().prepare()
         self.group_rollout = GroupRollout(self.engine, self.rewards, self.config.rollout.num_generations, self.params,
-                                          self.generator)
+                                          self.generator, self.prompt_text)
 
     def eval_task_rewards(self) -> tuple[str, ...]:
         data = self.config.data

@@ -94,12 +94,12 @@ class RewardModelTrainer(Trainer):
         budget = cfg.optim.max_tokens_per_micro_batch
         costs = None
         if budget and shard:  # tokens of each scored text (prompt + answer), rows [chosen_0, rejected_0, ...]
-            costs = [len(ids) for ids in self.tokenizer([p + c for p, c in zip(*interleave(shard))]).input_ids]
+            costs = [len(ids) for ids in self.tokenizer([p + c for p, c in zip(*self.example_texts(*interleave(shard)))]).input_ids]
         rows = micro_batches(2 * len(shard), budget, cfg.optim.gradient_accumulation_steps, costs, pair_units(2 * len(shard)))
         # under FSDP every rank runs as many passes as the others (the budget may split shards unevenly)
         for idx, real in even_passes([chunk[0::2] // 2 for chunk in rows], self.dist if self.fsdp and budget else None):
             part = [shard[i] for i in idx.tolist()]
-            prompts, completions = interleave(part)
+            prompts, completions = self.example_texts(*interleave(part))
             scores = reward_scores(self.model, self.tokenizer, prompts, completions)
             chosen, rejected = scores[0::2], scores[1::2]
             margin = torch.tensor([float(p["margin"]) for p in part], device=scores.device) if cfg.algorithm.use_margin else None

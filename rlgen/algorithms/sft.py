@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.models.logprobs import completion_logprobs
-from rlgen.data.records import check_text
+from rlgen.data.chat import message_problem
+from rlgen.data.records import check_text_or_messages
 from rlgen.errors import RlgenError
 from rlgen.rollout.engine import HFEngine, check_context, context_limit
 from rlgen.rollout.groups import ModelInputs
@@ -34,22 +35,43 @@ class SFTConfig(TrainConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/sft", steps=200))
 
 
+def conversation_example(data, record: dict) -> dict:
+    """An SFT record with a `messages` list (TRL's conversational format) as prompt (the messages before the
+    final assistant turn) and completion (that turn); other records unchanged."""
+    if "messages" not in record or "prompt" in record:
+        return record
+    where = f"{data.path or data.task}, " + (f"line {record['_line']}" if "_line" in record else "a record")
+    messages = record["messages"]
+    problem = message_problem(messages)
+    if problem:
+        raise RlgenError(f"{where}: field 'messages': {problem}")
+    end = len(messages)
+    while end > 0 and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    if end == len(messages) or end == 0:
+        raise RlgenError(f"{where}: field 'messages' must end with an assistant message after at least one other")
+    return {**{k: v for k, v in record.items() if k != "messages"}, "prompt": messages[:end], "completion": messages[end:]}
+
+
 class SFTTrainer(Trainer):
     config: SFTConfig
     supports_distributed = True
 
     def prepare_data(self) -> None:
         cfg = self.config
-        self.records = load_records(cfg.data, cfg.data.split)
+        records = [conversation_example(cfg.data, r) for r in load_records(cfg.data, cfg.data.split, required=())]
+        self.records, self.eval_records = self.split_held_out(records)
         for record in self.records:
+            if "prompt" not in record:
+                where = f"line {record['_line']}" if "_line" in record else "a record"
+                raise RlgenError(f"{cfg.data.path or cfg.data.task}, {where}: missing field 'prompt' (or 'messages')")
             if "completion" not in record and cfg.algorithm.completion_field not in record:
                 where = f"line {record['_line']}" if "_line" in record else "a record"
                 raise RlgenError(f"{cfg.data.path or cfg.data.task}, {where}: missing field 'completion' or '{cfg.algorithm.completion_field}'")
-            # the target must be text (a null would train on the word "None")
-            check_text(cfg.data.path or cfg.data.task, record,
-                       "completion" if "completion" in record else cfg.algorithm.completion_field)
+            # the target must be text or assistant messages (a null would train on the word "None")
+            check_text_or_messages(cfg.data.path or cfg.data.task, record,
+                                   "completion" if "completion" in record else cfg.algorithm.completion_field)
         self.sampler = PromptSampler(self.records, cfg.algorithm.batch_size, cfg.run.seed)
-        self.eval_records = load_records(cfg.data, cfg.data.eval_split)[: cfg.data.eval_samples] if cfg.run.eval_every else None
 
     def prepare(self) -> None:
         self.engine = HFEngine(self.model, self.tokenizer)
@@ -62,14 +84,18 @@ class SFTTrainer(Trainer):
         if not limit:
             return
         cfg = self.config
+        special = self.chat.add_special_tokens
+        # the held-out records are completed from their prompts (a `messages` example: the turns before the answer)
+        self.eval_records = [conversation_example(cfg.data, r) for r in self.eval_records] if self.eval_records else self.eval_records
         if self.eval_records:
-            check_context(self.model, self.tokenizer, [r["prompt"] for r in self.eval_records], cfg.algorithm.max_new_tokens,
-                          "algorithm.max_new_tokens")
+            check_context(self.model, self.tokenizer, [r["prompt"] for r in self.rendered(self.eval_records)],
+                          cfg.algorithm.max_new_tokens, "algorithm.max_new_tokens", special)
         longest, where = 0, None
         for start in range(0, len(self.records), 1024):
             batch = self.records[start : start + 1024]
-            completions = self.engine.tokenize_completions([self.completion_of(r) for r in batch])
-            prompt_lengths = [len(ids) for ids in self.tokenizer([r["prompt"] for r in batch]).input_ids]
+            prompts, completions = self.example_texts([r["prompt"] for r in batch], [self.completion_of(r) for r in batch])
+            completions = self.engine.tokenize_completions(completions)
+            prompt_lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=special).input_ids]
             for record, prompt_length, completion in zip(batch, prompt_lengths, completions):
                 # the last completion token (the stop token) is predicted, never fed: one position less
                 length = prompt_length + len(completion) - 1
@@ -86,12 +112,14 @@ class SFTTrainer(Trainer):
     def restore_extra_state(self, state: dict) -> None:
         self.sampler.restore(state["sampler"])
 
-    def completion_of(self, record: dict) -> str:
-        return str(record.get("completion", record.get(self.config.algorithm.completion_field)))
+    def completion_of(self, record: dict):
+        """The target: `completion` (a string or assistant messages), else the completion field."""
+        value = record.get("completion", record.get(self.config.algorithm.completion_field))
+        return value if isinstance(value, list) else str(value)
 
     def encode(self, batch: list[dict]):
-        completions = [self.completion_of(r) for r in batch]
-        prompt_ids, prompt_mask = self.engine.encode_prompts([r["prompt"] for r in batch])
+        prompts, completions = self.example_texts([r["prompt"] for r in batch], [self.completion_of(r) for r in batch])
+        prompt_ids, prompt_mask = self.engine.encode_prompts(prompts)
         completion_ids, completion_mask = self.engine.encode_completions(completions)
         return prompt_ids, prompt_mask, completion_ids, completion_mask
 

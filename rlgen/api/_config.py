@@ -139,7 +139,7 @@ def load_config(algo, config: str | Path | dict | None = None, *, sets: list[str
         data = deep_merge(model_recommended(algorithm, data), data)
     typed = from_dict(algorithm.config_cls, data)
     # Local paths are stored absolute, so a resumed run or a saved adapter finds them from anywhere.
-    for section, key in (("model", "path"), ("data", "path")):
+    for section, key in (("model", "path"), ("data", "path"), ("data", "eval_path")):
         part = getattr(typed, section, None)
         value = getattr(part, key, None) if part is not None else None
         if value and Path(value).exists():

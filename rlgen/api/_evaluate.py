@@ -10,6 +10,7 @@ from rlgen.api._inputs import check_numbers, check_records, device_for, model_na
 from rlgen.api._sample import sampler_setup
 from rlgen.config import ANY, COUNT, NON_NEGATIVE, SEED
 from rlgen.data.preferences import read_pairs
+from rlgen.data.chat import message_text
 from rlgen.data.records import read_records, write_records
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
@@ -219,7 +220,7 @@ def _with_metrics(result: dict, samples: list[dict], specs) -> dict:
 
 def _eval_samples(source, similarity: str = "auto", specs=()) -> dict:
     """Summary of scored samples: a JSONL/Parquet path ('-' = stdin) or a list of records."""
-    records = source if isinstance(source, list) else read_records(source)
+    records = source if isinstance(source, list) else read_records(source, messages=True)
     name = "records" if isinstance(source, list) else ("<stdin>" if source == "-" else source)
     fields = sorted({key for r in records for key in r if key == "reward" or key.startswith("reward_")})
     result: dict = {"num_samples": len(records)}
@@ -228,7 +229,8 @@ def _eval_samples(source, similarity: str = "auto", specs=()) -> dict:
     correctness = [f for f in fields if f in ("reward_exact-match", "reward_numeric-match", "reward_countdown")]
     if correctness:
         result["accuracy"] = result[correctness[0]].get("mean")
-    texts = [r for r in records if isinstance(r.get("completion"), str)]
+    texts = [{**r, "completion": message_text(r["completion"])} for r in records
+             if isinstance(r.get("completion"), (str, list))]  # a conversational sample: its messages' text
     if texts:
         result["diversity"] = diversity_report(texts, similarity)
     if not fields and not texts:

@@ -9,6 +9,7 @@ from pathlib import Path
 from rlgen.api._backbone import flow_for
 from rlgen.api._inputs import check_numbers, device_for, model_name, string_list, without_line_numbers
 from rlgen.config import ANY, COUNT, FIELD_BOUNDS, NON_NEGATIVE, SEED
+from rlgen.data.chat import is_messages
 from rlgen.data.records import read_records
 from rlgen.diffusion.images import save_grid, save_png
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
@@ -38,11 +39,12 @@ def _prompt_records(task, prompts, split: str, limit: int | None) -> list[dict]:
         records = []
         for number, item in enumerate(prompts, start=1):
             record = {"prompt": item} if isinstance(item, str) else item
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise RlgenError(f"prompts[{number - 1}]: expected a prompt string or a record with a 'prompt' string")
+            if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str) or is_messages(record.get("prompt"))):
+                raise RlgenError(f"prompts[{number - 1}]: expected a prompt string or a record with a 'prompt' "
+                                 "(a string or a chat message list)")
             records.append(record)
     elif prompts:
-        records = read_records(str(prompts), required=("prompt",))
+        records = read_records(str(prompts), required=("prompt",), messages=True)
     elif task:
         records = registry("task").get(task).split(split)
     else:
@@ -75,15 +77,19 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
            limit: int | None = None, n: int = 1, sampler: str = "plain", sampler_options=None, sampler_reward=None,
            max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            out: str | None = None, image_dir: str | None = None, grid: str | None = None, num_steps: int = 20,
-           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, device: str = "auto",
-           callbacks=None) -> list[dict]:
+           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, chat_template: str = "auto",
+           system_prompt: str = "", device: str = "auto", callbacks=None) -> list[dict]:
     """`n` samples per prompt: each record plus `completion` (text) and `sample_index`, drawn on `device`
     (auto: CUDA when available; cpu, cuda, cuda:N). The seed decides the draws on every device, but a GPU's
     random stream differs from the CPU's: the same seed gives other samples there.
 
     Image models (a diffusers pipeline, e.g. tiny-digits) give one record per image. With `out` (the JSONL
     file the records are meant for) or `image_dir`, each image is written as a PNG and the record's `image`
-    is its path relative to out's folder (as `rlgen sample` does); otherwise `image` holds the tensor."""
+    is its path relative to out's folder (as `rlgen sample` does); otherwise `image` holds the tensor.
+
+    A prompt is a string or a chat message list; `chat_template` (auto: when the tokenizer has one, always,
+    never) renders it with the model's template, `system_prompt` first, and the completion of a message-list
+    prompt is written as assistant messages (TRL's conversational format)."""
     # the ranges `rlgen sample` checks for its flags, named by keyword, before anything is read or loaded
     check_numbers(("n", n, COUNT, "int"), ("limit", limit, COUNT, "int?"), ("batch_size", batch_size, COUNT, "int"),
                   ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
@@ -98,20 +104,26 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
     return without_line_numbers(flow(model, records, n=n, sampler=sampler, sampler_options=sampler_options, sampler_reward=sampler_reward,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out,
                 image_dir=image_dir, grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
+                chat_template=chat_template, system_prompt=system_prompt,
                 batch_size=batch_size, device=target, events=events))
 
 
 def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str, sampler_options, sampler_reward,
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, device, events,
-                 **_image_options):
+                 chat_template: str = "auto", system_prompt: str = "", **_image_options):
     """Completions of a causal LM, through the rollout engine the trainers use."""
     import torch
 
+    from rlgen.data.chat import ChatFormat
+
     strategy, options, guide = sampler_setup(sampler, sampler_options, sampler_reward)
     policy, tokenizer, _ = load_policy(ModelConfig(path=model or "tiny-arith"))
+    chat = ChatFormat(tokenizer, chat_template, system_prompt, key="chat_template")
+    texts = rendered_prompts(chat, records)
     policy.to(device).eval()
-    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
+    check_context(policy, tokenizer, list(texts.values()), max_new_tokens, "--max-new-tokens", chat.add_special_tokens)
     engine = HFEngine(policy, tokenizer)
+    engine.add_special_tokens = chat.add_special_tokens
     params = SamplingParams(max_new_tokens, temperature, top_p, top_k)
     generator = torch.Generator().manual_seed(seed)
     results = []
@@ -121,15 +133,26 @@ def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str
         for start in range(0, len(records), chunk):
             part = records[start : start + chunk]
             expanded = [r for r in part for _ in range(n)]
-            rollouts = call_sampler(strategy, engine, [r["prompt"] for r in expanded], params, generator,
+            rollouts = call_sampler(strategy, engine, [texts[id(r)] for r in expanded], params, generator,
                                     rewards=guide, records=expanded, stats=stats, options=options)
             for i, (record, text) in enumerate(zip(expanded, rollouts.texts)):
-                results.append({**record, "completion": text, "sample_index": i % n})
+                results.append({**record, "completion": chat.completion_value(record["prompt"], text), "sample_index": i % n})
             for _ in part:
                 advance()
     if stats:
         events.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
     return results
+
+
+def rendered_prompts(chat, records: list[dict]) -> dict[int, str]:
+    """Each record's prompt as model text (by record id), a bad one named by its line."""
+    out = {}
+    for number, record in enumerate(records, start=1):
+        try:
+            out[id(record)] = chat.prompt_text(record["prompt"])
+        except RlgenError as exc:
+            raise RlgenError(f"prompts, line {record.get('_line', number)}: {exc}") from None
+    return out
 
 
 def _sample_images(model: str, records: list[dict], *, n: int, sampler: str, sampler_options, sampler_reward,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rlgen.api._inputs import check_records, device_for, string_list, without_line_numbers
 from rlgen.data.preferences import make_pairs
+from rlgen.data.chat import message_text
 from rlgen.data.records import check_text, read_records
 from rlgen.errors import RlgenError
 
@@ -13,7 +14,7 @@ from rlgen.errors import RlgenError
 def _records_and_name(records, required=()) -> tuple[list[dict], str | None]:
     """(records, the file they came from or None): `records` is a list, or a JSONL/Parquet path ('-' = stdin)."""
     if isinstance(records, (str, Path)):
-        return read_records(str(records), required=required), str(records)
+        return read_records(str(records), required=required, messages=True), str(records)
     return check_records("records", records), None
 
 
@@ -62,7 +63,9 @@ def _with_resolved_images(records: list[dict], source: str | None) -> list[dict]
             check_text(name, record, "image")  # a path, not a number or a list
         if isinstance(record.get("image"), str):
             record = {**record, "image": str(base / record["image"])}
-        out.append(record)
+        # rewards read text: a conversational sample's messages as their contents (the record keeps them)
+        texts = {k: message_text(record[k]) for k in ("prompt", "completion") if isinstance(record.get(k), list)}
+        out.append({**record, **texts} if texts else record)
     return out
 
 

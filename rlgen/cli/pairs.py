@@ -34,7 +34,7 @@ def pairs(
     from rlgen.data.records import read_records, write_records
 
     reporter = Reporter(quiet=quiet, json_output=False)
-    records = read_records(source)
+    records = read_records(source, messages=True)
     made = make_pairs(records, mode=mode, field=field, margin=margin, group_by=group_by, source=source, out=out)
     write_records(made, out)
     summary = pair_stats(records, made, group_by)

@@ -50,6 +50,8 @@ def sample(
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Image models: classifier-free guidance weight (1 = off)."),
     eta: float = typer.Option(0.0, "--eta", help="Image models: step noise (DDIM eta; the SDE noise level for flow models); 0 = deterministic."),
     batch_size: int = typer.Option(64, "--batch-size", help="Image models: prompts per sampling batch."),
+    chat_template: str = typer.Option("auto", "--chat-template", help="auto (apply the tokenizer's chat template when it has one), always, never."),
+    system_prompt: str = typer.Option("", "--system-prompt", help="A system message put first in every prompt (with a chat template)."),
     device: str = opt.Device,
     quiet: bool = opt.Quiet,
 ):
@@ -68,7 +70,8 @@ def sample(
                            sampler_options=sampler_opt, sampler_reward=sampler_reward, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out, image_dir=image_dir,
                            grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                           batch_size=batch_size, device=device, callbacks=reporter.events())
+                           batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt,
+                           device=device, callbacks=reporter.events())
     write_records(records, out)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-from rlgen.data.records import check_text, read_records
+from rlgen.data.chat import message_text
+from rlgen.data.records import check_text_or_messages, read_records
 from rlgen.errors import RlgenError, show_value
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -19,9 +20,10 @@ def _where(source: str, record: dict) -> str:
 
 
 def _text(source: str, record: dict, field: str, allow_empty: bool = False) -> str:
+    """A text field: a string, or a chat message list (TRL's conversational pairs), not empty."""
     if field not in record or record[field] is None:
         raise RlgenError(f"{_where(source, record)}: missing field '{field}'")
-    value = check_text(source, record, field)
+    value = message_text(check_text_or_messages(source, record, field))
     if not allow_empty and not value.strip():
         raise RlgenError(f"{_where(source, record)}: field '{field}' is empty")
     return value
@@ -39,8 +41,9 @@ def _number(source: str, record: dict, field: str) -> float | None:
 def check_pair(source: str, record: dict) -> dict:
     """A validated pair (the record itself, with `margin` filled from scores when given as such)."""
     _text(source, record, "prompt", allow_empty=True)
-    chosen = _text(source, record, "chosen")
-    rejected = _text(source, record, "rejected")
+    _text(source, record, "chosen")
+    _text(source, record, "rejected")
+    chosen, rejected = record["chosen"], record["rejected"]  # compared as given (text or messages)
     margin = _number(source, record, "margin")
     chosen_score = _number(source, record, "chosen_score")
     rejected_score = _number(source, record, "rejected_score")
@@ -57,8 +60,9 @@ def check_pair(source: str, record: dict) -> dict:
 
 
 def read_pairs(path: str) -> list[dict]:
-    """Preference pairs from JSONL / Parquet / '-' (stdin); each record keeps its line number."""
-    records = read_records(path)
+    """Preference pairs from JSONL / Parquet / '-' (stdin); each record keeps its line number. Prompts and
+    answers are strings or chat message lists."""
+    records = read_records(path, messages=True)
     source = "<stdin>" if path == "-" else path
     return [check_pair(source, r) for r in records]
 
@@ -66,7 +70,7 @@ def read_pairs(path: str) -> list[dict]:
 def read_unpaired(path: str) -> list[dict]:
     """KTO's data: unpaired `prompt` / `completion` / `label` (bool) records. Pair files are accepted
     too: each pair gives one desirable and one undesirable example."""
-    records = read_records(path)
+    records = read_records(path, messages=True)
     source = "<stdin>" if path == "-" else path
     out = []
     for record in records:
@@ -146,6 +150,6 @@ def _pair(best: dict, worst: dict, field: str, gap: float) -> dict:
 def interleave(pairs: list[dict]) -> tuple[list[str], list[str]]:
     """(prompts, completions) with rows [chosen_0, rejected_0, chosen_1, ...]: each pair's two rows share
     a prompt and sit next to each other, so the prompt is run once for both."""
-    prompts = [p["prompt"] for p in pairs for _ in range(2)]
-    completions = [text for p in pairs for text in (p["chosen"], p["rejected"])]
+    prompts = [message_text(p["prompt"]) for p in pairs for _ in range(2)]
+    completions = [message_text(text) for p in pairs for text in (p["chosen"], p["rejected"])]
     return prompts, completions

@@ -143,8 +143,9 @@ def _stdin_records() -> list[dict]:
     return list(_iter_jsonl(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>"))
 
 
-def read_records(path: str, required: Sequence[str] = ()) -> list[dict]:
-    """Records from a JSONL file, a Parquet file, or '-' (stdin). Each keeps its line number in '_line'."""
+def read_records(path: str, required: Sequence[str] = (), messages: bool = False) -> list[dict]:
+    """Records from a JSONL file, a Parquet file, or '-' (stdin). Each keeps its line number in '_line'.
+    `messages`: the caller takes chat message lists (rlgen.data.chat) in the text fields too."""
     if path == "-":
         records = _stdin_records()
         source = "<stdin>"
@@ -172,7 +173,7 @@ def read_records(path: str, required: Sequence[str] = ()) -> list[dict]:
                 raise RlgenError(f"{_where(source, record)}: missing field '{field}'")
         for field in TEXT_FIELDS:
             if field in record:
-                check_text(source, record, field)
+                (check_text_or_messages if messages else check_text)(source, record, field)
     return records
 
 
@@ -192,6 +193,25 @@ def check_text(source: str, record: dict, field: str) -> str:
         raise RlgenError(f"{where}: field '{field}' must be a string, got list "
                          "(chat message lists are not supported yet: give the text as one string)")
     raise RlgenError(f"{where}: field '{field}' must be a string, got {type(value).__name__} {show_value(value)}")
+
+
+def check_text_or_messages(source: str, record: dict, field: str):
+    """The string or chat message list in `record[field]`; anything else is one error line."""
+    from rlgen.data.chat import message_problem
+
+    value = record.get(field)
+    if isinstance(value, list):
+        problem = message_problem(value)
+        if problem:
+            raise RlgenError(f"{_where(source, record)}: field '{field}': {problem}")
+        return value
+    if isinstance(value, str):
+        return value
+    where = _where(source, record)
+    if value is None:
+        raise RlgenError(f"{where}: missing field '{field}'" if field not in record else f"{where}: field '{field}' is null")
+    raise RlgenError(f"{where}: field '{field}' must be a string or a list of chat messages, got "
+                     f"{type(value).__name__} {show_value(value)}")
 
 
 def _read_parquet(path: Path) -> list[dict]:

@@ -153,14 +153,15 @@ def context_limit(model) -> int | None:
     return None
 
 
-def check_context(model, tokenizer, prompts: list[str], max_new_tokens: int, option: str) -> None:
+def check_context(model, tokenizer, prompts: list[str], max_new_tokens: int, option: str,
+                  add_special_tokens: bool = True) -> None:
     """Prompt plus `max_new_tokens` must fit the model's declared context: learned position embeddings
     fail with an IndexError past it, rotary ones silently degrade. `option` names the setting to lower
     (e.g. `--max-new-tokens`, `sft.max_new_tokens`) in the one-line error."""
     limit = context_limit(model)
     if not limit or not prompts:
         return
-    longest = max(len(ids) for ids in tokenizer(sorted(set(prompts))).input_ids)
+    longest = max(len(ids) for ids in tokenizer(sorted(set(prompts)), add_special_tokens=add_special_tokens).input_ids)
     if longest + max_new_tokens > limit:
         raise RlgenError(
             f"prompts of up to {longest} tokens plus {option}={max_new_tokens} exceed the model's "
@@ -201,6 +202,8 @@ class HFEngine:
         self.stop_ids = torch.tensor(stop_token_ids(model, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0].item()
         self._stop_set = set(self.stop_ids.tolist())
+        # False for prompts rendered by a chat template, which hold the template's special tokens already
+        self.add_special_tokens = True
         # Sharded weights (FSDP) need every rank in every forward: then the trainer sets this to a collective
         # "have all ranks' rows stopped?", and no rank stops decoding before the others.
         self.finished_everywhere: Callable[[bool], bool] | None = None
@@ -236,7 +239,8 @@ class HFEngine:
         return self.pad_completions(self.tokenize_completions(completions))
 
     def _encode_unique(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = pad_tokens(self.tokenizer(list(prompts)).input_ids, self.pad_id, left=True)
+        ids, mask = pad_tokens(self.tokenizer(list(prompts), add_special_tokens=self.add_special_tokens).input_ids,
+                               self.pad_id, left=True)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ every trainer rolls out alike, and a plugin trainer can too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -122,6 +122,8 @@ class GroupRollout:
     group_size: int
     params: SamplingParams
     generator: torch.Generator | None = None  # the trainer's, so a resumed run draws the same completions
+    # a record -> its prompt as model text (the trainer's, with the chat template); None: the prompt itself
+    prompt_text: Callable[[dict], str] | None = None
 
     def sample(self, records: list[dict], first_row: int = 0) -> RolloutBatch:
         """The batch on the engine's (the model's) device. `records` may be one rank's share of a global batch
@@ -130,7 +132,8 @@ class GroupRollout:
         base = draw_seed(self.generator)
         expanded = [r for r in records for _ in range(self.group_size)]
         seeds = row_seeds(base, first_row, len(expanded))
-        rollouts = self.engine.generate([r["prompt"] for r in expanded], self.params, self.generator, seeds=seeds)
+        texts = {id(r): self.prompt_text(r) if self.prompt_text else r["prompt"] for r in records}
+        rollouts = self.engine.generate([texts[id(r)] for r in expanded], self.params, self.generator, seeds=seeds)
         lengths = rollouts.completion_mask.sum(1).tolist()
         samples = [{**r, "completion": text, "completion_tokens": n}
                    for r, text, n in zip(expanded, rollouts.texts, lengths)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlgen.config import NON_NEGATIVE, section, setting
+from rlgen.config import DROPOUT, NON_NEGATIVE, section, setting
 from rlgen.devices import check_device_spec
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import ModelConfig
@@ -60,6 +60,10 @@ class DataConfig:
     split: str = setting("train", "the task's split to train on")
     eval_split: str = setting("test", "the task's held-out split")
     eval_samples: int = setting(200, "held-out problems scored greedily every run.eval_every steps")
+    eval_path: str | None = setting(None, "held-out records (JSONL or Parquet, the training file's fields), evaluated every run.eval_every steps and never trained on")
+    eval_fraction: float = setting(0.1, "with data.path and no data.eval_path: this fraction of the file, drawn with run.seed, is held out for the evaluation and never trained on (0 = no evaluation)", bounds=DROPOUT)
+    chat_template: Literal["auto", "always", "never"] = setting("auto", "apply the tokenizer's chat template to prompts (a string or a list of messages) and completions: auto (when the tokenizer has one), always, never")
+    system_prompt: str = setting("", "a system message put first in every prompt (with a chat template)")
 
     def registered_names(self) -> list[RegisteredName]:
         return [("data.task", "task", self.task)] if self.task and not self.path else []

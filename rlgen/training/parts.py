@@ -28,8 +28,9 @@ class PairEncoder:
     encoded; later epochs only pad. Any other pair (held-out, sampled online) is tokenised each time. A pair
     is known by identity, so nothing is written into the records."""
 
-    def __init__(self, tokenizer, engine, dataset: list[dict] | None = None):
+    def __init__(self, tokenizer, engine, dataset: list[dict] | None = None, texts=None):
         self.tokenizer = tokenizer
+        self.texts = texts  # (prompts, completions) -> their model texts (Trainer.example_texts), or None
         self.engine = engine  # its completion tokenisation: each answer ends with the stop token, as if sampled
         self.dataset = dataset or []  # kept referenced, so that no id below can be reused by another object
         self._position = {id(pair): k for k, pair in enumerate(self.dataset)}
@@ -44,8 +45,12 @@ class PairEncoder:
         new = [k for k, position in enumerate(known) if position is None or position not in self._tokens]
         tokens: dict[int, tuple[list[int], list[int], list[int]]] = {}  # by row in `pairs`, for those not cached
         if new:
-            prompt_tokens = self.tokenizer([pairs[k]["prompt"] for k in new]).input_ids
-            answers = self.engine.tokenize_completions([text for k in new for text in (pairs[k]["chosen"], pairs[k]["rejected"])])
+            prompts, answers = [pairs[k]["prompt"] for k in new], [text for k in new for text in (pairs[k]["chosen"], pairs[k]["rejected"])]
+            if self.texts is not None:  # chat templates: rendered prompts and assistant turns
+                prompts, answers = self.texts([p for p in prompts for _ in range(2)], answers)
+                prompts = prompts[0::2]
+            prompt_tokens = self.tokenizer(prompts, add_special_tokens=self.engine.add_special_tokens).input_ids
+            answers = self.engine.tokenize_completions(answers)
             for j, k in enumerate(new):
                 entry = (prompt_tokens[j], answers[2 * j], answers[2 * j + 1])
                 if known[k] is None:

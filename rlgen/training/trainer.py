@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from rlgen import kernels
 from rlgen.devices import resolve_device
 from rlgen.distributed import Dist, init_distributed, sync_gradients
+from rlgen.data.chat import chat_format
 from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
 from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
@@ -31,14 +32,45 @@ from rlgen.training.state import load_state, restore_rng, rng_state, save_state
 
 
 def load_records(data: DataConfig, split: str, required=("prompt",)) -> list[dict]:
+    """A data config's records (its file, or a task's split); prompts may be chat message lists."""
     if data.path:
-        return read_records(data.path, required=required)
+        return read_records(data.path, required=required, messages=True)
     if not data.task:
         raise RlgenError("no data: give --task NAME or --data FILE")
     records = registry("task").get(data.task).split(split)
     if not records:
         raise RlgenError(f"task '{data.task}' has an empty '{split}' split")
     return records
+
+
+def held_out_split(data: DataConfig, records: list[dict], seed: int, evaluating: bool) -> tuple[list[dict], list[dict] | None, str]:
+    """(training records, held-out records, what the held-out set is). The held-out set is `data.eval_path`;
+    or, for a file without one, a seeded `data.eval_fraction` of it, taken out of the training records; or a
+    task's held-out split. At most `data.eval_samples` held-out records; None when not evaluating."""
+    if not evaluating:
+        return records, None, ""
+    limit = data.eval_samples
+    eval_path = getattr(data, "eval_path", None)
+    if eval_path:
+        held = read_records(eval_path, required=("prompt",), messages=True)[:limit]
+        return records, held, f"{eval_path} ({len(held)} records)"
+    if data.path:
+        fraction = getattr(data, "eval_fraction", 0.0)
+        if not fraction:
+            return records, None, "none (data.eval_fraction = 0 and no data.eval_path)"
+        count = max(1, round(len(records) * fraction))
+        if count >= len(records):
+            raise RlgenError(f"{data.path}: holding out data.eval_fraction = {fraction} of its {len(records)} records "
+                             "leaves none to train on (give data.eval_path, or a lower data.eval_fraction)")
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        held_rows = set(order[:count])
+        train = [r for i, r in enumerate(records) if i not in held_rows]
+        held = [records[i] for i in sorted(held_rows)][:limit]
+        return train, held, (f"{len(held)} of {count} records held out of {data.path} (data.eval_fraction = {fraction}, "
+                             f"seed {seed}; never trained on)")
+    held = registry("task").get(data.task).split(data.eval_split)[:limit]
+    return records, held, f"task {data.task}, split {data.eval_split} ({len(held)} records)"
 
 
 def make_adamw(params: list, o: OptimConfig) -> torch.optim.AdamW:
@@ -169,6 +201,8 @@ class Trainer:
         # a sharded checkpoint holds no model directory: the base model is loaded, and _restore writes the
         # checkpoint's rows into each rank's shards once the model is placed and sharded
         self.model, self.tokenizer, self.base_path = self._load_model(None if is_sharded_checkpoint(checkpoint) else checkpoint)
+        if self.tokenizer is not None:  # how prompts and completions become model text (chat templates)
+            self.chat = chat_format(self.tokenizer, self.config.data)
         self.place_model()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -177,6 +211,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(o.lr_scheduler, o.warmup_steps, cfg.run.steps))
         self.prepare()
         engine = getattr(self, "engine", None)
+        if engine is not None and self.chat is not None:  # rendered prompts hold the template's special tokens
+            engine.add_special_tokens = self.chat.add_special_tokens
         if self.fsdp and engine is not None and hasattr(engine, "finished_everywhere"):
             # sharded weights gather inside every forward: each rank decodes until every rank's rows have stopped
             engine.finished_everywhere = lambda done: self.dist.sum(0.0 if done else 1.0) == 0
@@ -255,6 +291,48 @@ class Trainer:
             fsdp.shard_model(reference.module, True, run.cpu_offload and self.device.type == "cuda",
                              fsdp.mixed_precision_policy(run.precision))
         return reference
+
+    chat = None  # the run's ChatFormat (rlgen.data.chat), set once the tokenizer is loaded
+
+    def prompt_text(self, record: dict) -> str:
+        """A record's prompt as model text (its chat template applied when one is in use); a bad one is one
+        line naming the record."""
+        if self.chat is None:
+            return record["prompt"]
+        try:
+            return self.chat.prompt_text(record["prompt"])
+        except RlgenError as exc:
+            where = f"line {record['_line']}" if "_line" in record else "a record"
+            raise RlgenError(f"{self.data_name()}, {where}: {exc}") from None
+
+    def split_held_out(self, records: list[dict], evaluating: bool | None = None) -> tuple[list[dict], list[dict] | None]:
+        """(training records, held-out records) by `held_out_split`, saying what the evaluation runs on.
+        `evaluating`: whether the run evaluates (default: run.eval_every > 0)."""
+        cfg = self.config
+        evaluating = bool(cfg.run.eval_every) if evaluating is None else evaluating
+        train, held, what = held_out_split(cfg.data, records, cfg.run.seed, evaluating)
+        if what:
+            self.reporter.log(f"held-out evaluation: {what}")
+        return train, held
+
+    def example_texts(self, prompts: list, completions: list) -> tuple[list[str], list[str]]:
+        """(prompt texts, completion texts) of training examples: with a chat template, the rendered prompt
+        and the assistant turn the template puts after it (end-of-turn marker included)."""
+        if self.chat is None:
+            return list(prompts), list(completions)
+        try:
+            return ([self.chat.prompt_text(p) for p in prompts],
+                    [self.chat.completion_text(p, c) for p, c in zip(prompts, completions)])
+        except RlgenError as exc:
+            raise RlgenError(f"{self.data_name()}: {exc}") from None
+
+    def rendered(self, records: list[dict]) -> list[dict]:
+        """Records whose prompts are model text (for code that takes prompt strings: evaluation)."""
+        return [{**r, "prompt": self.prompt_text(r)} for r in records]
+
+    def data_name(self) -> str:
+        data = getattr(self.config, "data", None)
+        return str(getattr(data, "path", None) or getattr(data, "task", None) or "data")
 
     # --- checkpoints ---
     def extra_state(self) -> dict:
@@ -538,18 +616,48 @@ class Trainer:
     eval_max_new_tokens: int = 16
 
     def eval_task_rewards(self) -> tuple[str, ...]:
-        """The correctness rewards of the held-out evaluation: the task's own, or exact-match for a file."""
+        """The correctness rewards of the held-out evaluation (its `eval/accuracy`): the task's own; for a file,
+        the run's correctness reward if it has one (exact-match against `answer` without run rewards); none
+        when the run's rewards are not correctness rewards (they are logged as eval/reward_NAME instead)."""
         data = self.config.data
-        return registry("task").get(data.task).default_rewards if data.task and not data.path else ("exact-match",)
+        if data.task and not data.path:
+            return registry("task").get(data.task).default_rewards
+        rewards = self.eval_rewards()
+        if rewards is None:
+            return ("exact-match",)
+        return tuple(name for name in rewards.names if name in CORRECTNESS_REWARDS)[:1]
 
     def evaluate(self) -> dict:
-        """Greedy accuracy on the held-out records, judged by the task's correctness reward."""
+        """Greedy completions of the held-out records: accuracy by the correctness reward, and with a data file
+        and the run's own rewards (`eval_rewards`), each of them and their combination."""
         if not self.eval_records:
             return {}
-        result = evaluate_model(self.engine, self.eval_records, correctness_rewards(self.eval_task_rewards()), self.eval_max_new_tokens)
+        records = self.rendered(self.eval_records)
+        rewards = self.eval_rewards()
+        correctness = self.eval_task_rewards()
+        result = evaluate_model(self.engine, records, rewards if rewards is not None and not correctness
+                                else correctness_rewards(correctness), self.eval_max_new_tokens)
         self.model.train()
-        return {"eval/accuracy": result["metrics"]["accuracy"]}
+        metrics = {"eval/accuracy": result["metrics"]["accuracy"]} if correctness else {}
+        if rewards is not None:  # rewards read the records as given (a message-list prompt stays one)
+            samples = [{**r, "completion": s["completion"]} for r, s in zip(self.eval_records, result["samples"])]
+            components, valid = rewards.compute(samples)
+            total = rewards.total(components)[valid]
+            metrics["eval/reward"] = float(total.nanmean()) if total.numel() else float("nan")
+            for k, name in enumerate(rewards.names):
+                column = components[:, k][valid]
+                metrics[f"eval/reward_{name}"] = float(column.nanmean()) if column.numel() else float("nan")
+        return metrics
 
+    def eval_rewards(self):
+        """The run's own rewards for the held-out evaluation of a data file (None: correctness only)."""
+        data = self.config.data
+        rewards = getattr(self, "rewards", None)
+        return rewards if getattr(data, "path", None) and hasattr(rewards, "compute") else None
+
+
+# Rewards that score a completion right (1) or wrong (0): their mean over held-out problems is an accuracy.
+CORRECTNESS_REWARDS = ("exact-match", "numeric-match", "countdown")
 
 # What restoring a checkpoint whose files parse but hold the wrong content raises (a missing key, a value of
 # the wrong type or shape); SafetensorError too, for a tensor file whose data does not load.

@@ -146,8 +146,8 @@ class DiffusionTrainer(Trainer):
     # --- prompts ---
     def load_prompts(self) -> None:
         data = self.config.data
-        self.records = load_records(data, data.split)
-        self.eval_records = load_records(data, data.eval_split)[: data.eval_samples] if data.eval_samples else []
+        self.records, held = self.split_held_out(load_records(data, data.split), evaluating=bool(data.eval_samples))
+        self.eval_records = held or []
 
     def evaluate(self) -> dict:
         """Mean reward of deterministic samples for the held-out prompts at fixed seeds (the same noise for
