@@ -84,6 +84,14 @@ def register_metrics(register):
 
 
 @hookspec
+def register_trackers(register):
+    """Experiment trackers (`run.report_to = ["NAME"]`): classes like rlgen.training.trackers.Tracker, called with
+    their directory (OUT/tracking/NAME) and, where the constructor takes them, `config`, `run_name` and
+    `start_step`; then `log(step, metrics)`, `log_table(step, name, rows)` and `close(failed=False)`. Their
+    `packages` are imported only when the tracker is asked for. Rank 0 alone opens them."""
+
+
+@hookspec
 def register_tasks(register):
     """Datasets with verifiable answers: rlgen.data.tasks.Task objects."""
 

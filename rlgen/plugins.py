@@ -51,6 +51,7 @@ DEFAULT_PLUGINS = (
     "rlgen.rollout.image_search",
     "rlgen.merging.methods",
     "rlgen.evaluation.metrics",
+    "rlgen.training.trackers",
 )
 
 # hook name -> registry kind (as shown by `rlgen plugins`)
@@ -68,6 +69,7 @@ KINDS = {
     "register_image_samplers": "image-sampler",
     "register_mergers": "merger",
     "register_metrics": "metric",
+    "register_trackers": "tracker",
     "register_tasks": "task",
 }
 COMMAND_KIND = "command"  # register_commands(app): CLI subcommands, collected by rlgen.cli.app
@@ -220,6 +222,8 @@ _EXPECTED_ATTRIBUTES: dict[str, tuple[str, dict[str, Callable[[Any], bool]]]] = 
     "task": ("an rlgen.data.tasks.Task", {"split": _is_callable, "default_rewards": _is_names}),
     "backbone": ("an rlgen.models.backbone.Backbone", {
         "name": _is_str, **{method: _is_callable for method in _BACKBONE_METHODS}}),
+    "tracker": ("an rlgen.training.trackers.Tracker class", {
+        "log": _is_callable, "log_table": _is_callable, "close": _is_callable}),
     "merger": ("an rlgen.merging.methods.MergeMethod", {
         "fn": _is_callable, "needs_base": _is_bool, "model_params": _is_mapping, "global_params": _is_mapping,
         "min_models": _is_count, "max_models": _is_optional_count}),

@@ -125,3 +125,14 @@ def test_chat_template_modes(chat_files, tmp_path):
     assert ChatFormat(plain_tok, "auto").prompt_text("1+1=") == "1+1="
     with pytest.raises(RlgenError, match="no chat template"):
         ChatFormat(plain_tok, "always")
+
+
+def test_eval_a_chat_model_on_message_prompts_with_sampling_options(chat_files, tmp_path):
+    samples = tmp_path / "evaluated.jsonl"
+    result = json.loads(rlgen_ok("eval", "--model", chat_files["model"], "--data", chat_files["prompts"], "--limit", 3,
+                                 "--max-new-tokens", 3, "--repetition-penalty", 1.3, "--min-p", 0.05, "--stop", "\n",
+                                 "-k", 2, "--samples-out", samples, "--json").out)
+    assert result["num_problems"] == 3 and 0.0 <= result["accuracy"] <= 1.0
+    written = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert all(isinstance(row["prompt"], list) and row["completion"][0]["role"] == "assistant" for row in written)
+    assert all("\n" not in row["completion"][0]["content"] for row in written)  # cut at the stop string

@@ -170,3 +170,66 @@ def test_greedy_decoding_draws_nothing_from_the_global_rng():
     assert torch.equal(torch.get_rng_state(), state)  # evaluation leaves dropout's RNG (checkpointed) alone
     engine.generate(["12+34="], SamplingParams(max_new_tokens=4, temperature=1.0))
     assert not torch.equal(torch.get_rng_state(), state)  # sampling without a generator draws its base seed there
+
+
+# --- min_p, repetition_penalty, stop strings (vLLM's and transformers' meanings) ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    from rlgen.models.causal_lm import load_model, load_tokenizer, resolve_model_path
+    from rlgen.rollout.engine import HFEngine
+
+    path = resolve_model_path("tiny-arith")
+    return HFEngine(load_model(path), load_tokenizer(path))
+
+
+def test_repetition_penalty_is_ctrls():
+    from rlgen.rollout.engine import penalize_repetitions, seen_tokens
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    seen = seen_tokens(torch.tensor([[9, 0, 1]]).clamp(max=3), torch.tensor([[0, 1, 1]]), 4)  # padding not seen
+    assert seen.tolist() == [[True, True, False, False]]
+    assert penalize_repetitions(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 3.0]]
+
+
+def test_min_p_keeps_tokens_above_a_fraction_of_the_best():
+    from rlgen.rollout.engine import keep_min_p
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = keep_min_p(probs.log(), 0.2)  # threshold 0.1: 0.05 goes
+    assert torch.isinf(kept[0, 3]) and torch.isfinite(kept[0, :3]).all()
+    # sampling never picks a dropped token, whatever the uniform draw
+    params = SamplingParams(max_new_tokens=1, temperature=1.0, min_p=0.2)
+    draws = {int(choose_tokens(probs.log(), params, row_seeds(s, 0, 1))) for s in range(200)}
+    assert draws == {0, 1, 2}
+
+
+def test_greedy_with_a_repetition_penalty_avoids_the_seen_token():
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, repetition_penalty=4.0)
+    logits = torch.tensor([[2.0, 1.0]])
+    seen = torch.tensor([[True, False]])
+    assert int(choose_tokens(logits, params, None, 0, seen)) == 1  # 2 / 4 < 1
+    assert int(choose_tokens(logits, SamplingParams(temperature=0.0), None, 0, seen)) == 0
+
+
+def test_stop_strings_end_the_completion_at_the_completing_token(tiny_engine):
+    engine = tiny_engine
+    free = engine.generate(["407+779="], SamplingParams(max_new_tokens=12, temperature=0.0))
+    text = free.texts[0]
+    assert len(text) >= 3, text  # something to cut
+    stop = text[1:3]
+    cut = engine.generate(["407+779="], SamplingParams(max_new_tokens=12, temperature=0.0, stop=(stop, "never-there")))
+    assert cut.texts[0] == text[: text.find(stop)]  # the text stops before the stop string
+    kept = int(cut.completion_mask[0].sum())
+    decoded = engine.tokenizer.decode(cut.completion_ids[0, :kept].tolist(), skip_special_tokens=True)
+    assert decoded.endswith(stop) or stop in decoded  # the token that completed the string is kept (trained on)
+    assert stop not in engine.tokenizer.decode(cut.completion_ids[0, :kept - 1].tolist(), skip_special_tokens=True)
+    assert not bool(cut.truncated[0])
+
+
+def test_rollout_settings_reach_the_engine():
+    from rlgen.algorithms.grpo import RolloutConfig
+
+    params = RolloutConfig(max_new_tokens=7, temperature=0.9, top_p=0.8, top_k=5, min_p=0.1, repetition_penalty=1.2,
+                           stop=["\n", "###"]).sampling_params()
+    assert params == SamplingParams(7, 0.9, 0.8, 5, 0.1, 1.2, ("\n", "###"))

@@ -23,7 +23,7 @@ from rlgen.rollout.groups import GroupRollout, ModelInputs, RolloutBatch, scored
 from rlgen.training.data import PromptSampler
 from rlgen.training.micro_batches import even_passes, micro_batches, pad_to, row_costs, trimmed
 from rlgen.training.parts import summed_over_ranks
-from rlgen.config import section, setting
+from rlgen.config import POSITIVE, PROBABILITY, section, setting
 from rlgen.training.config import (DataConfig, GroupRolloutConfig, OptimConfig, RegisteredName, RewardedTrainConfig, RunConfig,
                                    ScaleRewards)
 from rlgen.training.trainer import Trainer, load_records
@@ -36,6 +36,14 @@ class RolloutConfig(GroupRolloutConfig):
     temperature: float = setting(1.0, "sampling temperature (> 0 for training rollouts)")
     top_p: float = setting(1.0, "nucleus sampling: keep the smallest token set with this much probability; 1 = off")
     top_k: int = setting(0, "keep the k most likely tokens; 0 = off")
+    min_p: float = setting(0.0, "drop tokens below this fraction of the most likely token's probability; 0 = off", bounds=PROBABILITY)
+    repetition_penalty: float = setting(1.0, "CTRL's penalty on tokens already in the prompt or completion (vLLM's / transformers'); 1 = off", bounds=POSITIVE)
+    stop: list[str] = setting(doc="stop strings: a completion ends with the token that completes one (the text leaves it out)", factory=list)
+
+    def sampling_params(self) -> SamplingParams:
+        """These settings as the rollout engine's SamplingParams."""
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.min_p,
+                              self.repetition_penalty, tuple(self.stop))
 
     def validate(self):
         if self.num_generations < 2:
@@ -100,7 +108,7 @@ class GRPOTrainer(Trainer):
         self.advantage_fn = registry("advantage-estimator").get(cfg.algorithm.advantage)
         self.loss_fn = registry("policy-loss").get(cfg.algorithm.loss_type)
         self.kl_fn = KL_ESTIMATORS[cfg.algorithm.kl_estimator]
-        self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+        self.params = cfg.rollout.sampling_params()
         if self.dist.enabled:
             self.check_distributed()
 
@@ -199,7 +207,8 @@ class GRPOTrainer(Trainer):
         cfg = self.config
         g = cfg.rollout.num_generations
         mask = counted(components, torch.ones_like(total, dtype=torch.bool) if valid is None else valid)
-        baseline = greedy_baseline(self.engine, self.rewards, records, cfg.rollout.max_new_tokens, total.device) if capabilities(
+        baseline = greedy_baseline(self.engine, self.rewards, records, cfg.rollout.max_new_tokens, total.device,
+                                   self.prompt_text, self.params) if capabilities(
             self.advantage_fn, ADVANTAGE_ESTIMATOR_DEFAULTS).needs_greedy_baseline else None
         gather = self.dist.all_gather_rows
         rows = total.shape[0]
@@ -225,6 +234,8 @@ class GRPOTrainer(Trainer):
         started = time.perf_counter()
         batch, zero_std, rounds = self._collect()
         rollout_time = time.perf_counter() - started
+        if self.completions_due():
+            self.log_completions(completion_rows(batch, self.rewards.names))
         everywhere = GatheredRewards.of(batch, self.dist)  # the global batch's (this rank's rows on one process)
         metrics = self._reward_metrics(everywhere, zero_std, rounds)
         if not len(everywhere.total):  # decided on the global batch: every rank skips, or none
@@ -350,12 +361,29 @@ class GatheredRewards:
                    gather(batch.rollouts.truncated))
 
 
-def greedy_baseline(engine, rewards: RewardSet, records: list[dict], max_new_tokens: int, device) -> torch.Tensor:
+def completion_rows(batch: RolloutBatch, reward_names: list[str]) -> list[dict]:
+    """A rollout batch's completions as table rows: prompt (as given: a string or a message list), completion,
+    the combined reward (as the advantages see it) and each reward's value (reward_NAME; None where it does
+    not apply)."""
+    total = batch.total.detach().double().cpu().tolist()
+    components = batch.components.detach().double().cpu().tolist()
+    rows = []
+    for sample, reward, values in zip(batch.samples, total, components):
+        row = {"prompt": sample["prompt"], "completion": sample["completion"], "reward": reward}
+        row.update({f"reward_{name}": value for name, value in zip(reward_names, values)})
+        rows.append(row)
+    return rows
+
+
+def greedy_baseline(engine, rewards: RewardSet, records: list[dict], max_new_tokens: int, device, prompt_text=None,
+                    params: SamplingParams | None = None) -> torch.Tensor:
     """[groups] the reward of each prompt's greedy completion (ReMax's baseline), scored and shaped as the
-    rollouts are; NaN where it has no reward."""
+    rollouts are; NaN where it has no reward. `prompt_text`: a record's prompt as model text (the chat
+    template's); `params`: the rollouts' settings, decoded greedily."""
     if not records:  # a rank that kept no group (dynamic sampling) has no prompt to decode
         return torch.empty(0, device=device)
-    greedy = engine.generate([r["prompt"] for r in records], SamplingParams(max_new_tokens, 0.0))
+    greedy_params = replace(params, temperature=0.0) if params is not None else SamplingParams(max_new_tokens, 0.0)
+    greedy = engine.generate([prompt_text(r) if prompt_text else r["prompt"] for r in records], greedy_params)
     samples = [{**r, "completion": t} for r, t in zip(records, greedy.texts)]
     greedy_components, greedy_valid, baseline = scored(rewards, samples, device)
     no_baseline = ~counted(greedy_components, greedy_valid)

@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.algorithms.dpo import PreferenceAlgoConfig, PreferenceTrainer
-from rlgen.algorithms.grpo import RolloutConfig, check_context_length, check_rollout_shares, data_source
+from rlgen.algorithms.grpo import RolloutConfig, check_context_length, check_rollout_shares, completion_rows, data_source
 from rlgen.algorithms.preference_losses import PreferenceOptions, needs_reference
 from rlgen.data.preferences import make_pairs
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import is_peft
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec
-from rlgen.rollout.engine import SamplingParams
 from rlgen.rollout.groups import GroupRollout, RolloutBatch
 from rlgen.training.data import PromptSampler
 from rlgen.config import section, setting
@@ -83,7 +82,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
         self.uses_reference = needs_reference(self.loss_fn)
         a = cfg.algorithm
         self.options = PreferenceOptions(a.beta, a.label_smoothing, a.simpo_gamma)
-        self.params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k)
+        self.params = cfg.rollout.sampling_params()
         self.eval_pairs = None
         self.pairs = []
         self.ref_cache = torch.zeros((0, 2), dtype=torch.float64)  # the offline trainers' CPU cache: unused here
@@ -127,6 +126,8 @@ class OnlineDPOTrainer(PreferenceTrainer):
         records = self.sampler.next_batch()
         span = self.dist.share(len(records))  # this rank's prompts (all of them on one process)
         batch = self.group_rollout.sample(records[span.start:span.stop], first_row=span.start * cfg.rollout.num_generations)
+        if self.completions_due():
+            self.log_completions(completion_rows(batch, self.rewards.names))
         gather = self.dist.all_gather_rows
         metrics = self.rewards.metrics(gather(batch.components), gather(batch.total), gather(batch.valid))
         pairs, rows = best_worst_pairs(batch)

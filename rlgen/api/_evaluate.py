@@ -8,7 +8,7 @@ from pathlib import Path
 from rlgen.api._backbone import flow_for
 from rlgen.api._inputs import check_numbers, check_records, device_for, model_name, string_list
 from rlgen.api._sample import sampler_setup
-from rlgen.config import ANY, COUNT, NON_NEGATIVE, SEED
+from rlgen.config import ANY, COUNT, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED
 from rlgen.data.preferences import read_pairs
 from rlgen.data.chat import message_text
 from rlgen.data.records import read_records, write_records
@@ -38,7 +38,8 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
              ref: str | None = None, samples_out: str | None = None, sampler: str | None = None,
              sampler_options=None, sampler_reward=None, reward_model: str | None = None, num_steps: int = 20,
              guidance_scale: float = 1.0, eta: float = 0.0, compare: list[str] | None = None,
-             plot_dir: str | None = None, metrics: list[str] | None = None, device: str = "auto") -> dict:
+             plot_dir: str | None = None, metrics: list[str] | None = None, device: str = "auto", min_p: float = 0.0,
+             repetition_penalty: float = 1.0, stop=None, chat_template: str = "auto", system_prompt: str = "") -> dict:
     """The result `rlgen eval --json` prints, for whichever of these is given:
 
     - `model` with `task` or `data`: accuracy (greedy, or one `sampler` completion at `temperature`),
@@ -57,12 +58,17 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
     `reward` and `sampler_reward` are NAME[:WEIGHT] strings; `sampler_options` a dict or KEY=VALUE strings.
     A keyword that takes several strings (reward, compare, metrics ...) also takes one. The models (the
     evaluated one, `ref`, `reward_model`, and the reward models and image classifiers of the rewards) run
-    on `device`: auto (CUDA when available), cpu, cuda or cuda:N."""
+    on `device`: auto (CUDA when available), cpu, cuda or cuda:N. A text model's prompts (strings or chat
+    message lists) go through its chat template (`chat_template`: auto, always, never; `system_prompt`), and
+    every completion is drawn with `min_p`, `repetition_penalty` and `stop` strings as `sample` draws them."""
     # the ranges `rlgen eval` checks for its flags, named by keyword, before anything is read or loaded
     check_numbers(("limit", limit, COUNT, "int?"), ("k", k, COUNT, "int"),
                   ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
                   ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
-                  ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"))
+                  ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"),
+                  ("min_p", min_p, PROBABILITY, "float"), ("repetition_penalty", repetition_penalty, POSITIVE, "float"))
+    text_options = dict(chat_template=chat_template, system_prompt=system_prompt, sampling=dict(
+        min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(string_list("stop", stop, "stop strings") or ())))
     target = device_for(device)
     if source is not None and not isinstance(source, (str, Path, list, tuple)):
         raise RlgenError(f"source = {show_value(source)}: expected a scored JSONL/Parquet path, '-', a run directory "
@@ -95,7 +101,7 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
         with scoring_device(target):
             return flow(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
                         sampler, sampler_options, sampler_reward, ref, similarity, num_steps, guidance_scale, eta,
-                        specs=specs, device=target)
+                        specs=specs, device=target, text_options=text_options)
     if isinstance(source, (list, tuple)):
         return _eval_samples(list(source), similarity, specs)
     if source and source != "-" and Path(source).is_dir():
@@ -107,13 +113,16 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
 
 def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens, reward, seed, samples_out,
                 sampler=None, sampler_opt=None, sampler_reward=None, ref=None, similarity="auto", *_image_options, specs=(),
-                device=None):
+                device=None, text_options=None):
     """A causal LM on a task: accuracy (greedy or one sampler completion), pass@k and diversity, KL to `ref`."""
     import torch
 
     if not task and not data:
         raise RlgenError("--model needs --task NAME or --data FILE to evaluate on")
     sampler_options, guide = _sampler_setup(sampler, sampler_opt, sampler_reward)
+    from rlgen.data.chat import ChatFormat
+
+    text_options = text_options or {}
     records = load_records(DataConfig(task=task, path=data), split, required=("prompt", "answer"))
     if limit is not None:
         records = records[:limit]
@@ -122,19 +131,27 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     else:
         rewards = correctness_rewards(registry("task").get(task).default_rewards if task and not data else ("exact-match",))
     policy, tokenizer, path = load_policy(ModelConfig(path=model))
+    chat = ChatFormat(tokenizer, text_options.get("chat_template", "auto"), text_options.get("system_prompt", ""),
+                      key="chat_template")
+    originals = records
+    records = [{**r, "prompt": text} for r, text in zip(records, _prompt_texts(chat, records, data or task))]
     policy.to(device)
-    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens")
+    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens",
+                  chat.add_special_tokens)
     reference = None
     if ref:
         reference, _, ref_path = load_policy(ModelConfig(path=ref))
         reference.to(device).eval().requires_grad_(False)
         check_vocabularies(policy, reference)
     engine = HFEngine(policy.eval(), tokenizer)
+    engine.add_special_tokens = chat.add_special_tokens
     result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
                             generator=torch.Generator().manual_seed(seed), sampler=sampler, sampler_rewards=guide,
-                            sampler_options=sampler_options)
-    if samples_out:
-        write_records(result["samples"], samples_out)
+                            sampler_options=sampler_options, sampling=text_options.get("sampling"))
+    if samples_out:  # written with the prompts as given (a message list stays one, its completion assistant messages)
+        write_records([{**sample, "prompt": original["prompt"],
+                        "completion": chat.completion_value(original["prompt"], sample["completion"])}
+                       for sample, original in zip(result["samples"], originals)], samples_out)
     out = {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], "sampler": "greedy",
            **result["metrics"]}
     if k > 1:
@@ -149,9 +166,20 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     return _with_metrics(out, result["samples"], specs)
 
 
+def _prompt_texts(chat, records: list[dict], source) -> list[str]:
+    """Each record's prompt as model text; a bad one named by its line."""
+    out = []
+    for number, record in enumerate(records, start=1):
+        try:
+            out.append(chat.prompt_text(record["prompt"]))
+        except RlgenError as exc:
+            raise RlgenError(f"{source}, line {record.get('_line', number)}: {exc}") from None
+    return out
+
+
 def _eval_image_model(model, task, data, split, limit, k, _temperature, _max_new_tokens, reward, seed, samples_out,
                       sampler, sampler_opt, sampler_reward, ref, _similarity, num_steps, guidance_scale, eta,
-                      specs=(), device=None) -> dict:
+                      specs=(), device=None, text_options=None) -> dict:
     """Reward statistics of k images per prompt at fixed seeds (overall and per prompt)."""
     if ref:
         raise RlgenError("--ref (KL to a reference model) is for language models")

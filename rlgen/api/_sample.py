@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlgen.api._backbone import flow_for
 from rlgen.api._inputs import check_numbers, device_for, model_name, string_list, without_line_numbers
-from rlgen.config import ANY, COUNT, FIELD_BOUNDS, NON_NEGATIVE, SEED
+from rlgen.config import ANY, COUNT, FIELD_BOUNDS, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED
 from rlgen.data.chat import is_messages
 from rlgen.data.records import read_records
 from rlgen.diffusion.images import save_grid, save_png
@@ -77,8 +77,9 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
            limit: int | None = None, n: int = 1, sampler: str = "plain", sampler_options=None, sampler_reward=None,
            max_new_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            out: str | None = None, image_dir: str | None = None, grid: str | None = None, num_steps: int = 20,
-           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, chat_template: str = "auto",
-           system_prompt: str = "", device: str = "auto", callbacks=None) -> list[dict]:
+           guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, min_p: float = 0.0,
+           repetition_penalty: float = 1.0, stop=None, chat_template: str = "auto", system_prompt: str = "",
+           device: str = "auto", callbacks=None) -> list[dict]:
     """`n` samples per prompt: each record plus `completion` (text) and `sample_index`, drawn on `device`
     (auto: CUDA when available; cpu, cuda, cuda:N). The seed decides the draws on every device, but a GPU's
     random stream differs from the CPU's: the same seed gives other samples there.
@@ -94,6 +95,7 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
     check_numbers(("n", n, COUNT, "int"), ("limit", limit, COUNT, "int?"), ("batch_size", batch_size, COUNT, "int"),
                   ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
                   ("top_p", top_p, FIELD_BOUNDS["top_p"], "float"), ("top_k", top_k, NON_NEGATIVE, "int"),
+                  ("min_p", min_p, PROBABILITY, "float"), ("repetition_penalty", repetition_penalty, POSITIVE, "float"),
                   ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
                   ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"))
     target = device_for(device)
@@ -104,13 +106,15 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
     return without_line_numbers(flow(model, records, n=n, sampler=sampler, sampler_options=sampler_options, sampler_reward=sampler_reward,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out,
                 image_dir=image_dir, grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                chat_template=chat_template, system_prompt=system_prompt,
+                chat_template=chat_template, system_prompt=system_prompt, min_p=min_p,
+                repetition_penalty=repetition_penalty, stop=tuple(string_list("stop", stop, "stop strings") or ()),
                 batch_size=batch_size, device=target, events=events))
 
 
 def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str, sampler_options, sampler_reward,
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, device, events,
-                 chat_template: str = "auto", system_prompt: str = "", **_image_options):
+                 chat_template: str = "auto", system_prompt: str = "", min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 stop: tuple = (), **_image_options):
     """Completions of a causal LM, through the rollout engine the trainers use."""
     import torch
 
@@ -124,7 +128,7 @@ def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str
     check_context(policy, tokenizer, list(texts.values()), max_new_tokens, "--max-new-tokens", chat.add_special_tokens)
     engine = HFEngine(policy, tokenizer)
     engine.add_special_tokens = chat.add_special_tokens
-    params = SamplingParams(max_new_tokens, temperature, top_p, top_k)
+    params = SamplingParams(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop)
     generator = torch.Generator().manual_seed(seed)
     results = []
     stats: dict = {}

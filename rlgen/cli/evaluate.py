@@ -84,6 +84,11 @@ def evaluate(
     num_steps: int = typer.Option(20, "--num-steps", help="Image models: denoising steps."),
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Image models: classifier-free guidance weight."),
     eta: float = typer.Option(0.0, "--eta", help="Image models: step noise (DDIM eta / flow SDE noise level); 0 = deterministic."),
+    min_p: float = opt.MinP,
+    repetition_penalty: float = opt.RepetitionPenalty,
+    stop: opt.StrList = opt.Stop,
+    chat_template: str = opt.ChatTemplate,
+    system_prompt: str = opt.SystemPrompt,
     device: str = opt.Device,
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
@@ -94,7 +99,8 @@ def evaluate(
 
     opt.check_options(
         ("--limit", limit, COUNT), ("-k", k, COUNT),
-        *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+        *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, min_p=min_p,
+                             repetition_penalty=repetition_penalty),
         *opt.image_checks(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta))
     opt.check_device(device)
     reporter = Reporter(quiet=quiet, json_output=json_output)
@@ -108,18 +114,24 @@ def evaluate(
         limit=limit, k=k, temperature=temperature, max_new_tokens=max_new_tokens, reward=reward, seed=seed, plot=plot,
         similarity=Similarity(similarity).value, ref=ref, samples_out=samples_out, sampler=sampler,
         sampler_options=sampler_opt, sampler_reward=sampler_reward, reward_model=rm, num_steps=num_steps,
-        guidance_scale=guidance_scale, eta=eta, compare=compare, plot_dir=plot_dir, metrics=metric, device=device)
+        guidance_scale=guidance_scale, eta=eta, compare=compare, plot_dir=plot_dir, metrics=metric, device=device,
+        min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, chat_template=chat_template,
+        system_prompt=system_prompt)
     if json_output:
         reporter.emit_json(result)
-    elif compare is not None:
+        return
+    from rich.console import Console
+
+    table_out = Console(highlight=False)  # the result is data: stdout (logs and progress stay on stderr)
+    if compare is not None:
         from rlgen.evaluation.compare import print_comparison
 
-        print_comparison(reporter.console, result)
+        print_comparison(table_out, result)
     else:
-        _print_table(reporter, result)
+        _print_table(table_out, result)
 
 
-def _print_table(reporter, result: dict) -> None:
+def _print_table(console, result: dict) -> None:
     from rich.table import Table
 
     table = Table(show_header=True, header_style="bold")
@@ -134,7 +146,7 @@ def _print_table(reporter, result: dict) -> None:
             table.add_row(prefix, f"{value:.4f}" if isinstance(value, float) else str(value))
 
     add("", result)
-    reporter.console.print(table)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -38,12 +38,22 @@ def check_device(spec: str, flag: str = "--device"):
     return resolve_device(spec, flag)
 
 
-def sampling_checks(*, max_new_tokens: int, temperature: float, seed: int, top_p: float = 1.0, top_k: int = 0) -> list:
+def sampling_checks(*, max_new_tokens: int, temperature: float, seed: int, top_p: float = 1.0, top_k: int = 0,
+                    min_p: float = 0.0, repetition_penalty: float = 1.0) -> list:
     """The ranges of the text-sampling options that `sample` and `eval` share (temperature 0 = greedy)."""
-    from rlgen.config import COUNT, FIELD_BOUNDS, NON_NEGATIVE, SEED
+    from rlgen.config import COUNT, FIELD_BOUNDS, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED
 
     return [("--max-new-tokens", max_new_tokens, COUNT), ("--temperature", temperature, NON_NEGATIVE),
-            ("--top-p", top_p, FIELD_BOUNDS["top_p"]), ("--top-k", top_k, NON_NEGATIVE), ("--seed", seed, SEED)]
+            ("--top-p", top_p, FIELD_BOUNDS["top_p"]), ("--top-k", top_k, NON_NEGATIVE), ("--min-p", min_p, PROBABILITY),
+            ("--repetition-penalty", repetition_penalty, POSITIVE), ("--seed", seed, SEED)]
+
+
+# Text-sampling and chat options that `sample` and `eval` share (vLLM's / transformers' names and meanings).
+MinP = typer.Option(0.0, "--min-p", help="Drop tokens below this fraction of the most likely token's probability (0 = off).")
+RepetitionPenalty = typer.Option(1.0, "--repetition-penalty", help="CTRL's penalty on tokens already in the prompt or completion (1 = off).")
+Stop = typer.Option(None, "--stop", help="A stop string: the completion ends at it (the text stops before it); repeatable.")
+ChatTemplate = typer.Option("auto", "--chat-template", help="auto (apply the tokenizer's chat template when it has one), always, never.")
+SystemPrompt = typer.Option("", "--system-prompt", help="A system message put first in every prompt (with a chat template).")
 
 
 def image_checks(*, num_steps: int, guidance_scale: float, eta: float) -> list:

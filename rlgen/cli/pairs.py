@@ -1,6 +1,8 @@
 """`rlgen pairs`: scored samples in, preference pairs out (JSONL), for `rlgen train dpo` and friends."""
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from rlgen.cli import options as opt
@@ -26,7 +28,7 @@ def pairs(
     group_by: str = typer.Option("prompt", "--group-by", help="The field that defines a group."),
     out: str = typer.Option("-", "--out", "-o", help="Output JSONL ('-' = stdout)."),
     quiet: bool = opt.Quiet,
-    json_output: bool = opt.Json,
+    json_output: bool = typer.Option(False, "--json", help="A JSON summary (samples, groups, pairs): on stdout with --out FILE, else on stderr (stdout carries the pairs)."),
 ):
     from rlgen.api import pair_stats
     from rlgen.api import pairs as make_pairs
@@ -40,6 +42,10 @@ def pairs(
     summary = pair_stats(records, made, group_by)
     if json_output and out != "-":
         reporter.emit_json(summary)
+    elif json_output:  # stdout carries the pairs: the JSON summary goes to stderr, one line
+        from rlgen.data.records import json_text
+
+        sys.stderr.write(json_text(summary) + "\n")
     else:
         reporter.log(f"{summary['pairs']} pairs from {summary['samples']} samples in {summary['groups']} groups")
 

@@ -4,7 +4,9 @@
 to the API function they call and render its result themselves."""
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,12 +17,55 @@ from rlgen.events import Callback, Events
 HEADLINE = ("reward", "accuracy", "eval/accuracy", "loss", "kl", "entropy")
 
 
+# Seconds between plain progress lines when stderr is not a terminal (a log file, a pipe, a batch job).
+PLAIN_INTERVAL_S = 10.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class PlainProgress:
+    """Progress as whole lines for logs: one at the start, then at most one per `interval` seconds (step,
+    rate, ETA, headline metrics), and one at the end; written whole, never cut to a terminal width."""
+
+    def __init__(self, stream, description: str, total: int, completed: int, interval: float, clock):
+        self.stream, self.description, self.total, self.interval, self.clock = stream, description, total, interval, clock
+        self.done = self.first = completed
+        self.started = self.last = clock()
+        self._write(f"{description}: {completed}/{total}")
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def advance(self, metrics: dict | None) -> None:
+        self.done += 1
+        now = self.clock()
+        if now - self.last < self.interval and self.done < self.total:
+            return
+        self.last = now
+        rate = (now - self.started) / max(self.done - self.first, 1)
+        parts = [f"{self.description}: {self.done}/{self.total}", f"{rate:.3g} s/it",
+                 f"elapsed {_duration(now - self.started)}"]
+        if self.done < self.total:
+            parts.append(f"ETA {_duration(rate * (self.total - self.done))}")
+        if metrics:
+            parts += [f"{k}={metrics[k]:.4g}" for k in HEADLINE if isinstance(metrics.get(k), (int, float))]
+        self._write("  ".join(parts))
+
+
 class Reporter(Callback):
-    def __init__(self, quiet: bool = False, json_output: bool = False):
+    def __init__(self, quiet: bool = False, json_output: bool = False, stream=None, clock=time.monotonic):
         self.quiet = quiet
         self.json_output = json_output
-        self.console = Console(stderr=True, highlight=False)
-        self._bars: list[tuple[Progress, object]] = []  # open progress bars, innermost last
+        self.stream = stream if stream is not None else sys.stderr
+        # soft_wrap: a log line is written whole, not folded at 80 columns when stderr is a file
+        self.console = Console(file=self.stream, highlight=False, soft_wrap=True)
+        self.clock = clock
+        self._bars: list = []  # open progress displays, innermost last: (rich Progress, task) or PlainProgress
 
     def events(self) -> Events:
         return Events([self])
@@ -33,6 +78,10 @@ class Reporter(Callback):
     def on_progress_start(self, total: int, description: str, completed: int = 0) -> None:
         if self.quiet:
             return
+        if not self.console.is_terminal:  # a log file or a pipe: plain lines at a steady interval
+            interval = float(os.environ.get("RLGEN_PROGRESS_INTERVAL", PLAIN_INTERVAL_S))
+            self._bars.append(PlainProgress(self.stream, description, total, completed, interval, self.clock))
+            return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
         bar = Progress(*columns, console=self.console, transient=False)
@@ -42,6 +91,9 @@ class Reporter(Callback):
     def on_progress(self, metrics: dict | None) -> None:
         if not self._bars:
             return
+        if isinstance(self._bars[-1], PlainProgress):
+            self._bars[-1].advance(metrics)
+            return
         bar, task = self._bars[-1]
         status = ""
         if metrics:
@@ -50,7 +102,9 @@ class Reporter(Callback):
 
     def on_progress_end(self) -> None:
         if self._bars:
-            self._bars.pop()[0].stop()
+            display = self._bars.pop()
+            if not isinstance(display, PlainProgress):
+                display[0].stop()
 
     # --- rendering ---
     log = on_log

@@ -50,8 +50,11 @@ def sample(
     guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="Image models: classifier-free guidance weight (1 = off)."),
     eta: float = typer.Option(0.0, "--eta", help="Image models: step noise (DDIM eta; the SDE noise level for flow models); 0 = deterministic."),
     batch_size: int = typer.Option(64, "--batch-size", help="Image models: prompts per sampling batch."),
-    chat_template: str = typer.Option("auto", "--chat-template", help="auto (apply the tokenizer's chat template when it has one), always, never."),
-    system_prompt: str = typer.Option("", "--system-prompt", help="A system message put first in every prompt (with a chat template)."),
+    min_p: float = opt.MinP,
+    repetition_penalty: float = opt.RepetitionPenalty,
+    stop: opt.StrList = opt.Stop,
+    chat_template: str = opt.ChatTemplate,
+    system_prompt: str = opt.SystemPrompt,
     device: str = opt.Device,
     quiet: bool = opt.Quiet,
 ):
@@ -62,7 +65,8 @@ def sample(
 
     opt.check_options(
         ("-n", n, COUNT), ("--limit", limit, COUNT), ("--batch-size", batch_size, COUNT),
-        *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, top_k=top_k),
+        *opt.sampling_checks(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, top_p=top_p, top_k=top_k,
+                             min_p=min_p, repetition_penalty=repetition_penalty),
         *opt.image_checks(num_steps=num_steps, guidance_scale=guidance_scale, eta=eta))
     opt.check_device(device)
     reporter = Reporter(quiet=quiet)
@@ -70,7 +74,8 @@ def sample(
                            sampler_options=sampler_opt, sampler_reward=sampler_reward, max_new_tokens=max_new_tokens,
                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, out=out, image_dir=image_dir,
                            grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
-                           batch_size=batch_size, chat_template=chat_template, system_prompt=system_prompt,
+                           batch_size=batch_size, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop,
+                           chat_template=chat_template, system_prompt=system_prompt,
                            device=device, callbacks=reporter.events())
     write_records(records, out)
 

@@ -143,9 +143,12 @@ def _stdin_records() -> list[dict]:
     return list(_iter_jsonl(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>"))
 
 
-def read_records(path: str, required: Sequence[str] = (), messages: bool = False) -> list[dict]:
-    """Records from a JSONL file, a Parquet file, or '-' (stdin). Each keeps its line number in '_line'.
-    `messages`: the caller takes chat message lists (rlgen.data.chat) in the text fields too."""
+def read_records(path: str, required: Sequence[str] = (), messages: bool = False,
+                 fields: dict[str, str] | None = None) -> list[dict]:
+    """Records from a JSONL file, a Parquet file, a CSV file, a `datasets` directory (`save_to_disk`: Arrow
+    files), or '-' (stdin). Each keeps its line number (its row number for Parquet and Arrow) in '_line'.
+    `messages`: the caller takes chat message lists (rlgen.data.chat) in the text fields too. `fields`: {field:
+    column} renames (`data.prompt_field = "question"` reads the `question` column as `prompt`)."""
     if path == "-":
         records = _stdin_records()
         source = "<stdin>"
@@ -155,9 +158,11 @@ def read_records(path: str, required: Sequence[str] = (), messages: bool = False
         if not p.exists():
             raise RlgenError(f"file not found: {p}")
         if p.is_dir():
-            raise RlgenError(f"{p} is a directory, expected a JSONL or Parquet file")
-        if p.suffix == ".parquet":
+            records = _read_arrow_dataset(p)
+        elif p.suffix == ".parquet":
             records = _read_parquet(p)
+        elif p.suffix == ".csv":
+            records = _read_csv(p)
         else:
             try:
                 handle = p.open("rb")
@@ -167,6 +172,8 @@ def read_records(path: str, required: Sequence[str] = (), messages: bool = False
                 records = list(_iter_jsonl(handle, source))
     if not records:
         raise RlgenError(f"{source}: no records (empty dataset)")
+    if fields:
+        records = [_renamed(record, fields, source) for record in records]
     for record in records:
         for field in required:
             if field not in record or record[field] is None:
@@ -195,6 +202,18 @@ def check_text(source: str, record: dict, field: str) -> str:
     raise RlgenError(f"{where}: field '{field}' must be a string, got {type(value).__name__} {show_value(value)}")
 
 
+def _renamed(record: dict, fields: dict[str, str], source: str) -> dict:
+    """The record with each `column` read as its `field` (the column's own name dropped)."""
+    out = dict(record)
+    for field, column in fields.items():
+        if column not in record:
+            if field == "prompt":  # an answer may be missing (a reward that needs it is then not applicable)
+                raise RlgenError(f"{_where(source, record)}: missing field '{column}' (the data's prompt column)")
+            continue
+        out[field] = out.pop(column)
+    return out
+
+
 def check_text_or_messages(source: str, record: dict, field: str):
     """The string or chat message list in `record[field]`; anything else is one error line."""
     from rlgen.data.chat import message_problem
@@ -214,6 +233,66 @@ def check_text_or_messages(source: str, record: dict, field: str):
                      f"{type(value).__name__} {show_value(value)}")
 
 
+def _read_csv(path: Path) -> list[dict]:
+    """A CSV file with a header row: every value a string (empty cells are empty strings); `_line` is the
+    row's line in the file (the header is line 1)."""
+    import csv
+
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or len(set(reader.fieldnames)) != len(reader.fieldnames):
+                raise RlgenError(f"{path}, line 1: a CSV header of distinct column names is needed")
+            rows = []
+            for row in reader:
+                if None in row or any(value is None for value in row.values()):
+                    raise RlgenError(f"{path}, line {reader.line_num}: {len(reader.fieldnames)} columns expected")
+                rows.append({**row, "_line": reader.line_num})
+    except UnicodeDecodeError as exc:
+        raise RlgenError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise RlgenError(f"{path}: not a readable CSV file ({_one_line(exc)})") from None
+    return rows
+
+
+def _read_arrow_dataset(path: Path) -> list[dict]:
+    """A Hugging Face `datasets` directory written by `save_to_disk` (state.json naming Arrow stream files),
+    read with pyarrow: no `datasets` import, no code, nothing unpickled. A DatasetDict directory names its
+    splits in dataset_dict.json: one of them is given as DIR/SPLIT."""
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            splits = []
+        raise RlgenError(f"{path} holds the splits {', '.join(map(str, splits)) or '?'} of a DatasetDict: give one, "
+                         f"e.g. {path / str(splits[0] if splits else 'train')}")
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise RlgenError(f"{path} is a directory, expected a JSONL, Parquet or CSV file or a `datasets` directory "
+                         "(save_to_disk: state.json and Arrow files)")
+    try:
+        state = json.loads(state_file.read_text())
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise RlgenError(f"{state_file}: not a `datasets` state file (no _data_files)") from None
+    import pyarrow as pa
+
+    rows: list[dict] = []
+    for name in names:
+        file = path / str(name)
+        if Path(str(name)).name != name or not file.is_file() or file.is_symlink():
+            raise RlgenError(f"{state_file}: _data_files names {show_value(name)}, not an Arrow file in {path}")
+        try:
+            with pa.OSFile(str(file), "rb") as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise RlgenError(f"{file}: not a readable Arrow stream ({_one_line(exc)})") from None
+        rows.extend(_table_rows(table, file))
+    for i, row in enumerate(rows, start=1):
+        row.setdefault("_line", i)
+    return rows
+
+
 def _read_parquet(path: Path) -> list[dict]:
     try:
         import pyarrow.parquet as pq
@@ -223,15 +302,20 @@ def _read_parquet(path: Path) -> list[dict]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise RlgenError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
-    for column in table.schema:
-        problem = _non_json_type(column.type)
-        if problem:
-            raise RlgenError(f"{path}: column {show_value(column.name)} holds {problem}, which JSONL records "
-                             "cannot carry (store text as strings)")
-    rows = table.to_pylist()
+    rows = _table_rows(table, path)
     for i, row in enumerate(rows, start=1):
         row.setdefault("_line", i)
     return rows
+
+
+def _table_rows(table, source: Path) -> list[dict]:
+    """An Arrow table's rows as records; a column JSON cannot carry is one error line."""
+    for column in table.schema:
+        problem = _non_json_type(column.type)
+        if problem:
+            raise RlgenError(f"{source}: column {show_value(column.name)} holds {problem}, which JSONL records "
+                             "cannot carry (store text as strings)")
+    return table.to_pylist()
 
 
 def _non_json_type(arrow_type) -> str | None:

@@ -84,7 +84,8 @@ def correctness_rewards(task_rewards) -> RewardSet:
 
 def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_tokens: int, k: int = 1,
                    temperature: float = 1.0, generator: torch.Generator | None = None, sampler: str | None = None,
-                   sampler_rewards: RewardSet | None = None, sampler_options: dict | None = None) -> dict:
+                   sampler_rewards: RewardSet | None = None, sampler_options: dict | None = None,
+                   sampling: dict | None = None) -> dict:
     """Accuracy on `records` (mean of the first, correctness, reward) of one completion per problem, and
     pass@k from k plain samples per problem at `temperature` when k > 1. Returns {"metrics", "samples" (the
     evaluated records with `completion` and `correct`), "rollouts" (their tokens)} and, when k > 1, the k
@@ -92,15 +93,17 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
 
     The evaluated completion is greedy unless `sampler` names a registered sampler (`plain`, `best-of-n`,
     `smc` ...): then it is that sampler's output at `temperature`, guided by `sampler_rewards` (which sees
-    the records' fields) with `sampler_options`; the metrics then say which sampler was used."""
+    the records' fields) with `sampler_options`; the metrics then say which sampler was used. `sampling`:
+    further SamplingParams fields for every completion (min_p, repetition_penalty, stop)."""
     prompts = [r["prompt"] for r in records]
+    extra_params = dict(sampling or {})
     metrics: dict = {}
     if sampler is None:
-        evaluated = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0))
+        evaluated = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, **extra_params))
     else:
         stats: dict = {}
         evaluated = call_sampler(registry("sampler").get(sampler), engine, prompts,
-                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), generator,
+                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **extra_params), generator,
                                  rewards=sampler_rewards, records=records, stats=stats, options=sampler_options)
         metrics.update(sampler=sampler, sampler_options=dict(sampler_options or {}), temperature=temperature)
         if sampler_rewards is not None:
@@ -117,7 +120,8 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
     extra: dict = {"rollouts": evaluated}
     if k > 1:
         expanded = [p for p in prompts for _ in range(k)]
-        sampled = engine.generate(expanded, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature), generator)
+        sampled = engine.generate(expanded, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **extra_params),
+                                  generator)
         sampled_records = [{**r, "completion": sampled.texts[i * k + j]} for i, r in enumerate(records) for j in range(k)]
         correct = rewards.compute(sampled_records)[0][:, 0].view(len(records), k)
         hits = [int((row == 1).sum()) for row in correct]

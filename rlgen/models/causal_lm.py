@@ -172,10 +172,14 @@ def load_model(path: Path, dtype: str = "float32"):
 
 
 def load_policy(cfg: ModelConfig):
-    """(model, tokenizer, resolved path); LoRA is attached when cfg.lora_r > 0."""
+    """(model, tokenizer, resolved path); LoRA is attached when cfg.lora_r > 0. A saved LoRA adapter directory
+    is a model like any other: its adapter is merged into its base, and training starts from the merged
+    weights (with a new adapter when cfg.lora_r > 0)."""
     path = resolve_model_path(cfg.path)
     tokenizer = load_tokenizer(path)
     model = load_model(path, cfg.dtype)
+    if is_peft(model):  # peft froze the base for inference: the merged model trains like any other
+        model = model.merge_and_unload().requires_grad_(True)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 

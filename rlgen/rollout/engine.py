@@ -17,10 +17,14 @@ from rlgen.models.sequences import (cache_keyword, consecutive_runs, expand_cach
 
 @dataclass
 class SamplingParams:
+    """vLLM's / transformers' sampling settings, with their meanings."""
     max_new_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability; 0 = off
+    repetition_penalty: float = 1.0  # CTRL's: a seen token's logit / p if positive, x p if not; 1 = off
+    stop: tuple[str, ...] = ()  # stop strings: a completion ends with the token that completes one (text cut before it)
 
 
 @dataclass
@@ -74,14 +78,35 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor | None, step: int = 0) -> torch.Tensor:
-    """The next token of each row: the argmax at temperature 0, else a draw from the tempered, top-k / top-p
-    filtered distribution by inverse CDF with row `i`'s uniform `row_uniforms(seeds, step)[i]`. A row's draw
-    depends only on its own seed and logits, never on the rest of the batch (vLLM's per-request seed), so a
-    prompt sampled on any rank, in any batch, gets the same completion."""
+def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (transformers' and vLLM's `repetition_penalty`): the logit of every token seen
+    in the row (prompt and completion so far; `seen` [B, V] bool) divided by `penalty` if positive, multiplied
+    by it if not."""
+    logits = logits.float()
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Mask tokens whose probability is below `min_p` times the row's most likely token's (min-p sampling)."""
+    probs = torch.softmax(logits, dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams, seeds: torch.Tensor | None, step: int = 0,
+                  seen: torch.Tensor | None = None) -> torch.Tensor:
+    """The next token of each row: the argmax at temperature 0, else a draw from the tempered, top-k / top-p /
+    min-p filtered distribution by inverse CDF with row `i`'s uniform `row_uniforms(seeds, step)[i]`, after the
+    repetition penalty (`seen`: the tokens of each row so far). A row's draw depends only on its own seed and
+    logits, never on the rest of the batch (vLLM's per-request seed), so a prompt sampled on any rank, in any
+    batch, gets the same completion."""
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = penalize_repetitions(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return logits.argmax(-1)
     logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    if params.min_p > 0:
+        logits = keep_min_p(logits, params.min_p)
     probs = torch.softmax(logits, dim=-1)
     cdf = probs.double().cumsum(-1)  # float64: the last entries of a 150k-token CDF keep their width
     target = row_uniforms(seeds.to(probs.device), step) * cdf[:, -1]
@@ -281,6 +306,7 @@ class HFEngine:
         attention[:, :width] = prompt_mask
         completion_ids = torch.full((batch, steps), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        ended_by_string: dict[int, int] = {}  # row -> the step whose token completed a stop string
         produced = 0
         if steps > 0:
             cache = new_expandable_cache(model) if self.shared_prefix else None
@@ -303,12 +329,21 @@ class HFEngine:
                 next_position = positions[:, -1:] + 1
             stop_ids = self.stop_ids.to(device)
             keyword = cache_keyword(model) or "past_key_values"
+            seen = seen_tokens(prompt_ids, prompt_mask, logits.shape[-1]) if params.repetition_penalty != 1.0 else None
+            rows = torch.arange(batch, device=device)
             for step in range(steps):
                 check_logits(logits, model)
-                token = choose_tokens(logits, params, seeds, step)
+                token = choose_tokens(logits, params, seeds, step, seen)
                 token = token.masked_fill(finished, self.pad_id)
                 completion_ids[:, step] = token
                 produced = step + 1
+                if seen is not None:
+                    seen[rows, token] |= ~finished
+                if params.stop:  # a stop string completed by this token ends the row here
+                    for row in (~finished).nonzero().flatten().tolist():
+                        if self._stop_string_at(completion_ids[row, :produced], params.stop) is not None:
+                            ended_by_string[row] = step
+                            finished[row] = True
                 finished |= torch.isin(token, stop_ids)
                 done = bool(finished.all())
                 if self.finished_everywhere is not None:
@@ -330,8 +365,22 @@ class HFEngine:
         completion_ids = completion_ids[:, :produced].contiguous()
         completion_mask = completion_mask_from_ids(completion_ids, self.stop_ids.to(device))
         truncated = ~torch.isin(completion_ids, self.stop_ids.to(device)).any(dim=1)
+        for row, step in ended_by_string.items():  # the completion ends with the token that completed the string
+            completion_mask[row, step + 1:] = 0
+            truncated[row] = False
         texts = self.decode(completion_ids, completion_mask)
+        for row in ended_by_string:  # the text stops before the stop string (vLLM's default)
+            texts[row] = texts[row][: self._stop_string_at_text(texts[row], params.stop)]
         return Rollouts(list(prompts), prompt_ids, prompt_mask, completion_ids, completion_mask, truncated, texts)
+
+    def _stop_string_at(self, ids: torch.Tensor, stop: tuple[str, ...]) -> int | None:
+        """Where the first stop string starts in the text of `ids`, or None."""
+        return self._stop_string_at_text(self.tokenizer.decode(ids.tolist(), skip_special_tokens=True), stop)
+
+    @staticmethod
+    def _stop_string_at_text(text: str, stop: tuple[str, ...]) -> int | None:
+        found = [text.find(s) for s in stop if s and s in text]
+        return min(found) if found else None
 
     def decode(self, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[str]:
         stop = self._stop_set
@@ -340,6 +389,14 @@ class HFEngine:
             for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist())
         ]
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in kept]
+
+
+def seen_tokens(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, V] bool: the tokens of each row's prompt (padding excluded), for the repetition penalty."""
+    seen = torch.zeros((prompt_ids.shape[0], vocab + 1), dtype=torch.bool, device=prompt_ids.device)
+    ids = prompt_ids.clamp(max=vocab - 1).masked_fill(prompt_mask == 0, vocab)  # padding lands in a spare column
+    seen.scatter_(1, ids, True)
+    return seen[:, :vocab].contiguous()
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:

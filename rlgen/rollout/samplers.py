@@ -22,6 +22,7 @@ other name accepts every key. This is the old-style form of the sampler contract
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Annotated, Callable, Literal
 
@@ -189,7 +190,7 @@ def smc(engine, prompts, params, generator=None, *, rewards, records=None, parti
         # Unfinished particles have all produced the same number of tokens (a block ends early only at a
         # stop token), so one budget fits all: no particle ever exceeds params.max_new_tokens.
         budget = params.max_new_tokens - max(len(tokens[p]) for p in active)
-        block = SamplingParams(min(block_size, budget), params.temperature, params.top_p, params.top_k)
+        block = dataclasses.replace(params, max_new_tokens=min(block_size, budget))
         # The prefix goes back in as text: prompt + decoded partial completion, re-tokenised by the engine.
         # For character-level tokenizers (tiny-arith) that is exactly the sampled sequence; for BPE tokenizers
         # the re-encoding may split the prefix differently from the tokens that were sampled, so the model

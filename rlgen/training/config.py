@@ -62,6 +62,10 @@ class DataConfig:
     eval_samples: int = setting(200, "held-out problems scored greedily every run.eval_every steps")
     eval_path: str | None = setting(None, "held-out records (JSONL or Parquet, the training file's fields), evaluated every run.eval_every steps and never trained on")
     eval_fraction: float = setting(0.1, "with data.path and no data.eval_path: this fraction of the file, drawn with run.seed, is held out for the evaluation and never trained on (0 = no evaluation)", bounds=DROPOUT)
+    prompt_field: str = setting("prompt", "the data file's column that holds the prompt (e.g. question)")
+    answer_field: str = setting("answer", "the data file's column that holds the reference answer (exact-match's `answer`)")
+    max_prompt_length: int = setting(0, "prompts longer than this many tokens are truncated (counted and logged); 0 = off", bounds=NON_NEGATIVE)
+    prompt_truncation: Literal["left", "right"] = setting("left", "which end of a long prompt goes: left keeps its end (TRL's), right its start")
     chat_template: Literal["auto", "always", "never"] = setting("auto", "apply the tokenizer's chat template to prompts (a string or a list of messages) and completions: auto (when the tokenizer has one), always, never")
     system_prompt: str = setting("", "a system message put first in every prompt (with a chat template)")
 
@@ -104,9 +108,17 @@ class RunConfig:
     reshard_after_forward: bool = setting(True, "fsdp: free each block's gathered weights after its forward (less memory; gathered again for the backward)")
     cpu_offload: bool = setting(False, "fsdp: keep the sharded weights, gradients and AdamW states in CPU memory (CUDA runs; the update runs on the CPU)")
     checkpoint_format: Literal["auto", "full", "sharded"] = setting("auto", "checkpoints: full (rank 0 gathers and writes the whole model, an HF directory, and the AdamW states) | sharded (each rank writes the rows it holds: nothing gathered; needs a file system every node writes to) | auto (sharded under fsdp, else full); both resume at any world size")
+    report_to: list[str] = setting(doc="experiment trackers the metrics go to (rank 0): tensorboard | wandb (offline) | mlflow (local file store) | trackio (local) | plugin name; each writes under OUT/tracking/NAME", factory=list)
+    log_completions_every: int = setting(0, "every N steps, a table of the step's sample completions (prompt, completion, rewards) to OUT/completions.jsonl and the trackers (GRPO family, online DPO); 0 = off", bounds=NON_NEGATIVE)
 
     def validate(self) -> None:
         check_device_spec(self.device, "run.device")
+        twice = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if twice:
+            raise RlgenError(f"config key 'run.report_to': tracker '{twice[0]}' is listed twice")
+
+    def registered_names(self) -> list[RegisteredName]:
+        return [(f"run.report_to[{i}]", "tracker", name) for i, name in enumerate(self.report_to)]
 
 
 @dataclass

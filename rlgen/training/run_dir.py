@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlgen.config import dumps_toml, to_dict
-from rlgen.data.records import json_text
+from rlgen.data.records import dumps, json_text
 from rlgen.errors import RlgenError
 from rlgen.merging.safetensors_io import read_header
 
@@ -25,7 +25,7 @@ LOCK = ".lock"
 # Everything rlgen itself writes at the top of a run directory, leftovers of a kill included. A run that
 # failed before its first checkpoint is started over only when it holds nothing else.
 RUN_ENTRIES = {"config.toml", ".config.toml.tmp", "checkpoints", "metrics.jsonl", "metrics.tmp", LOCK,
-               "final", ".final.tmp", ".final.old"}
+               "final", ".final.tmp", ".final.old", "completions.jsonl", "completions.tmp", "tracking"}
 
 
 class RunDir:
@@ -33,6 +33,7 @@ class RunDir:
         self.root = Path(root)
         self.checkpoints = self.root / "checkpoints"
         self.metrics_path = self.root / "metrics.jsonl"
+        self.completions_path = self.root / "completions.jsonl"
         self.final = self.root / "final"
         self._lock_fd: int | None = None
 
@@ -146,8 +147,10 @@ class RunDir:
         os.replace(tmp, self.root / "config.toml")
 
     def _clear_leftovers(self) -> None:
-        for name in ("metrics.jsonl", "metrics.tmp", ".config.toml.tmp"):
+        for name in ("metrics.jsonl", "metrics.tmp", ".config.toml.tmp", "completions.jsonl", "completions.tmp"):
             (self.root / name).unlink(missing_ok=True)
+        if (self.root / "tracking").is_dir():  # the trackers' files of the run started over
+            shutil.rmtree(self.root / "tracking")
         if (self.root / ".final.tmp").is_dir():
             shutil.rmtree(self.root / ".final.tmp")
         if self.checkpoints.is_dir():
@@ -208,26 +211,37 @@ class RunDir:
 
     # --- metrics ---
     def truncate_metrics(self, step: int) -> None:
-        """On resume from step N, drop metric lines of steps > N written before the kill; resuming from step 0
-        (no checkpoint yet) starts the file over, since the run is repeated from its start."""
-        if not self.metrics_path.exists():
+        """On resume from step N, drop metric lines (and completion rows) of steps > N written before the kill;
+        resuming from step 0 (no checkpoint yet) starts the files over, since the run is repeated from its start."""
+        self._truncate(self.metrics_path, step)
+        self._truncate(self.completions_path, step)
+
+    @staticmethod
+    def _truncate(path: Path, step: int) -> None:
+        if not path.exists():
             return
         kept = []
         if step > 0:
-            for line in self.metrics_path.read_text().splitlines():
+            for line in path.read_text().splitlines():
                 try:
                     if json.loads(line).get("step", 0) <= step:
                         kept.append(line)
                 except (json.JSONDecodeError, AttributeError):
                     break  # a line cut by the kill
-        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.metrics_path)
+        os.replace(tmp, path)
 
     def log_metrics(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with self.metrics_path.open("a") as handle:
             handle.write(json_text(clean) + "\n")  # standard JSON: nested NaN / inf (and numpy floats) too
+            handle.flush()
+
+    def log_completions(self, rows: list[dict]) -> None:
+        """Append rows (each with its `step`) to completions.jsonl, one standard-JSON object per line."""
+        with self.completions_path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(dumps(row) + "\n" for row in rows))
             handle.flush()
 
 

@@ -23,7 +23,8 @@ from rlgen.models.backbone import LoadedModel, ReferencePolicy, backbone_named
 from rlgen.models.causal_lm import load_model, load_policy, load_tokenizer, resolve_model_path, save_hf, side_files
 from rlgen.models.safe_load import load_peft_adapter
 from rlgen.plugins import registry
-from rlgen.training import fsdp
+from rlgen.config import to_dict
+from rlgen.training import fsdp, trackers
 from rlgen.training.config import DataConfig, OptimConfig, RunConfig  # noqa: F401 - re-exported (their home before)
 from rlgen.training.precision import PrecisionPolicy
 from rlgen.training.run_dir import RunDir
@@ -32,15 +33,22 @@ from rlgen.training.state import load_state, restore_rng, rng_state, save_state
 
 
 def load_records(data: DataConfig, split: str, required=("prompt",)) -> list[dict]:
-    """A data config's records (its file, or a task's split); prompts may be chat message lists."""
+    """A data config's records (its file, or a task's split); prompts may be chat message lists. A file's
+    `data.prompt_field` / `data.answer_field` columns become `prompt` / `answer`."""
     if data.path:
-        return read_records(data.path, required=required, messages=True)
+        return read_records(data.path, required=required, messages=True, fields=field_names(data))
     if not data.task:
         raise RlgenError("no data: give --task NAME or --data FILE")
     records = registry("task").get(data.task).split(split)
     if not records:
         raise RlgenError(f"task '{data.task}' has an empty '{split}' split")
     return records
+
+
+def field_names(data) -> dict[str, str]:
+    """{record field: the file's column} for the columns a data config renames (prompt_field, answer_field)."""
+    names = {"prompt": getattr(data, "prompt_field", "prompt"), "answer": getattr(data, "answer_field", "answer")}
+    return {field: column for field, column in names.items() if column != field}
 
 
 def held_out_split(data: DataConfig, records: list[dict], seed: int, evaluating: bool) -> tuple[list[dict], list[dict] | None, str]:
@@ -52,7 +60,7 @@ def held_out_split(data: DataConfig, records: list[dict], seed: int, evaluating:
     limit = data.eval_samples
     eval_path = getattr(data, "eval_path", None)
     if eval_path:
-        held = read_records(eval_path, required=("prompt",), messages=True)[:limit]
+        held = read_records(eval_path, required=("prompt",), messages=True, fields=field_names(data))[:limit]
         return records, held, f"{eval_path} ({len(held)} records)"
     if data.path:
         fraction = getattr(data, "eval_fraction", 0.0)
@@ -118,6 +126,7 @@ class Trainer:
         self.device = torch.device("cpu")
         self.precision = PrecisionPolicy("fp32", self.device)
         self._runtime_ready = False
+        self.trackers: list[tuple[str, object]] = []  # (name, open tracker) of run.report_to, rank 0 only
 
     def init_runtime(self) -> None:
         """Device, process group and precision, once per trainer (before anything touches the run dir, so
@@ -295,15 +304,46 @@ class Trainer:
     chat = None  # the run's ChatFormat (rlgen.data.chat), set once the tokenizer is loaded
 
     def prompt_text(self, record: dict) -> str:
-        """A record's prompt as model text (its chat template applied when one is in use); a bad one is one
-        line naming the record."""
+        """A record's prompt as model text (its chat template applied when one is in use, then cut to
+        data.max_prompt_length tokens); a bad one is one line naming the record."""
         if self.chat is None:
             return record["prompt"]
         try:
-            return self.chat.prompt_text(record["prompt"])
+            return self._model_prompt(record["prompt"])
         except RlgenError as exc:
             where = f"line {record['_line']}" if "_line" in record else "a record"
             raise RlgenError(f"{self.data_name()}, {where}: {exc}") from None
+
+    def _model_prompt(self, prompt) -> str:
+        text = self.chat.prompt_text(prompt)
+        limit = getattr(self.config.data, "max_prompt_length", 0)
+        if not limit:
+            return text
+        cached = self._truncated.get(text)
+        if cached is None:  # TRL's way: the prompt's tokens cut, then decoded back to text for the engine
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+            if len(ids) > limit:
+                keep = ids[-limit:] if self.config.data.prompt_truncation == "left" else ids[:limit]
+                cached = self.tokenizer.decode(keep, skip_special_tokens=False)
+            else:
+                cached = text
+            self._truncated[text] = cached
+        return cached
+
+    @property
+    def _truncated(self) -> dict[str, str]:
+        if "_truncated_prompts" not in self.__dict__:
+            self._truncated_prompts: dict[str, str] = {}
+        return self._truncated_prompts
+
+    def truncation_report(self, records: list[dict]) -> str:
+        """`data.max_prompt_length = N: K of M prompts truncated (left)`, or "" when off."""
+        limit = getattr(self.config.data, "max_prompt_length", 0)
+        if not limit or self.chat is None or not records:
+            return ""
+        cut = sum(self.prompt_text(r) != self.chat.prompt_text(r["prompt"]) for r in records)
+        return (f"data.max_prompt_length = {limit}: {cut} of {len(records)} training prompts truncated "
+                f"({self.config.data.prompt_truncation})")
 
     def split_held_out(self, records: list[dict], evaluating: bool | None = None) -> tuple[list[dict], list[dict] | None]:
         """(training records, held-out records) by `held_out_split`, saying what the evaluation runs on.
@@ -311,9 +351,10 @@ class Trainer:
         cfg = self.config
         evaluating = bool(cfg.run.eval_every) if evaluating is None else evaluating
         train, held, what = held_out_split(cfg.data, records, cfg.run.seed, evaluating)
-        if what:
-            self.reporter.log(f"held-out evaluation: {what}")
+        self.held_out_description = what  # said once the set-up has passed (bad input stays one error line)
         return train, held
+
+    held_out_description = ""
 
     def example_texts(self, prompts: list, completions: list) -> tuple[list[str], list[str]]:
         """(prompt texts, completion texts) of training examples: with a chat template, the rendered prompt
@@ -321,7 +362,7 @@ class Trainer:
         if self.chat is None:
             return list(prompts), list(completions)
         try:
-            return ([self.chat.prompt_text(p) for p in prompts],
+            return ([self._model_prompt(p) for p in prompts],
                     [self.chat.completion_text(p, c) for p, c in zip(prompts, completions)])
         except RlgenError as exc:
             raise RlgenError(f"{self.data_name()}: {exc}") from None
@@ -539,16 +580,78 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train, holding the run directory's lock throughout: a resumed run from the start, a new one from
-        its creation (after the set-up, so that bad input leaves no directory behind)."""
+        its creation (after the set-up, so that bad input leaves no directory behind). The trackers are
+        closed at the end, and when the run fails."""
         try:
-            return self._fit()
+            try:
+                result = self._fit()
+            except BaseException:
+                self._close_trackers(failed=True)
+                raise
+            self._close_trackers(failed=False)
+            return result
         finally:
             if self.dist.is_main:
                 self.run.unlock()
 
+    # --- experiment trackers (run.report_to) ---
+    def _tracker_classes(self) -> list[tuple[str, object]]:
+        """The trackers of run.report_to, their packages imported: a missing one is one line, before the model loads."""
+        names = list(getattr(self.config.run, "report_to", None) or [])
+        chosen = [(name, registry("tracker").get(name)) for name in names]
+        for name, tracker in chosen:
+            trackers.require(name, tracker)
+        return chosen
+
+    def _open_trackers(self, chosen: list[tuple[str, object]]) -> None:
+        config = to_dict(self.config)
+        for name, tracker in chosen:
+            try:
+                opened = trackers.open_tracker(name, tracker, self.run.root, config=config, run_name=self.run.root.name,
+                                               start_step=self.step)
+            except RlgenError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the tracker's library
+                raise RlgenError(f"run.report_to: tracker '{name}' failed to start: {_describe(exc)}") from exc
+            self.trackers.append((name, opened))
+
+    def _close_trackers(self, failed: bool) -> None:
+        """Close every open tracker (all of them, even when one fails); a failure is one line after a good run,
+        a warning after a failed one (whose own error is the one to show)."""
+        opened, self.trackers = self.trackers, []
+        problem = None
+        for name, tracker in reversed(opened):
+            try:
+                tracker.close(failed=failed)
+            except Exception as exc:  # noqa: BLE001 - the tracker's library
+                if failed:
+                    _warn(f"tracker '{name}' failed to close: {_describe(exc)}")
+                elif problem is None:
+                    problem = f"run.report_to: tracker '{name}' failed to close: {_describe(exc)}"
+        if problem is not None:
+            raise RlgenError(problem)
+
+    def completions_due(self) -> bool:
+        """Whether this step's completions are logged here (run.log_completions_every, rank 0)."""
+        every = getattr(self.config.run, "log_completions_every", 0)
+        return bool(every) and self.step % every == 0 and self.dist.is_main
+
+    def log_completions(self, rows: list[dict]) -> None:
+        """A step's sample completions (rank 0's rows: prompt as given, completion, reward, reward_NAME ...), every
+        run.log_completions_every steps: appended to OUT/completions.jsonl with the step, and a table to the
+        trackers (prompts as text). Trainers call it every step; other steps and ranks do nothing."""
+        if not self.completions_due():
+            return
+        rows = [{"step": self.step, **{k: _plain(v) for k, v in row.items()}} for row in rows]
+        self.run.log_completions(rows)
+        table = [{**row, "prompt": trackers.prompt_as_text(row.get("prompt", ""))} for row in rows]
+        for _, tracker in self.trackers:
+            tracker.log_table(self.step, "completions", table)
+
     def _fit(self) -> dict:
         self.init_runtime()
         main = self.dist.is_main  # rank 0 alone writes the run directory
+        chosen = self._tracker_classes()  # every rank: a missing package fails before the model loads
         if main and self.resume:
             self.run.lock()
         elif main:
@@ -558,8 +661,14 @@ class Trainer:
             self.run.create(self.config, fresh=not self.resume)
             if self.resume:  # the metric lines after the checkpoint (all of them without one) are written again
                 self.run.truncate_metrics(self.step)
+            self._open_trackers(chosen)
         cfg = self.config.run
         last: dict = {}
+        if self.held_out_description:
+            self.reporter.log(f"held-out evaluation: {self.held_out_description}")
+        truncation = self.truncation_report(getattr(self, "records", None) or [])
+        if truncation:
+            self.reporter.log(truncation)
         if cfg.eval_every and self.step == 0:  # the starting point of the held-out curve
             self._evaluate_and_log({"step": 0})
         with self.reporter.progress(total=cfg.steps, completed=self.step, description=f"training ({self.run.root})") as advance:
@@ -608,6 +717,10 @@ class Trainer:
         if not self.dist.is_main:
             return
         self.run.log_metrics(row)
+        if self.trackers:
+            values = trackers.numeric_metrics(row)
+            for _, tracker in self.trackers:
+                tracker.log(row["step"], values)
         emit = getattr(self.reporter, "metrics", None)
         if emit is not None:
             emit(row["step"], row)

@@ -14,6 +14,7 @@ The contract of each kind is written next to its item:
     policy loss, preference loss, algorithm .. rlgen_example.training
     a trainer built from public parts .. rlgen_example.raft
     reward combiner, reward shaping, metric .. rlgen_example.scoring
+    tracker ............................ rlgen_example.tracking
     sampler, image sampler ............. rlgen_example.sampling
     merger ............................. rlgen_example.merging
     task, model alias, backbone alias .. rlgen_example.data
@@ -137,6 +138,13 @@ def register_metrics(register):
     from rlgen_example import scoring
 
     register("example-well-formed", scoring.well_formed)
+
+
+@hookimpl
+def register_trackers(register):
+    from rlgen_example import tracking
+
+    register("example-jsonl", tracking.JsonlTracker)
 
 
 @hookimpl
