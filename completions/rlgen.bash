@@ -7,6 +7,23 @@ _rlgen_words() {
     COMPREPLY+=($(compgen -W "$1" -- "$cur"))
 }
 
+# $1: a registry kind, $2: its built-in names; adds the names that installed plugins register
+# (rlgen __complete names KIND), each offered once
+_rlgen_registry() {
+    local IFS=$' \t\n' w
+    for w in $(compgen -W "$2 $(command rlgen __complete names "$1" 2>/dev/null)" -- "$cur"); do
+        [[ " ${COMPREPLY[*]} " == *" $w "* ]] || COMPREPLY+=("$w")
+    done
+}
+
+# $1: the algorithm; offers its config keys as KEY= (rlgen __complete set-keys ALGO)
+_rlgen_set_keys() {
+    [[ -n $1 ]] || return
+    local IFS=$'\n'
+    compopt -o nospace 2>/dev/null
+    COMPREPLY+=($(compgen -W "$(command rlgen __complete set-keys "$1" 2>/dev/null)" -- "$cur"))
+}
+
 _rlgen_files() {
     local IFS=$'\n'
     compopt -o filenames 2>/dev/null
@@ -19,21 +36,31 @@ _rlgen_dirs() {
     COMPREPLY+=($(compgen -d -- "$cur"))
 }
 
-# npos: how many positional words precede the cursor after the subcommand (at index ci).
-# $1: the subcommand's options that take a value.
+# npos: how many positional words precede the cursor after the subcommand (at index ci); arg1: the
+# first of them. $1: the subcommand's options that take a value. COMP_WORDBREAKS splits WORD=VALUE
+# into WORD, =, VALUE: the word after a = continues the one before it.
 _rlgen_npos() {
-    local i w skip=0
+    local i w skip=0 glue=0
     npos=0
+    arg1=""
     for ((i = ci + 1; i < COMP_CWORD; i++)); do
         w=${COMP_WORDS[i]}
-        if ((skip)); then
-            [[ $w == = ]] || skip=0
+        if [[ $w == = ]]; then
+            glue=1
+            skip=0
+            continue
+        fi
+        if ((glue || skip)); then
+            glue=0
+            skip=0
             continue
         fi
         case $w in
-            =) ;;
             -*) [[ " $1 " == *" $w "* ]] && skip=1 ;;
-            *) npos=$((npos + 1)) ;;
+            *)
+                ((npos)) || arg1=$w
+                npos=$((npos + 1))
+                ;;
         esac
     done
 }
@@ -44,7 +71,7 @@ _rlgen_sample() {
             _rlgen_files
             return ;;
         -m|--model)
-            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_registry model "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         -o|--out)
@@ -54,7 +81,7 @@ _rlgen_sample() {
             _rlgen_files
             return ;;
         --sampler)
-            _rlgen_words "best-of-n plain smc"
+            _rlgen_registry sampler "best-of-n plain smc"
             return ;;
         --sampler-opt)
             _rlgen_files
@@ -63,7 +90,7 @@ _rlgen_sample() {
             _rlgen_words "test train"
             return ;;
         -t|--task)
-            _rlgen_words "arithmetic countdown digits sorting"
+            _rlgen_registry task "arithmetic countdown digits sorting"
             return ;;
         --batch-size|--chat-template|--device|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|--min-p|-n|--num-samples|--num-steps|--repetition-penalty|--sampler-reward|--seed|--stop|--system-prompt|--temperature|--top-k|--top-p)
             return ;;
@@ -83,7 +110,7 @@ _rlgen_score() {
             _rlgen_files
             return ;;
         -r|--reward)
-            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
+            _rlgen_registry reward "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
         --combine|--device|--shape)
             return ;;
@@ -132,7 +159,7 @@ _rlgen_train() {
             _rlgen_files
             return ;;
         -m|--model)
-            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_registry model "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         -o|--out)
@@ -145,12 +172,16 @@ _rlgen_train() {
             _rlgen_dirs
             return ;;
         -r|--reward)
-            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
+            _rlgen_registry reward "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
+            return ;;
+        --set)
+            _rlgen_npos "--config --data --device --eval-data --model --nproc --out --precision --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
+            _rlgen_set_keys "$arg1"
             return ;;
         -t|--task)
-            _rlgen_words "arithmetic countdown digits sorting"
+            _rlgen_registry task "arithmetic countdown digits sorting"
             return ;;
-        --device|--nproc|--save-every|--seed|--set|--steps)
+        --device|--nproc|--save-every|--seed|--steps)
             return ;;
     esac
     if [[ $cur == -* ]]; then
@@ -160,7 +191,7 @@ _rlgen_train() {
     _rlgen_npos "--config --data --device --eval-data --model --nproc --out --precision --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t"
     case $npos in
         0)
-            _rlgen_words "cispo dapo ddpo diffusion-dpo diffusion-sft dpo dr-grpo flow-grpo gdpo grpo gspo kto online-dpo orpo reinforce-pp remax reward-backprop rloo rm rpo sft simpo"
+            _rlgen_registry algorithm "cispo dapo ddpo diffusion-dpo diffusion-sft dpo dr-grpo flow-grpo gdpo grpo gspo kto online-dpo orpo reinforce-pp remax reward-backprop rloo rm rpo sft simpo"
             ;;
     esac
 }
@@ -168,7 +199,7 @@ _rlgen_train() {
 _rlgen_merge() {
     case $prev in
         --base)
-            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_registry model "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         --config)
@@ -181,7 +212,7 @@ _rlgen_merge() {
             _rlgen_dirs
             return ;;
         --method)
-            _rlgen_words "breadcrumbs breadcrumbs-ties dare-linear dare-ties linear slerp task-arithmetic ties"
+            _rlgen_registry merger "breadcrumbs breadcrumbs-ties dare-linear dare-ties linear slerp task-arithmetic ties"
             return ;;
         -o|--out)
             _rlgen_dirs
@@ -190,10 +221,10 @@ _rlgen_merge() {
             _rlgen_files
             return ;;
         -r|--reward)
-            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
+            _rlgen_registry reward "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
         -t|--task)
-            _rlgen_words "arithmetic countdown digits sorting"
+            _rlgen_registry task "arithmetic countdown digits sorting"
             return ;;
         --density|--device|--dtype|--grid|--hv-ref|--images-per-prompt|--limit|--max-new-tokens|--max-shard-size|--seed|--weights)
             return ;;
@@ -205,7 +236,7 @@ _rlgen_merge() {
     _rlgen_npos "--base --config --data --density --device --dtype --grid --hv-ref --images-per-prompt --limit --lora --max-new-tokens --max-shard-size --method --out --param --reward --seed --task --weights -o -r -t"
     case $npos in
         *)
-            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_registry model "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             ;;
     esac
@@ -220,7 +251,7 @@ _rlgen_eval() {
             _rlgen_files
             return ;;
         -m|--model)
-            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_registry model "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         --plot)
@@ -230,17 +261,17 @@ _rlgen_eval() {
             _rlgen_dirs
             return ;;
         --ref)
-            _rlgen_words "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_registry model "tiny-arith tiny-digits tiny-digits-flow"
             _rlgen_dirs
             return ;;
         -r|--reward)
-            _rlgen_words "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
+            _rlgen_registry reward "brightness contrast countdown digit-accuracy digit-classifier exact-match format jpeg-compressibility jpeg-incompressibility length numeric-match"
             return ;;
         --rm)
             _rlgen_dirs
             return ;;
         --sampler)
-            _rlgen_words "best-of-n plain smc"
+            _rlgen_registry sampler "best-of-n plain smc"
             return ;;
         --sampler-opt)
             _rlgen_files
@@ -255,7 +286,7 @@ _rlgen_eval() {
             _rlgen_words "test train"
             return ;;
         -t|--task)
-            _rlgen_words "arithmetic countdown digits sorting"
+            _rlgen_registry task "arithmetic countdown digits sorting"
             return ;;
         --chat-template|--device|--eta|--guidance-scale|-k|--limit|--max-new-tokens|--min-p|--num-steps|--repetition-penalty|--sampler-reward|--seed|--stop|--system-prompt|--temperature)
             return ;;
@@ -305,7 +336,7 @@ _rlgen_config() {
 }
 
 _rlgen() {
-    local cur prev cmd ci i w npos skip=0
+    local cur prev cmd ci i w npos arg1 skip=0
     COMPREPLY=()
     cur=${COMP_WORDS[COMP_CWORD]}
     prev=${COMP_WORDS[COMP_CWORD-1]}

@@ -18,8 +18,7 @@ function __rlgen_using --argument-names name --description 'Is the rlgen subcomm
     test "$sub" = "$name"
 end
 
-function __rlgen_npos --description 'Count positional words after the subcommand; argv: options taking a value'
-    set -l n 0
+function __rlgen_positionals --description 'The positional words after the subcommand, one per line; argv: options taking a value'
     set -l skip 0
     set -l seen 0
     for t in (commandline -opc)[2..-1]
@@ -36,10 +35,25 @@ function __rlgen_npos --description 'Count positional words after the subcommand
             case '-*'
                 contains -- $t $argv; and set skip 1
             case '*'
-                set n (math $n + 1)
+                echo $t
         end
     end
-    echo $n
+end
+
+function __rlgen_npos --description 'Count positional words after the subcommand; argv: options taking a value'
+    count (__rlgen_positionals $argv)
+end
+
+function __rlgen_plugin_names --argument-names kind --description 'Names installed plugins register for registry KIND; argv[2..]: the names to leave out'
+    for name in (command rlgen __complete names $kind 2>/dev/null)
+        contains -- $name $argv[2..-1]; or printf '%s\t%s\n' $name $kind
+    end
+end
+
+function __rlgen_set_keys --description 'Config keys (KEY=) of the algorithm on the command line; argv: options taking a value'
+    set -l words (__rlgen_positionals $argv)
+    test (count $words) -gt 0; and command rlgen __complete set-keys $words[1] 2>/dev/null
+    return 0
 end
 
 function __rlgen_complete_algorithm
@@ -65,6 +79,7 @@ function __rlgen_complete_algorithm
     printf '%s\t%s\n' 'rpo' 'RPO: DPO plus the NLL of the chosen answers (dpo preset, rpo_alpha = 1)'
     printf '%s\t%s\n' 'sft' 'supervised fine-tuning on prompt -> completion'
     printf '%s\t%s\n' 'simpo' 'SimPO: length-normalised, reference-free, target margin gamma (dpo preset)'
+    __rlgen_plugin_names algorithm 'cispo' 'dapo' 'ddpo' 'diffusion-dpo' 'diffusion-sft' 'dpo' 'dr-grpo' 'flow-grpo' 'gdpo' 'grpo' 'gspo' 'kto' 'online-dpo' 'orpo' 'reinforce-pp' 'remax' 'reward-backprop' 'rloo' 'rm' 'rpo' 'sft' 'simpo'
 end
 
 function __rlgen_complete_merger
@@ -76,12 +91,14 @@ function __rlgen_complete_merger
     printf '%s\t%s\n' 'slerp' 'spherical interpolation from the base (t=0) to one model (t=1)'
     printf '%s\t%s\n' 'task-arithmetic' 'base + lambda * weighted sum of the task vectors (model - base)'
     printf '%s\t%s\n' 'ties' 'TIES: keep each task vector\'s largest-magnitude fraction `density`, elect signs, average the agreeing entries'
+    __rlgen_plugin_names merger 'breadcrumbs' 'breadcrumbs-ties' 'dare-linear' 'dare-ties' 'linear' 'slerp' 'task-arithmetic' 'ties'
 end
 
 function __rlgen_complete_model
     printf '%s\t%s\n' 'tiny-arith' 'Llama-architecture char-level LM (0.7M params), SFT on the arithmetic task (recipes/tiny-arith)'
     printf '%s\t%s\n' 'tiny-digits' 'class-conditional 8x8 digit diffusion model (epsilon, DDIM; 0.7M params) trained on 30% noisy labels (recipes/tiny-digits)'
     printf '%s\t%s\n' 'tiny-digits-flow' 'class-conditional 8x8 digit flow-matching model (velocity; 0.7M params) trained on 30% noisy labels (recipes/tiny-digits)'
+    __rlgen_plugin_names model 'tiny-arith' 'tiny-digits' 'tiny-digits-flow'
 end
 
 function __rlgen_complete_reward
@@ -96,12 +113,14 @@ function __rlgen_complete_reward
     printf '%s\t%s\n' 'jpeg-incompressibility' 'image: the JPEG size (quality 95) in kB (DDPO)'
     printf '%s\t%s\n' 'length' 'Completion length in characters (or \'tokens\' when the sample carries completion_tokens);'
     printf '%s\t%s\n' 'numeric-match' '1.0 when the last number in the completion equals the numeric `answer` (within tolerance).'
+    __rlgen_plugin_names reward 'brightness' 'contrast' 'countdown' 'digit-accuracy' 'digit-classifier' 'exact-match' 'format' 'jpeg-compressibility' 'jpeg-incompressibility' 'length' 'numeric-match'
 end
 
 function __rlgen_complete_sampler
     printf '%s\t%s\n' 'best-of-n' 'best of n samples per prompt under the --sampler-reward guide (option n=8)'
     printf '%s\t%s\n' 'plain' 'Ancestral sampling (temperature / top-p / top-k; temperature 0 = greedy).'
     printf '%s\t%s\n' 'smc' 'reward-guided sequential Monte Carlo over blocks of tokens (particles=8, block_size=4, ess_threshold=0.5, lam=1.0, pick=sample|best)'
+    __rlgen_plugin_names sampler 'best-of-n' 'plain' 'smc'
 end
 
 function __rlgen_complete_task
@@ -109,6 +128,7 @@ function __rlgen_complete_task
     printf '%s\t%s\n' 'countdown' 'reach a target with + - * over three numbers (1-20)'
     printf '%s\t%s\n' 'digits' 'prompts naming a handwritten digit (0-9) for the tiny-digits image models'
     printf '%s\t%s\n' 'sorting' 'sort a string of 4-7 digits'
+    __rlgen_plugin_names task 'arithmetic' 'countdown' 'digits' 'sorting'
 end
 
 complete -c rlgen -f
@@ -285,7 +305,7 @@ complete -c rlgen -n '__rlgen_using train' -l resume -x -a '(__fish_complete_dir
 complete -c rlgen -n '__rlgen_using train' -s r -l reward -x -a '(__rlgen_complete_reward)' -d 'Reward NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
 complete -c rlgen -n '__rlgen_using train' -l save-every -x -d 'Checkpoint every N steps (0 = final only).'
 complete -c rlgen -n '__rlgen_using train' -l seed -x -d 'Random seed.'
-complete -c rlgen -n '__rlgen_using train' -l set -x -d 'Override a config key: section.key=value (TOML value); repeatable.'
+complete -c rlgen -n '__rlgen_using train' -l set -x -a '(__rlgen_set_keys --config --data --device --eval-data --model --nproc --out --precision --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t)' -d 'Override a config key: section.key=value (TOML value); repeatable.'
 complete -c rlgen -n '__rlgen_using train' -l steps -x -d 'Number of optimiser steps.'
 complete -c rlgen -n '__rlgen_using train' -s t -l task -x -a '(__rlgen_complete_task)' -d 'Built-in or plugin task (see `rlgen plugins`).'
 complete -c rlgen -n '__rlgen_using train; and test (__rlgen_npos --config --data --device --eval-data --model --nproc --out --precision --resume --reward --save-every --seed --set --steps --task -c -m -o -r -t) = 0' -f -a '(__rlgen_complete_algorithm)' -d 'Algorithm name (see `rlgen plugins`).'

@@ -4,9 +4,13 @@
     python scripts/gen_cli_docs.py            # (re)write the files
     python scripts/gen_cli_docs.py --check    # exit 1 and list the stale files if any differ
 
-The completion scripts are static: completing never starts Python. Value lists (algorithms, tasks,
-rewards, models, samplers, merge methods) are the built-in registry entries only (provider "rlgen"),
-so the output does not depend on which third-party plugins are installed. Commands are the built-in
+The completion scripts are static where they can be: commands, options and the built-in registry entries
+(provider "rlgen": algorithms, tasks, rewards, models, samplers, merge methods) are written into them, so
+the output does not depend on which third-party plugins are installed. Only where a static list cannot
+know the answer do they start rlgen, through the hidden `rlgen __complete` (rlgen/cli/complete.py): the
+names that installed plugins register are added to each registry-valued list (`__complete names KIND`,
+deduplicated), and the value of `rlgen train ALGO --set` completes ALGO's config keys (`__complete
+set-keys ALGO`, ALGO read from the command line). Commands are the built-in
 ones plus those of the plugins kept in this repository (DOCUMENTED_PLUGINS: rlgen-example, which the
 test install and CI install), each man page naming its package; other installed plugins are left out
 unless --all-plugins is given (to generate completions for your own installation into --dir). The output is deterministic:
@@ -54,10 +58,11 @@ class Values:
     words: tuple[str, ...] = ()  # complete these fixed words
     files: bool = False  # complete file (and directory) names
     dirs: bool = False  # complete directory names
+    set_keys: bool = False  # complete `section.key=` of the algorithm on the command line (rlgen __complete)
 
     @property
     def empty(self) -> bool:
-        return not (self.registry or self.words or self.files or self.dirs)
+        return not (self.registry or self.words or self.files or self.dirs or self.set_keys)
 
 
 NONE = Values()
@@ -88,6 +93,7 @@ OPTIONS = {
     "--weights": ("W1,W2,...", NONE),
 }
 COMMAND_OPTIONS = {
+    ("train", "--set"): ("KEY=VALUE", Values(set_keys=True)),
     ("train", "--out"): ("DIR", DIRS),
     ("merge", "--out"): ("DIR", DIRS),
     ("sample", "--out"): ("FILE", FILES),
@@ -326,12 +332,16 @@ def missing_help(root: Command, subs: list[Command]) -> list[str]:
 # bash
 
 
-def _bash_values(values: Values, names: dict) -> list[str]:
+def _bash_values(values: Values, names: dict, cmd: Command | None = None) -> list[str]:
     lines = []
     words = [n for n, _ in names.get(values.registry, [])] if values.registry else []
     words += list(values.words)
-    if words:
+    if values.registry:
+        lines.append(f'_rlgen_registry {values.registry} "{" ".join(sorted(words))}"')
+    elif words:
         lines.append(f'_rlgen_words "{" ".join(sorted(words))}"')
+    if values.set_keys and cmd is not None:
+        lines += [f'_rlgen_npos "{" ".join(cmd.value_options())}"', '_rlgen_set_keys "$arg1"']
     if values.files:
         lines.append("_rlgen_files")
     elif values.dirs:
@@ -350,6 +360,23 @@ def gen_bash(root: Command, subs: list[Command], names: dict) -> str:
         '    COMPREPLY+=($(compgen -W "$1" -- "$cur"))',
         "}",
         "",
+        "# $1: a registry kind, $2: its built-in names; adds the names that installed plugins register",
+        "# (rlgen __complete names KIND), each offered once",
+        "_rlgen_registry() {",
+        "    local IFS=$' \\t\\n' w",
+        '    for w in $(compgen -W "$2 $(command rlgen __complete names "$1" 2>/dev/null)" -- "$cur"); do',
+        '        [[ " ${COMPREPLY[*]} " == *" $w "* ]] || COMPREPLY+=("$w")',
+        "    done",
+        "}",
+        "",
+        "# $1: the algorithm; offers its config keys as KEY= (rlgen __complete set-keys ALGO)",
+        "_rlgen_set_keys() {",
+        "    [[ -n $1 ]] || return",
+        "    local IFS=$'\\n'",
+        "    compopt -o nospace 2>/dev/null",
+        '    COMPREPLY+=($(compgen -W "$(command rlgen __complete set-keys "$1" 2>/dev/null)" -- "$cur"))',
+        "}",
+        "",
         "_rlgen_files() {",
         "    local IFS=$'\\n'",
         "    compopt -o filenames 2>/dev/null",
@@ -362,21 +389,31 @@ def gen_bash(root: Command, subs: list[Command], names: dict) -> str:
         '    COMPREPLY+=($(compgen -d -- "$cur"))',
         "}",
         "",
-        "# npos: how many positional words precede the cursor after the subcommand (at index ci).",
-        "# $1: the subcommand's options that take a value.",
+        "# npos: how many positional words precede the cursor after the subcommand (at index ci); arg1: the",
+        "# first of them. $1: the subcommand's options that take a value. COMP_WORDBREAKS splits WORD=VALUE",
+        "# into WORD, =, VALUE: the word after a = continues the one before it.",
         "_rlgen_npos() {",
-        "    local i w skip=0",
+        "    local i w skip=0 glue=0",
         "    npos=0",
+        '    arg1=""',
         "    for ((i = ci + 1; i < COMP_CWORD; i++)); do",
         '        w=${COMP_WORDS[i]}',
-        "        if ((skip)); then",
-        '            [[ $w == = ]] || skip=0',
+        "        if [[ $w == = ]]; then",
+        "            glue=1",
+        "            skip=0",
+        "            continue",
+        "        fi",
+        "        if ((glue || skip)); then",
+        "            glue=0",
+        "            skip=0",
         "            continue",
         "        fi",
         "        case $w in",
-        "            =) ;;",
         '            -*) [[ " $1 " == *" $w "* ]] && skip=1 ;;',
-        "            *) npos=$((npos + 1)) ;;",
+        "            *)",
+        '                ((npos)) || arg1=$w',
+        "                npos=$((npos + 1))",
+        "                ;;",
         "        esac",
         "    done",
         "}",
@@ -389,7 +426,7 @@ def gen_bash(root: Command, subs: list[Command], names: dict) -> str:
             out.append("    case $prev in")
             for p in sorted((p for p in with_values if not p.values.empty), key=_sort_key):
                 out.append(f"        {'|'.join(p.opts)})")
-                out += [f"            {line}" for line in _bash_values(p.values, names)]
+                out += [f"            {line}" for line in _bash_values(p.values, names, cmd)]
                 out.append("            return ;;")
             plain = [o for p in sorted(with_values, key=_sort_key) if p.values.empty for o in p.opts]
             if plain:
@@ -417,7 +454,7 @@ def gen_bash(root: Command, subs: list[Command], names: dict) -> str:
     out += [
         "",
         "_rlgen() {",
-        "    local cur prev cmd ci i w npos skip=0",
+        "    local cur prev cmd ci i w npos arg1 skip=0",
         "    COMPREPLY=()",
         '    cur=${COMP_WORDS[COMP_CWORD]}',
         '    prev=${COMP_WORDS[COMP_CWORD-1]}',
@@ -475,7 +512,9 @@ def _zdesc(text: str) -> str:
     return text.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]")
 
 
-def _zsh_action(values: Values) -> str:
+def _zsh_action(values: Values, cmd: Command | None = None) -> str:
+    if values.set_keys and cmd is not None:
+        return f"_rlgen_{re.sub(chr(92) + 'W', '_', cmd.name)}_set_keys"
     if values.registry and (values.files or values.dirs):
         return f"_rlgen_{values.registry}_or_{'file' if values.files else 'directory'}"
     if values.registry:
@@ -504,7 +543,7 @@ def _zsh_specs(cmd: Command) -> list[str]:
             prefix = "*" if p.multiple else exclusive
             if p.takes_value:
                 suffix = "=" if o.startswith("--") else "+"
-                action = _zsh_action(p.values)
+                action = _zsh_action(p.values, cmd)
                 specs.append(_zq(f"{prefix}{o}{suffix}[{desc}]:{_zsh_message(p.metavar)}:{action}"))
             else:
                 specs.append(_zq(f"{prefix}{o}[{desc}]"))
@@ -523,11 +562,55 @@ def gen_zsh(root: Command, subs: list[Command], names: dict) -> str:
     ]
     used = sorted({v for c in subs for p in c.options + c.arguments for v in [p.values] if v.registry},
                   key=lambda v: (v.registry, v.files, v.dirs))
+    out += [
+        "",
+        "# Append to the caller's items the names that installed plugins register for registry $1 (rlgen",
+        "# __complete names KIND) and that items does not hold yet.",
+        "_rlgen_plugin_items() {",
+        "    local name item",
+        '    for name in ${(f)"$(command rlgen __complete names $1 2>/dev/null)"}; do',
+        "        item=${name//:/\\\\:}",
+        "        (( ${items[(Ie)$item]} )) || [[ -n ${(M)items:#${(b)item}:*} ]] || items+=($item)",
+        "    done",
+        "}",
+    ]
     for registry in sorted({v.registry for v in used}):
         items = [f"{n.replace(':', chr(92) + ':')}:{d}" if d else n.replace(":", "\\:") for n, d in names.get(registry, [])]
         out += ["", f"_rlgen_{registry}() {{", "    local -a items", "    items=("]
         out += [f"        {_zq(item)}" for item in items]
-        out += ["    )", f"    _describe -t {registry} {_zq(registry)} items", "}"]
+        out += ["    )", f"    _rlgen_plugin_items {registry}", f"    _describe -t {registry} {_zq(registry)} items", "}"]
+    set_key_cmds = [c for c in sorted(subs, key=lambda c: c.name) if any(p.values.set_keys for p in c.options)]
+    if set_key_cmds:
+        out += [
+            "",
+            "# The config keys (KEY=) of the algorithm on the command line (rlgen __complete set-keys ALGO).",
+            "# $1: the subcommand's options that take a value.",
+            "_rlgen_set_keys() {",
+            "    local algo w i skip=0",
+            "    local -a keys",
+            "    for ((i = 2; i < CURRENT; i++)); do",
+            "        w=$words[i]",
+            "        if ((skip)); then",
+            "            skip=0",
+            "            continue",
+            "        fi",
+            "        case $w in",
+            '            -*) [[ " $1 " == *" $w "* ]] && skip=1 ;;',
+            "            *)",
+            "                algo=$w",
+            "                break",
+            "                ;;",
+            "        esac",
+            "    done",
+            "    [[ -n $algo ]] || return 1",
+            '    keys=(${(f)"$(command rlgen __complete set-keys $algo 2>/dev/null)"})',
+            "    (( $#keys )) || return 1",
+            "    compadd -S '' -a keys",
+            "}",
+        ]
+        for c in set_key_cmds:
+            out += ["", f"_rlgen_{re.sub(chr(92) + 'W', '_', c.name)}_set_keys() {{",
+                    f'    _rlgen_set_keys "{" ".join(c.value_options())}"', "}"]
     for v in used:
         if v.files or v.dirs:
             other = "files:file:_files" if v.files else "directories:directory:_directories"
@@ -578,9 +661,11 @@ def _fq(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def _fish_values(values: Values, positional: bool = False) -> str:
+def _fish_values(values: Values, positional: bool = False, cmd: Command | None = None) -> str:
     """complete(1) flags for an option's or argument's value."""
     subs = []
+    if values.set_keys and cmd is not None:
+        subs.append(" ".join(["__rlgen_set_keys", *cmd.value_options()]))
     if values.registry:
         subs.append(f"__rlgen_complete_{values.registry}")
     if values.dirs and not values.files:
@@ -621,8 +706,7 @@ def gen_fish(root: Command, subs: list[Command], names: dict) -> str:
         '    test "$sub" = "$name"',
         "end",
         "",
-        "function __rlgen_npos --description 'Count positional words after the subcommand; argv: options taking a value'",
-        "    set -l n 0",
+        "function __rlgen_positionals --description 'The positional words after the subcommand, one per line; argv: options taking a value'",
         "    set -l skip 0",
         "    set -l seen 0",
         "    for t in (commandline -opc)[2..-1]",
@@ -639,17 +723,38 @@ def gen_fish(root: Command, subs: list[Command], names: dict) -> str:
         "            case '-*'",
         "                contains -- $t $argv; and set skip 1",
         "            case '*'",
-        "                set n (math $n + 1)",
+        "                echo $t",
         "        end",
         "    end",
-        "    echo $n",
+        "end",
+        "",
+        "function __rlgen_npos --description 'Count positional words after the subcommand; argv: options taking a value'",
+        "    count (__rlgen_positionals $argv)",
         "end",
     ]
+    out += [
+        "",
+        "function __rlgen_plugin_names --argument-names kind --description 'Names installed plugins register for registry KIND; argv[2..]: the names to leave out'",
+        "    for name in (command rlgen __complete names $kind 2>/dev/null)",
+        "        contains -- $name $argv[2..-1]; or printf '%s\\t%s\\n' $name $kind",
+        "    end",
+        "end",
+    ]
+    if any(p.values.set_keys for c in subs for p in c.options):
+        out += [
+            "",
+            "function __rlgen_set_keys --description 'Config keys (KEY=) of the algorithm on the command line; argv: options taking a value'",
+            "    set -l words (__rlgen_positionals $argv)",
+            "    test (count $words) -gt 0; and command rlgen __complete set-keys $words[1] 2>/dev/null",
+            "    return 0",
+            "end",
+        ]
     used = sorted({p.values.registry for c in subs for p in c.options + c.arguments if p.values.registry})
     for registry in used:
         out += ["", f"function __rlgen_complete_{registry}"]
         for name, desc in names.get(registry, []):
             out.append(f"    printf '%s\\t%s\\n' {_fq(name)} {_fq(desc or registry)}")
+        out.append(f"    __rlgen_plugin_names {registry} " + " ".join(_fq(n) for n, _ in names.get(registry, [])))
         out.append("end")
     out += ["", "complete -c rlgen -f", ""]
 
@@ -664,7 +769,7 @@ def gen_fish(root: Command, subs: list[Command], names: dict) -> str:
                     flags.append(f"-s {o[1:]}")
                 else:
                     flags.append(f"-o {o[1:]}")
-            value = f" {_fish_values(p.values)}" if p.takes_value else ""
+            value = f" {_fish_values(p.values, cmd=cmd)}" if p.takes_value else ""
             lines.append(f"complete -c rlgen -n {_fq(condition)} {' '.join(flags)}{value} -d {_fq(p.help or p.key)}")
         return lines
 

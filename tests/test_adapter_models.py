@@ -45,3 +45,10 @@ def test_training_starts_from_the_merged_adapter(adapter, tmp_path):
     rlgen_ok("train", "sft", "--model", adapter, "--task", "arithmetic", "--steps", 1, "--set", "algorithm.batch_size=4",
              "--set", "model.lora_r=4", "--quiet", "--out", tmp_path / "again")
     assert (tmp_path / "full" / "final" / "config.json").is_file() and (tmp_path / "again" / "final" / "config.json").is_file()
+
+
+def test_a_lora_run_started_from_an_adapter_resumes(adapter, tmp_path):
+    common = ["--task", "arithmetic", "--set", "algorithm.batch_size=4", "--set", "model.lora_r=4", "--quiet"]
+    rlgen_ok("train", "sft", "--model", adapter, "--steps", 1, "--save-every", 1, *common, "--out", tmp_path / "run")
+    rlgen_ok("train", "sft", "--resume", tmp_path / "run", "--steps", 2, "--quiet")
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

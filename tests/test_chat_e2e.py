@@ -66,7 +66,8 @@ def test_grpo_rolls_out_on_the_rendered_prompts(chat_files, tmp_path):
         prompt = _left_stripped(batch.rollouts.prompt_ids[row].tolist(), batch.rollouts.prompt_mask[row].tolist())
         assert prompt[0] == tok.convert_tokens_to_ids(IM_START)
         assert tok.decode(prompt).endswith(f"{IM_START}assistant\n")
-    assert isinstance(batch.samples[0]["prompt"], list)  # rewards see the record as given
+    assert batch.samples[0]["prompt"] == "What is 1+1?"  # rewards read text (as in `rlgen score` and `rlgen eval`)
+    assert isinstance(batch.records[0]["prompt"], list)  # the record itself as given
 
 
 def test_sft_then_grpo_then_dpo_then_sample_on_conversations(chat_files):
@@ -136,3 +137,39 @@ def test_eval_a_chat_model_on_message_prompts_with_sampling_options(chat_files, 
     written = [json.loads(line) for line in samples.read_text().splitlines()]
     assert all(isinstance(row["prompt"], list) and row["completion"][0]["role"] == "assistant" for row in written)
     assert all("\n" not in row["completion"][0]["content"] for row in written)  # cut at the stop string
+
+
+def test_multi_turn_sft_trains_every_assistant_turn_and_nothing_else(chat_files, tmp_path):
+    from rlgen.api import build_trainer
+
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1+1?"},
+             {"role": "assistant", "content": "2"}, {"role": "user", "content": "And 2+2?"},
+             {"role": "assistant", "content": "4"}]
+    data = _write(tmp_path / "multi.jsonl", [{"messages": turns}])
+    trainer = build_trainer("sft", model=str(chat_files["model"]), data=str(data), out=str(tmp_path / "run"),
+                            sets=["run.eval_every=0", "algorithm.batch_size=2"])
+    trainer.setup()
+    assert [len(r["prompt"]) for r in trainer.records] == [2, 4]  # one example per assistant turn
+    tok = trainer.tokenizer
+    prompt_ids, prompt_mask, completion_ids, completion_mask = trainer.encode(trainer.records)
+    trained = [tok.decode(_left_stripped(ids.tolist(), mask.tolist())) for ids, mask in zip(completion_ids, completion_mask)]
+    assert trained == [f"2{IM_END}", f"4{IM_END}"]
+    second = tok.decode(_left_stripped(prompt_ids[1].tolist(), prompt_mask[1].tolist()))
+    assert second.endswith(f"{IM_START}user\nAnd 2+2?{IM_END}\n{IM_START}assistant\n") and f"2{IM_END}" in second
+
+
+def test_conversational_samples_pair_rm_and_sft_held_out(chat_files, tmp_path):
+    from rlgen.data.preferences import make_pairs
+
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    made = make_pairs([{"prompt": [{"role": "user", "content": "q"}], "completion": answer("a"), "reward": 1.0},
+                       {"prompt": [{"role": "user", "content": "q"}], "completion": answer("b"), "reward": 0.0}])
+    assert made[0]["chosen"] == answer("a") and made[0]["rejected"] == answer("b")  # messages stay messages
+    rlgen_ok("train", "rm", "--model", chat_files["model"], "--data", chat_files["pairs"], "--steps", 1,
+             "--set", "algorithm.batch_size=2", "--quiet", "--out", tmp_path / "rm")
+    held = _write(tmp_path / "held-sft.jsonl", [{"messages": [{"role": "user", "content": "What is 9+9?"},
+                                                               {"role": "assistant", "content": "18"}]}])
+    rlgen_ok("train", "sft", "--model", chat_files["model"], "--data", chat_files["sft"], "--eval-data", held,
+             "--steps", 1, "--set", "run.eval_every=1", "--set", "algorithm.batch_size=2", "--quiet", "--out", tmp_path / "sft")
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["eval/accuracy"] for row in rows if "eval/accuracy" in row] == [0.0, 0.0]  # a number, not NaN

@@ -37,7 +37,7 @@ def test_csv_rows_with_their_line_numbers(tmp_path):
     path.write_text('prompt,answer\n1+1=,2\n"a, quoted\nprompt",5\n4+4=,8\n')
     records = read_records(str(path), required=("prompt",))
     assert [r["prompt"] for r in records] == ["1+1=", "a, quoted\nprompt", "4+4="]
-    assert [r["_line"] for r in records] == [2, 4, 5]  # a record's last line (a quoted newline spans two)
+    assert [r["_line"] for r in records] == [2, 3, 5]  # a record's first line (a quoted newline spans two)
     assert all(isinstance(r["answer"], str) for r in records)
     bad = tmp_path / "bad.csv"
     bad.write_text("prompt,answer\n1+1=\n")

@@ -62,3 +62,32 @@ def test_grpo_on_a_file_evaluates_its_held_out_part_with_the_run_rewards(tmp_pat
     last = [row for row in rows if "eval/reward" in row][-1]
     assert last["eval/reward"] == pytest.approx(last["eval/reward_exact-match"] - 0.01 * last["eval/reward_length"], abs=1e-5)
     assert last["eval/accuracy"] == last["eval/reward_exact-match"]
+
+
+def test_a_resumed_run_keeps_its_split(tmp_path):
+    from cli_helpers import rlgen
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(10) for b in range(2)))
+    common = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.num_generations=2", "--quiet"]
+    rlgen_ok("train", "grpo", "--data", data, "--steps", 1, "--save-every", 1, *common, "--out", tmp_path / "run")
+    changed = rlgen("train", "grpo", "--resume", tmp_path / "run", "--set", "data.eval_fraction=0.3")
+    assert changed.code == 2 and changed.out == ""
+    assert changed.err.strip() == ("rlgen: error: --resume: data.eval_fraction cannot change (0.1 -> 0.3): it decides "
+                                   "which records the run trains on and which it holds out")
+    evaluating = rlgen("train", "grpo", "--resume", tmp_path / "run", "--set", "run.eval_every=0")
+    assert evaluating.code == 2 and "run.eval_every (on or off) cannot change" in evaluating.err
+    rlgen_ok("train", "grpo", "--resume", tmp_path / "run", "--steps", 2, "--quiet")  # other overrides are fine
+
+
+def test_image_trainers_refuse_text_model_data_keys(tmp_path):
+    from cli_helpers import rlgen
+
+    refused = rlgen("train", "ddpo", "--set", "data.chat_template=always", "--out", tmp_path / "x")
+    assert refused.code == 2 and refused.out == "" and len(refused.err.strip().splitlines()) == 1
+    assert "config key 'data.chat_template' = 'always': image trainers do not use it" in refused.err
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "a 3"}]}) + "\n")
+    listed = rlgen("train", "ddpo", "--data", prompts, "--set", "run.eval_every=0", "--out", tmp_path / "y")
+    assert listed.code == 2 and "field 'prompt' must be a string" in listed.err

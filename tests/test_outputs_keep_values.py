@@ -37,3 +37,22 @@ def test_final_keeps_the_models_recommended_settings(tmp_path):
     shown = rlgen_ok("config", "show", "grpo", "--model", final).out
     rows = {line.split()[0]: line for line in shown.splitlines() if line.strip()}
     assert " 8 " in rows["rollout.max_new_tokens"] and "0.0002" in rows["optim.lr"], (rows["rollout.max_new_tokens"], rows["optim.lr"])
+
+
+def test_default_lengths_a_small_context_cannot_hold_are_clamped_with_a_warning(hf_dirs):
+    """A model without recommended settings keeps TRL's defaults, except a completion length of more than half
+    its context: that one is halved to fit, with one warning line naming the key. Given values are kept."""
+    from rlgen.api import load_config
+
+    import io
+    import contextlib
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        config = load_config("grpo", model=str(hf_dirs["gpt2"]))
+        given = load_config("grpo", model=str(hf_dirs["gpt2"]), sets=["rollout.max_new_tokens=40"])
+        builtin = load_config("grpo", model="tiny-arith")
+    assert config.rollout.max_new_tokens == 32 and given.rollout.max_new_tokens == 40
+    assert builtin.rollout.max_new_tokens == 8  # tiny-arith's recommended setting
+    assert err.getvalue() == ("rlgen: warning: rollout.max_new_tokens = 256 (the default) is more than half of the "
+                              "model's context of 64 positions: using 32 (set rollout.max_new_tokens to choose)\n")

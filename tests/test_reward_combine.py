@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlgen.rollout.engine import SamplingParams
+
 from cli_helpers import rlgen_process
 from rlgen.distributed import Dist
 from rlgen.errors import RlgenError
@@ -317,7 +319,8 @@ def test_remax_greedy_baseline_is_shaped_like_the_rollouts():
     engine = SimpleNamespace(generate=lambda prompts, params: SimpleNamespace(texts=["12345", "1"]))
     trainer = SimpleNamespace(config=SimpleNamespace(rollout=SimpleNamespace(num_generations=2, max_new_tokens=8),
                                                      algorithm=SimpleNamespace(scale_rewards="group")),
-                              advantage_fn=remax, engine=engine, rewards=rewards, dist=Dist())
+                              advantage_fn=remax, engine=engine, rewards=rewards, dist=Dist(),
+                              prompt_text=lambda record: record["prompt"], params=SamplingParams(8, 1.0))
     records = [{"prompt": "a", "answer": "12"}, {"prompt": "b", "answer": "9"}]
     total = torch.tensor([1.0, 2.0, 0.0, 0.0])  # already shaped rollout rewards, 2 per prompt
     components = torch.zeros(4, 1)

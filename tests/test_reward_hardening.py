@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from rlgen.rollout.engine import SamplingParams
+
 from cli_helpers import rlgen_process
 from rlgen.distributed import Dist
 from rlgen.algorithms import advantages as adv
@@ -226,7 +228,8 @@ def _trainer(advantage_fn, g: int, rewards: RewardSet, greedy_texts=()):
     return SimpleNamespace(
         config=SimpleNamespace(rollout=SimpleNamespace(num_generations=g, max_new_tokens=8),
                                algorithm=SimpleNamespace(scale_rewards="group")),
-        advantage_fn=advantage_fn, engine=engine, rewards=rewards, dist=Dist())
+        advantage_fn=advantage_fn, engine=engine, rewards=rewards, dist=Dist(),
+        prompt_text=lambda record: record["prompt"], params=SamplingParams(8, 1.0))
 
 
 def test_grpo_trainer_gives_all_none_completion_zero_advantage():

@@ -23,7 +23,6 @@ from rlgen.algorithms.preference_losses import PairScores, PreferenceOptions, ne
 from rlgen.data.preferences import read_pairs
 from rlgen.errors import RlgenError
 from rlgen.plugins import registry
-from rlgen.rollout.engine import HFEngine
 from rlgen.rollout.groups import ModelInputs
 from rlgen.training.data import PromptSampler
 from rlgen.training.micro_batches import map_micro_batches, pair_units
@@ -110,7 +109,7 @@ class PreferenceTrainer(Trainer):
         # dropout noise (DPO's step 1 would not be log 2). TRL's disable_dropout=True; LoRA's own is kept.
         if getattr(self.config.algorithm, "disable_dropout", True):
             disable_dropout(self.model)
-        self.engine = HFEngine(self.model, self.tokenizer)
+        self.engine = self.text_engine()
         # KTO shares this set-up: it has no pairs to cache and no rpo_alpha
         self.pair_encoder = PairEncoder(self.tokenizer, self.engine, getattr(self, "pairs", None), self.example_texts)
         a = self.config.algorithm

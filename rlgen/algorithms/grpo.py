@@ -18,7 +18,7 @@ from rlgen.extension import capabilities
 from rlgen.models.sequences import prefix_runs, supports_shared_prefix
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec, counted
-from rlgen.rollout.engine import HFEngine, SamplingParams, check_context
+from rlgen.rollout.engine import SamplingParams, check_context
 from rlgen.rollout.groups import GroupRollout, ModelInputs, RolloutBatch, scored
 from rlgen.training.data import PromptSampler
 from rlgen.training.micro_batches import even_passes, micro_batches, pad_to, row_costs, trimmed
@@ -128,7 +128,7 @@ class GRPOTrainer(Trainer):
     def prepare(self) -> None:
         check_context_length(self.model, self.tokenizer, self.rendered(self.records), self.config.rollout.max_new_tokens,
                              self.chat.add_special_tokens)
-        self.engine = HFEngine(self.model, self.tokenizer)
+        self.engine = self.text_engine()
         self.reference = self.reference_policy() if self.config.algorithm.beta > 0 else None
 
     def extra_state(self) -> dict:
@@ -368,8 +368,9 @@ def completion_rows(batch: RolloutBatch, reward_names: list[str]) -> list[dict]:
     total = batch.total.detach().double().cpu().tolist()
     components = batch.components.detach().double().cpu().tolist()
     rows = []
-    for sample, reward, values in zip(batch.samples, total, components):
-        row = {"prompt": sample["prompt"], "completion": sample["completion"], "reward": reward}
+    for row_index, (sample, reward, values) in enumerate(zip(batch.samples, total, components)):
+        prompt = batch.records[row_index // batch.group_size]["prompt"]  # as drawn (samples hold the rewards' text)
+        row = {"prompt": prompt, "completion": sample["completion"], "reward": reward}
         row.update({f"reward_{name}": value for name, value in zip(reward_names, values)})
         rows.append(row)
     return rows

@@ -101,10 +101,6 @@ class OnlineDPOTrainer(PreferenceTrainer):
         self.group_rollout = GroupRollout(self.engine, self.rewards, self.config.rollout.num_generations, self.params,
                                           self.generator, self.prompt_text)
 
-    def eval_task_rewards(self) -> tuple[str, ...]:
-        data = self.config.data
-        return registry("task").get(data.task).default_rewards if data.task and not data.path else ("exact-match",)
-
     def extra_state(self) -> dict:
         return {"sampler": self.sampler.state(), "reward_shaping": self.rewards.state()}
 

@@ -12,7 +12,7 @@ import torch
 
 from rlgen.algorithms.dpo import disable_dropout
 from rlgen.algorithms.preference_losses import bradley_terry
-from rlgen.data.preferences import interleave, read_pairs
+from rlgen.data.preferences import raw_rows, read_pairs
 from rlgen.evaluation.reward_models import pair_accuracy
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import resolve_model_path
@@ -94,13 +94,14 @@ class RewardModelTrainer(Trainer):
         budget = cfg.optim.max_tokens_per_micro_batch
         costs = None
         if budget and shard:  # tokens of each scored text (prompt + answer), rows [chosen_0, rejected_0, ...]
-            costs = [len(ids) for ids in self.tokenizer([p + c for p, c in zip(*self.example_texts(*interleave(shard)))]).input_ids]
+            costs = [len(ids) for ids in self.tokenizer([p + c for p, c in zip(*self.example_texts(*raw_rows(shard)))],
+                                                        add_special_tokens=self.chat.add_special_tokens).input_ids]
         rows = micro_batches(2 * len(shard), budget, cfg.optim.gradient_accumulation_steps, costs, pair_units(2 * len(shard)))
         # under FSDP every rank runs as many passes as the others (the budget may split shards unevenly)
         for idx, real in even_passes([chunk[0::2] // 2 for chunk in rows], self.dist if self.fsdp and budget else None):
             part = [shard[i] for i in idx.tolist()]
-            prompts, completions = self.example_texts(*interleave(part))
-            scores = reward_scores(self.model, self.tokenizer, prompts, completions)
+            prompts, completions = self.example_texts(*raw_rows(part))
+            scores = reward_scores(self.model, self.tokenizer, prompts, completions, self.chat.add_special_tokens)
             chosen, rejected = scores[0::2], scores[1::2]
             margin = torch.tensor([float(p["margin"]) for p in part], device=scores.device) if cfg.algorithm.use_margin else None
             tie = torch.tensor([bool(p.get("tie", False)) for p in part], device=scores.device)

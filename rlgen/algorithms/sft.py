@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.models.logprobs import completion_logprobs
-from rlgen.data.chat import message_problem
+from rlgen.data.chat import message_problem, message_text
 from rlgen.data.records import check_text_or_messages
 from rlgen.errors import RlgenError
-from rlgen.rollout.engine import HFEngine, check_context, context_limit
+from rlgen.rollout.engine import check_context, context_limit
 from rlgen.rollout.groups import ModelInputs
 from rlgen.training.micro_batches import even_passes, micro_batches, row_costs, trimmed
 from rlgen.training.data import PromptSampler
@@ -35,22 +35,36 @@ class SFTConfig(TrainConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(out="runs/sft", steps=200))
 
 
-def conversation_example(data, record: dict) -> dict:
-    """An SFT record with a `messages` list (TRL's conversational format) as prompt (the messages before the
-    final assistant turn) and completion (that turn); other records unchanged."""
+def conversation_examples(data, record: dict) -> list[dict]:
+    """An SFT record with a `messages` list (TRL's conversational format) as one example per assistant turn:
+    its prompt the conversation before the turn, its completion the turn, so that every assistant turn is
+    trained on and nothing else is; other records unchanged."""
     if "messages" not in record or "prompt" in record:
-        return record
+        return [record]
     where = f"{data.path or data.task}, " + (f"line {record['_line']}" if "_line" in record else "a record")
     messages = record["messages"]
     problem = message_problem(messages)
     if problem:
         raise RlgenError(f"{where}: field 'messages': {problem}")
-    end = len(messages)
-    while end > 0 and messages[end - 1]["role"] == "assistant":
-        end -= 1
-    if end == len(messages) or end == 0:
+    if messages[-1]["role"] != "assistant" or messages[0]["role"] == "assistant":
         raise RlgenError(f"{where}: field 'messages' must end with an assistant message after at least one other")
-    return {**{k: v for k, v in record.items() if k != "messages"}, "prompt": messages[:end], "completion": messages[end:]}
+    rest = {k: v for k, v in record.items() if k != "messages"}
+    examples, start = [], None
+    for i, message in enumerate([*messages, {"role": ""}]):  # a sentinel closes the last run of assistant turns
+        if message["role"] == "assistant" and start is None:
+            start = i
+        elif message["role"] != "assistant" and start is not None:
+            examples.append({**rest, "prompt": messages[:start], "completion": messages[start:i]})
+            start = None
+    return examples
+
+
+def eval_example(cfg, record: dict) -> dict:
+    """A held-out SFT example with the `answer` exact-match compares against: its own, else its target's text."""
+    if "answer" in record or "prompt" not in record:
+        return record
+    target = record.get("completion", record.get(cfg.algorithm.completion_field))
+    return {**record, "answer": message_text(target)} if target is not None else record
 
 
 class SFTTrainer(Trainer):
@@ -59,8 +73,12 @@ class SFTTrainer(Trainer):
 
     def prepare_data(self) -> None:
         cfg = self.config
-        records = [conversation_example(cfg.data, r) for r in load_records(cfg.data, cfg.data.split, required=())]
-        self.records, self.eval_records = self.split_held_out(records)
+        # split whole conversations (their turns never straddle training and held-out), then one example per turn
+        train, held = self.split_held_out(load_records(cfg.data, cfg.data.split, required=()), required=())
+        self.records = [example for r in train for example in conversation_examples(cfg.data, r)]
+        # a held-out conversation is evaluated on its last turn, against its reference answer (`answer`, else the
+        # target completion's text: exact-match of the greedy completion)
+        self.eval_records = [eval_example(cfg, conversation_examples(cfg.data, r)[-1]) for r in held] if held else held
         for record in self.records:
             if "prompt" not in record:
                 where = f"line {record['_line']}" if "_line" in record else "a record"
@@ -74,7 +92,7 @@ class SFTTrainer(Trainer):
         self.sampler = PromptSampler(self.records, cfg.algorithm.batch_size, cfg.run.seed)
 
     def prepare(self) -> None:
-        self.engine = HFEngine(self.model, self.tokenizer)
+        self.engine = self.text_engine()
         self.check_fits_context()
 
     def check_fits_context(self) -> None:
@@ -85,8 +103,6 @@ class SFTTrainer(Trainer):
             return
         cfg = self.config
         special = self.chat.add_special_tokens
-        # the held-out records are completed from their prompts (a `messages` example: the turns before the answer)
-        self.eval_records = [conversation_example(cfg.data, r) for r in self.eval_records] if self.eval_records else self.eval_records
         if self.eval_records:
             check_context(self.model, self.tokenizer, [r["prompt"] for r in self.rendered(self.eval_records)],
                           cfg.algorithm.max_new_tokens, "algorithm.max_new_tokens", special)

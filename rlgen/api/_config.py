@@ -8,6 +8,7 @@ the defaults, the model's settings, the preset and the file.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,76 @@ def model_recommended(algorithm, data: dict) -> dict:
     except RlgenError as exc:
         raise RlgenError(f"{recommended} [{algorithm.family}]: {exc}") from None
     return settings
+
+
+# Completion lengths whose defaults (TRL's: 256 tokens) a small model's context may not hold.
+LENGTH_KEYS = (("rollout", "max_new_tokens"), ("algorithm", "max_new_tokens"))
+
+
+def declared_context(model_path) -> int | None:
+    """The positions a model directory's config.json declares (an adapter: its base's), without loading it."""
+    import json
+
+    from rlgen.models.backbone import claiming_backbone
+
+    backbone = claiming_backbone(str(model_path))
+    try:
+        path = backbone.resolve(str(model_path)) if backbone is not None else None
+    except RlgenError:
+        return None
+    if path is None:
+        return None
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return declared_context(base) if isinstance(base, str) and base else None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for name in ("max_position_embeddings", "n_positions"):
+        value = config.get(name) if isinstance(config, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def clamp_default_lengths(typed, data: dict) -> None:
+    """A completion length left at its default (neither given nor recommended by the model) that takes more
+    than half the model's context is lowered to half of it, with one warning line naming the key."""
+    model = getattr(typed, "model", None)
+    limit = declared_context(model.path) if model is not None and getattr(model, "path", None) else None
+    if not limit:
+        return
+    for section, key in LENGTH_KEYS:
+        part = getattr(typed, section, None)
+        value = getattr(part, key, None) if part is not None else None
+        given = isinstance(data.get(section), dict) and key in data[section]
+        if not isinstance(value, int) or given or value <= limit // 2:
+            continue
+        setattr(part, key, max(1, limit // 2))
+        sys.stderr.write(f"rlgen: warning: {section}.{key} = {value} (the default) is more than half of the model's "
+                         f"context of {limit} positions: using {limit // 2} (set {section}.{key} to choose)\n")
+
+
+# What decides which records a run trains on and which it holds out (rlgen.training.trainer.held_out_split):
+# a resumed run must keep them, or it would train on records it held out, or hold out ones it trained on.
+SPLIT_KEYS = (("data", "path"), ("data", "task"), ("data", "eval_path"), ("data", "eval_fraction"),
+              ("data", "prompt_field"), ("run", "seed"))
+
+
+def check_same_split(typed, saved) -> None:
+    """A resumed run's overrides that would change its training / held-out split are one error line."""
+    pairs = [(f"{section}.{key}", getattr(getattr(typed, section, None), key, None), getattr(getattr(saved, section, None), key, None))
+             for section, key in SPLIT_KEYS]
+    evaluating = [bool(getattr(getattr(c, "run", None), "eval_every", 0)) for c in (typed, saved)]
+    pairs.append(("run.eval_every (on or off)", evaluating[0], evaluating[1]))
+    for name, now, before in pairs:
+        if now != before:
+            raise RlgenError(f"--resume: {name} cannot change ({show_value(before)} -> {show_value(now)}): it decides "
+                             "which records the run trains on and which it holds out")
 
 
 # Keyword shorthands named like the `rlgen train` flags: train("grpo", model="tiny-arith", task="arithmetic", steps=2).
@@ -138,10 +209,14 @@ def load_config(algo, config: str | Path | dict | None = None, *, sets: list[str
     elif model_defaults:  # a resumed run's config.toml already holds what the model recommended
         data = deep_merge(model_recommended(algorithm, data), data)
     typed = from_dict(algorithm.config_cls, data)
+    if not resume:
+        clamp_default_lengths(typed, data)
     # Local paths are stored absolute, so a resumed run or a saved adapter finds them from anywhere.
     for section, key in (("model", "path"), ("data", "path"), ("data", "eval_path")):
         part = getattr(typed, section, None)
         value = getattr(part, key, None) if part is not None else None
         if value and Path(value).exists():
             setattr(part, key, str(Path(value).resolve()))
+    if resume and user:
+        check_same_split(typed, from_dict(algorithm.config_cls, upgrade_keys(algorithm.config_cls, read_toml(saved), str(saved))))
     return typed

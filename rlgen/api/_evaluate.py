@@ -133,11 +133,9 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     policy, tokenizer, path = load_policy(ModelConfig(path=model))
     chat = ChatFormat(tokenizer, text_options.get("chat_template", "auto"), text_options.get("system_prompt", ""),
                       key="chat_template")
-    originals = records
-    records = [{**r, "prompt": text} for r, text in zip(records, _prompt_texts(chat, records, data or task))]
+    texts = _prompt_texts(chat, records, data or task)
     policy.to(device)
-    check_context(policy, tokenizer, [r["prompt"] for r in records], max_new_tokens, "--max-new-tokens",
-                  chat.add_special_tokens)
+    check_context(policy, tokenizer, texts, max_new_tokens, "--max-new-tokens", chat.add_special_tokens)
     reference = None
     if ref:
         reference, _, ref_path = load_policy(ModelConfig(path=ref))
@@ -147,11 +145,11 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
     engine.add_special_tokens = chat.add_special_tokens
     result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
                             generator=torch.Generator().manual_seed(seed), sampler=sampler, sampler_rewards=guide,
-                            sampler_options=sampler_options, sampling=text_options.get("sampling"))
+                            sampler_options=sampler_options, sampling=text_options.get("sampling"), prompt_texts=texts)
     if samples_out:  # written with the prompts as given (a message list stays one, its completion assistant messages)
         write_records([{**sample, "prompt": original["prompt"],
                         "completion": chat.completion_value(original["prompt"], sample["completion"])}
-                       for sample, original in zip(result["samples"], originals)], samples_out)
+                       for sample, original in zip(result["samples"], records)], samples_out)
     out = {"model": str(path), "task": task or data, "split": split, "reward": rewards.names[0], "sampler": "greedy",
            **result["metrics"]}
     if k > 1:

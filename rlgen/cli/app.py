@@ -38,9 +38,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from rlgen.cli import config_cmd, evaluate, info, merge, pairs, sample, score, train
+    from rlgen.cli import complete, config_cmd, evaluate, info, merge, pairs, sample, score, train
 
-    for module in (sample, score, pairs, train, merge, evaluate, config_cmd, info):
+    for module in (sample, score, pairs, train, merge, evaluate, config_cmd, info, complete):
         module.register(app)
 
 
@@ -59,6 +59,8 @@ def _collected(collector: typer.Typer) -> list[tuple[str | None, object, str, st
     """(name, entry, "command" | "group", summary) of what one plugin added to its own typer app."""
     found = []
     for info in collector.registered_commands:
+        if info.hidden:  # e.g. `__complete`, the shell completions' helper: not a command users look for
+            continue
         callback = info.callback
         name = info.name or (typer.main.get_command_name(callback.__name__) if callback is not None else None)
         found.append((name, info, "command", _describe(info.help) or _describe(getattr(callback, "__doc__", None))))

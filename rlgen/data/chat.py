@@ -40,9 +40,16 @@ def message_problem(value) -> str | None:
 def message_text(value) -> str:
     """The text of a string or a message list (the contents, one per line): what rewards read of a
     conversational completion."""
-    if isinstance(value, str):
-        return value
-    return "\n".join(m["content"] for m in value)
+    if is_messages(value):
+        return "\n".join(str(m.get("content", "")) for m in value)
+    return value if isinstance(value, str) else str(value)
+
+
+def reward_view(record: dict) -> dict:
+    """A record as rewards read it: text throughout (a message-list prompt or completion as its contents), the
+    same in training, `rlgen score` and `rlgen eval`."""
+    flat = {k: message_text(record[k]) for k in ("prompt", "completion") if is_messages(record.get(k))}
+    return {**record, **flat} if flat else record
 
 
 def assistant_messages(text: str) -> list[dict]:

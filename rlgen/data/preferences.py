@@ -135,16 +135,23 @@ def make_pairs(records: list[dict], mode: str = "best-worst", field: str = "rewa
 _SAMPLE_FIELDS = ("completion", "image", "sample_index", "completion_tokens", "_line")
 
 
-def _content(record: dict) -> str | None:
-    """What a sample is: its completion text, or for image samples the path of its PNG."""
+def _content(record: dict):
+    """What a sample is: its completion (text, or assistant messages as given), or for image samples the
+    path of its PNG."""
     value = record.get("completion", record.get("image"))
-    return None if value is None else str(value)
+    return None if value is None else value if isinstance(value, list) else str(value)
 
 
 def _pair(best: dict, worst: dict, field: str, gap: float) -> dict:
     base = {k: v for k, v in best.items() if k not in _SAMPLE_FIELDS and k != field and not k.startswith("reward")}
     return {**base, "chosen": _content(best), "rejected": _content(worst),
             "chosen_score": float(best[field]), "rejected_score": float(worst[field]), "margin": gap}
+
+
+def raw_rows(pairs: list[dict]) -> tuple[list, list]:
+    """(prompts, answers) with rows [chosen_0, rejected_0, chosen_1, ...], each as given (a string or a chat
+    message list), for a trainer that renders them (Trainer.example_texts)."""
+    return [p["prompt"] for p in pairs for _ in range(2)], [a for p in pairs for a in (p["chosen"], p["rejected"])]
 
 
 def interleave(pairs: list[dict]) -> tuple[list[str], list[str]]:

@@ -244,10 +244,15 @@ def _read_csv(path: Path) -> list[dict]:
             if not reader.fieldnames or len(set(reader.fieldnames)) != len(reader.fieldnames):
                 raise RlgenError(f"{path}, line 1: a CSV header of distinct column names is needed")
             rows = []
-            for row in reader:
+            while True:
+                first_line = reader.line_num + 1  # a quoted cell may span lines: a record is named by its first
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
                 if None in row or any(value is None for value in row.values()):
-                    raise RlgenError(f"{path}, line {reader.line_num}: {len(reader.fieldnames)} columns expected")
-                rows.append({**row, "_line": reader.line_num})
+                    raise RlgenError(f"{path}, line {first_line}: {len(reader.fieldnames)} columns expected")
+                rows.append({**row, "_line": first_line})
     except UnicodeDecodeError as exc:
         raise RlgenError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except csv.Error as exc:

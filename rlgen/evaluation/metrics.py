@@ -8,6 +8,7 @@ from math import comb
 
 import torch
 
+from rlgen.data.chat import reward_view
 from rlgen.errors import RlgenError, show_value
 from rlgen.evaluation import diversity, kl, pareto
 from rlgen.evaluation.reward_models import pair_accuracy
@@ -85,7 +86,7 @@ def correctness_rewards(task_rewards) -> RewardSet:
 def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_tokens: int, k: int = 1,
                    temperature: float = 1.0, generator: torch.Generator | None = None, sampler: str | None = None,
                    sampler_rewards: RewardSet | None = None, sampler_options: dict | None = None,
-                   sampling: dict | None = None) -> dict:
+                   sampling: dict | None = None, prompt_texts: list[str] | None = None) -> dict:
     """Accuracy on `records` (mean of the first, correctness, reward) of one completion per problem, and
     pass@k from k plain samples per problem at `temperature` when k > 1. Returns {"metrics", "samples" (the
     evaluated records with `completion` and `correct`), "rollouts" (their tokens)} and, when k > 1, the k
@@ -94,8 +95,10 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
     The evaluated completion is greedy unless `sampler` names a registered sampler (`plain`, `best-of-n`,
     `smc` ...): then it is that sampler's output at `temperature`, guided by `sampler_rewards` (which sees
     the records' fields) with `sampler_options`; the metrics then say which sampler was used. `sampling`:
-    further SamplingParams fields for every completion (min_p, repetition_penalty, stop)."""
-    prompts = [r["prompt"] for r in records]
+    further SamplingParams fields for every completion (min_p, repetition_penalty, stop). `prompt_texts`: the
+    model text of each record's prompt (its chat template applied) when the records hold it otherwise; the
+    rewards read the records (a message list as its text)."""
+    prompts = list(prompt_texts) if prompt_texts is not None else [r["prompt"] for r in records]
     extra_params = dict(sampling or {})
     metrics: dict = {}
     if sampler is None:
@@ -111,7 +114,7 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
                                           for spec in sampler_rewards.specs]
         if stats:
             metrics["sampler_stats"] = stats
-    samples = [{**r, "completion": text} for r, text in zip(records, evaluated.texts)]
+    samples = [{**reward_view(r), "completion": text} for r, text in zip(records, evaluated.texts)]
     components, _ = rewards.compute(samples)
     first = components[:, 0].tolist()
     for sample, value in zip(samples, first):
@@ -122,7 +125,8 @@ def evaluate_model(engine, records: list[dict], rewards: RewardSet, max_new_toke
         expanded = [p for p in prompts for _ in range(k)]
         sampled = engine.generate(expanded, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, **extra_params),
                                   generator)
-        sampled_records = [{**r, "completion": sampled.texts[i * k + j]} for i, r in enumerate(records) for j in range(k)]
+        sampled_records = [{**reward_view(r), "completion": sampled.texts[i * k + j]} for i, r in enumerate(records)
+                           for j in range(k)]
         correct = rewards.compute(sampled_records)[0][:, 0].view(len(records), k)
         hits = [int((row == 1).sum()) for row in correct]
         for kk in sorted({1, k}):

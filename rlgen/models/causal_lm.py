@@ -171,15 +171,20 @@ def load_model(path: Path, dtype: str = "float32"):
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], **weights_kwargs())
 
 
+def load_start_model(path: Path, dtype: str = "float32"):
+    """The model training starts from: a causal LM, or a saved LoRA adapter merged into its base (trainable:
+    peft froze the base for inference)."""
+    model = load_model(path, dtype)
+    return model.merge_and_unload().requires_grad_(True) if is_peft(model) else model
+
+
 def load_policy(cfg: ModelConfig):
     """(model, tokenizer, resolved path); LoRA is attached when cfg.lora_r > 0. A saved LoRA adapter directory
     is a model like any other: its adapter is merged into its base, and training starts from the merged
     weights (with a new adapter when cfg.lora_r > 0)."""
     path = resolve_model_path(cfg.path)
     tokenizer = load_tokenizer(path)
-    model = load_model(path, cfg.dtype)
-    if is_peft(model):  # peft froze the base for inference: the merged model trains like any other
-        model = model.merge_and_unload().requires_grad_(True)
+    model = load_start_model(path, cfg.dtype)
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from rlgen.data.chat import message_text
 from rlgen.devices import module_device
 from rlgen.errors import RlgenError
 from rlgen.models.causal_lm import DTYPES, load_tokenizer, quiet_transformers, resolve_model_path
@@ -106,17 +107,20 @@ def _load(cls, path: Path, dtype: str):
         return cls.from_pretrained(str(path), dtype=DTYPES[dtype], **weights_kwargs())
 
 
-def encode_texts(tokenizer, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask of prompt + completion (one text, tokenised together)."""
-    return pad_tokens(tokenizer([p + c for p, c in zip(prompts, completions)]).input_ids, tokenizer.pad_token_id, left=False)
+def encode_texts(tokenizer, prompts: list[str], completions: list[str],
+                 add_special_tokens: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask of prompt + completion (one text, tokenised together; text rendered by a chat
+    template holds its special tokens already: `add_special_tokens=False`)."""
+    ids = tokenizer([p + c for p, c in zip(prompts, completions)], add_special_tokens=add_special_tokens).input_ids
+    return pad_tokens(ids, tokenizer.pad_token_id, left=False)
 
 
-def reward_scores(model, tokenizer, prompts: list[str], completions: list[str]) -> torch.Tensor:
+def reward_scores(model, tokenizer, prompts: list[str], completions: list[str], add_special_tokens: bool = True) -> torch.Tensor:
     """[B] scalar rewards (with gradient when the caller is training). Identical (prompt, completion)
     rows are scored once, so they get identical rewards (a tie is a tie) and duplicates cost nothing."""
     unique: dict[tuple[str, str], int] = {}
     rows = [unique.setdefault((p, c), len(unique)) for p, c in zip(prompts, completions)]
-    ids, mask = encode_texts(tokenizer, [p for p, _ in unique], [c for _, c in unique])
+    ids, mask = encode_texts(tokenizer, [p for p, _ in unique], [c for _, c in unique], add_special_tokens)
     device = module_device(model)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
     logits = (out if isinstance(out, torch.Tensor) else out.logits).reshape(-1).float()
@@ -140,8 +144,8 @@ class RewardModelReward:
         out: list[float] = []
         for start in range(0, len(samples), self.batch_size):
             part = samples[start : start + self.batch_size]
-            scores = reward_scores(self.model, self.tokenizer, [str(s["prompt"]) for s in part],
-                                   [str(s["completion"]) for s in part])
+            scores = reward_scores(self.model, self.tokenizer, [message_text(s["prompt"]) for s in part],
+                                   [message_text(s["completion"]) for s in part])
             out.extend(scores.tolist())
         return out
 

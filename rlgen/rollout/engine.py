@@ -340,8 +340,11 @@ class HFEngine:
                 if seen is not None:
                     seen[rows, token] |= ~finished
                 if params.stop:  # a stop string completed by this token ends the row here
+                    # the text of the last few tokens: a string completed now lies within them (a token gives
+                    # at least one character, or a part of one), so no row is decoded whole at every step
+                    window = 2 * max(len(s) for s in params.stop) + 4
                     for row in (~finished).nonzero().flatten().tolist():
-                        if self._stop_string_at(completion_ids[row, :produced], params.stop) is not None:
+                        if self._stop_string_at(completion_ids[row, max(0, produced - window):produced], params.stop) is not None:
                             ended_by_string[row] = step
                             finished[row] = True
                 finished |= torch.isin(token, stop_ids)

@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from rlgen.data.chat import reward_view
 from rlgen.rewards.base import RewardSet, counted
 from rlgen.rollout.engine import RolloutEngine, Rollouts, SamplingParams, concat_rollouts, draw_seed, row_seeds
 
@@ -135,7 +136,8 @@ class GroupRollout:
         texts = {id(r): self.prompt_text(r) if self.prompt_text else r["prompt"] for r in records}
         rollouts = self.engine.generate([texts[id(r)] for r in expanded], self.params, self.generator, seeds=seeds)
         lengths = rollouts.completion_mask.sum(1).tolist()
-        samples = [{**r, "completion": text, "completion_tokens": n}
+        # rewards read text (a message-list prompt as its contents), as in `rlgen score` and `rlgen eval`
+        samples = [{**reward_view(r), "completion": text, "completion_tokens": n}
                    for r, text, n in zip(expanded, rollouts.texts, lengths)]
         components, valid, total = scored(self.rewards, samples, rollouts.completion_ids.device)
         return RolloutBatch(list(records), self.group_size, rollouts, samples, components, valid, total)

@@ -15,12 +15,13 @@ from safetensors import SafetensorError
 from rlgen import kernels
 from rlgen.devices import resolve_device
 from rlgen.distributed import Dist, init_distributed, sync_gradients
-from rlgen.data.chat import chat_format
+from rlgen.data.chat import chat_format, reward_view
 from rlgen.data.records import read_records
 from rlgen.errors import RlgenError
 from rlgen.evaluation.metrics import correctness_rewards, evaluate_model
 from rlgen.models.backbone import LoadedModel, ReferencePolicy, backbone_named
-from rlgen.models.causal_lm import load_model, load_policy, load_tokenizer, resolve_model_path, save_hf, side_files
+from rlgen.models.causal_lm import (load_model, load_policy, load_start_model, load_tokenizer, resolve_model_path, save_hf,
+                                    side_files)
 from rlgen.models.safe_load import load_peft_adapter
 from rlgen.plugins import registry
 from rlgen.config import to_dict
@@ -51,7 +52,8 @@ def field_names(data) -> dict[str, str]:
     return {field: column for field, column in names.items() if column != field}
 
 
-def held_out_split(data: DataConfig, records: list[dict], seed: int, evaluating: bool) -> tuple[list[dict], list[dict] | None, str]:
+def held_out_split(data: DataConfig, records: list[dict], seed: int, evaluating: bool,
+                   required=("prompt",)) -> tuple[list[dict], list[dict] | None, str]:
     """(training records, held-out records, what the held-out set is). The held-out set is `data.eval_path`;
     or, for a file without one, a seeded `data.eval_fraction` of it, taken out of the training records; or a
     task's held-out split. At most `data.eval_samples` held-out records; None when not evaluating."""
@@ -60,7 +62,7 @@ def held_out_split(data: DataConfig, records: list[dict], seed: int, evaluating:
     limit = data.eval_samples
     eval_path = getattr(data, "eval_path", None)
     if eval_path:
-        held = read_records(eval_path, required=("prompt",), messages=True, fields=field_names(data))[:limit]
+        held = read_records(eval_path, required=required, messages=True, fields=field_names(data))[:limit]
         return records, held, f"{eval_path} ({len(held)} records)"
     if data.path:
         fraction = getattr(data, "eval_fraction", 0.0)
@@ -234,7 +236,8 @@ class Trainer:
         base_path = resolve_model_path(cfg.path)
         tokenizer = load_tokenizer(base_path)
         if cfg.lora_r > 0:
-            model = load_peft_adapter(load_model(base_path, cfg.dtype), checkpoint / "model", is_trainable=True)
+            # the run's own adapter on the model it started from (an adapter directory: merged into its base)
+            model = load_peft_adapter(load_start_model(base_path, cfg.dtype), checkpoint / "model", is_trainable=True)
         else:
             model = load_model(checkpoint / "model", cfg.dtype)
         return model, tokenizer, base_path
@@ -303,6 +306,15 @@ class Trainer:
 
     chat = None  # the run's ChatFormat (rlgen.data.chat), set once the tokenizer is loaded
 
+    def text_engine(self):
+        """The rollout engine on the policy, tokenising as the run's chat format says (rendered prompts hold
+        the template's special tokens: none are added)."""
+        from rlgen.rollout.engine import HFEngine
+
+        engine = HFEngine(self.model, self.tokenizer)
+        engine.add_special_tokens = self.chat.add_special_tokens if self.chat is not None else True
+        return engine
+
     def prompt_text(self, record: dict) -> str:
         """A record's prompt as model text (its chat template applied when one is in use, then cut to
         data.max_prompt_length tokens); a bad one is one line naming the record."""
@@ -345,12 +357,13 @@ class Trainer:
         return (f"data.max_prompt_length = {limit}: {cut} of {len(records)} training prompts truncated "
                 f"({self.config.data.prompt_truncation})")
 
-    def split_held_out(self, records: list[dict], evaluating: bool | None = None) -> tuple[list[dict], list[dict] | None]:
+    def split_held_out(self, records: list[dict], evaluating: bool | None = None,
+                       required=("prompt",)) -> tuple[list[dict], list[dict] | None]:
         """(training records, held-out records) by `held_out_split`, saying what the evaluation runs on.
         `evaluating`: whether the run evaluates (default: run.eval_every > 0)."""
         cfg = self.config
         evaluating = bool(cfg.run.eval_every) if evaluating is None else evaluating
-        train, held, what = held_out_split(cfg.data, records, cfg.run.seed, evaluating)
+        train, held, what = held_out_split(cfg.data, records, cfg.run.seed, evaluating, required)
         self.held_out_description = what  # said once the set-up has passed (bad input stays one error line)
         return train, held
 
@@ -657,11 +670,20 @@ class Trainer:
         elif main:
             self.run.check_fresh()  # early, before the model loads; create() checks again under the lock
         self.setup()
+        failure = None
         if main:
-            self.run.create(self.config, fresh=not self.resume)
-            if self.resume:  # the metric lines after the checkpoint (all of them without one) are written again
-                self.run.truncate_metrics(self.step)
-            self._open_trackers(chosen)
+            try:
+                self.run.create(self.config, fresh=not self.resume)
+                if self.resume:  # the metric lines after the checkpoint (all of them without one) are written again
+                    self.run.truncate_metrics(self.step)
+                self._open_trackers(chosen)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, once every rank knows
+                failure = exc
+        # multi-process: the other ranks stop with rank 0 (else they would wait in the first collective)
+        if self.dist.enabled and self.dist.sum(0.0 if failure is None else 1.0) and failure is None:
+            raise RlgenError("rank 0 could not start the run (its error is in rank 0's output)")
+        if failure is not None:
+            raise failure
         cfg = self.config.run
         last: dict = {}
         if self.held_out_description:
@@ -745,15 +767,15 @@ class Trainer:
         and the run's own rewards (`eval_rewards`), each of them and their combination."""
         if not self.eval_records:
             return {}
-        records = self.rendered(self.eval_records)
+        texts = [self.prompt_text(r) for r in self.eval_records]
         rewards = self.eval_rewards()
         correctness = self.eval_task_rewards()
-        result = evaluate_model(self.engine, records, rewards if rewards is not None and not correctness
-                                else correctness_rewards(correctness), self.eval_max_new_tokens)
+        result = evaluate_model(self.engine, self.eval_records, rewards if rewards is not None and not correctness
+                                else correctness_rewards(correctness), self.eval_max_new_tokens, prompt_texts=texts)
         self.model.train()
         metrics = {"eval/accuracy": result["metrics"]["accuracy"]} if correctness else {}
         if rewards is not None:  # rewards read the records as given (a message-list prompt stays one)
-            samples = [{**r, "completion": s["completion"]} for r, s in zip(self.eval_records, result["samples"])]
+            samples = [{**reward_view(r), "completion": s["completion"]} for r, s in zip(self.eval_records, result["samples"])]
             components, valid = rewards.compute(samples)
             total = rewards.total(components)[valid]
             metrics["eval/reward"] = float(total.nanmean()) if total.numel() else float("nan")

@@ -10,6 +10,7 @@ from rlgen.config import section, setting
 from rlgen.diffusion.generate import generate_images
 from rlgen.diffusion.pipeline import DiffusionModelConfig, load_diffusion_model
 from rlgen.diffusion.sampling import DiffusionSamplingParams
+from rlgen.data.records import check_text
 from rlgen.errors import RlgenError
 from rlgen.evaluation.images import reward_statistics
 from rlgen.rewards.base import RewardSpec
@@ -26,6 +27,17 @@ class PromptDataConfig(DataConfig):
     task: str | None = "digits"
     path: str | None = setting(None, "JSONL / Parquet with a `prompt` field (and any fields rewards read), instead of a task")
     eval_samples: int = setting(200, "held-out prompts of the evaluation every run.eval_every steps; 0 = none")
+
+    def validate(self) -> None:
+        """The text models' keys that image models have no use for are refused, not silently ignored."""
+        unused = [(key, value) for key, value, default in (
+            ("chat_template", self.chat_template, "auto"), ("system_prompt", self.system_prompt, ""),
+            ("max_prompt_length", self.max_prompt_length, 0), ("prompt_truncation", self.prompt_truncation, "left"))
+            if value != default]
+        if unused:
+            key, value = unused[0]
+            raise RlgenError(f"config key 'data.{key}' = {value!r}: image trainers do not use it (their prompts are "
+                             "text for the text encoder, without a chat template or truncation)")
 
 
 @dataclass
@@ -146,7 +158,10 @@ class DiffusionTrainer(Trainer):
     # --- prompts ---
     def load_prompts(self) -> None:
         data = self.config.data
-        self.records, held = self.split_held_out(load_records(data, data.split), evaluating=bool(data.eval_samples))
+        evaluating = bool(data.eval_samples and self.config.run.eval_every)
+        self.records, held = self.split_held_out(load_records(data, data.split), evaluating=evaluating)
+        for record in self.records + (held or []):  # an image model's prompt is text (no chat template)
+            check_text(data.path or data.task, record, "prompt")
         self.eval_records = held or []
 
     def evaluate(self) -> dict:
