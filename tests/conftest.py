@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A run says what it is loading when its set-up takes 5 s; on a loaded test machine a tiny model's may, and the
+# notice would add a line to outputs the tests compare exactly (tests/test_progress_lines.py sets it itself).
+os.environ.setdefault("RLGEN_LOADING_NOTICE_S", "600")
 
 
 @pytest.fixture(scope="session")

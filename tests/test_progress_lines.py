@@ -53,3 +53,14 @@ def test_a_training_run_into_a_log_file_prints_plain_progress(tmp_path):
     progress = [line for line in err.splitlines() if line.startswith(f"training ({tmp_path / 'run'}): ")]
     assert progress[0].endswith(": 0/2") and progress[-1].split("  ")[0].endswith(": 2/2"), err
     assert "\u2501" not in err  # no bar drawing in a log
+
+
+def test_a_slow_set_up_says_what_is_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLGEN_LOADING_NOTICE_S", "0")  # every set-up counts as slow
+    err = rlgen_ok("train", "sft", "--task", "arithmetic", "--steps", 1, "--set", "algorithm.batch_size=4",
+                   "--set", "data.eval_samples=0", "--out", tmp_path / "run").err
+    assert err.splitlines()[0] == "loading tiny-arith and the data (set-up still running) ..."
+    monkeypatch.setenv("RLGEN_LOADING_NOTICE_S", "60")  # a fast one does not
+    err = rlgen_ok("train", "sft", "--task", "arithmetic", "--steps", 1, "--set", "algorithm.batch_size=4",
+                   "--set", "data.eval_samples=0", "--out", tmp_path / "fast").err
+    assert "loading" not in err

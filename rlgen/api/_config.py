@@ -93,11 +93,14 @@ def clamp_default_lengths(typed, data: dict) -> None:
     limit = declared_context(model.path) if model is not None and getattr(model, "path", None) else None
     if not limit:
         return
+    evaluating = bool(getattr(getattr(typed, "run", None), "eval_every", 0))
     for section, key in LENGTH_KEYS:
         part = getattr(typed, section, None)
         value = getattr(part, key, None) if part is not None else None
         given = isinstance(data.get(section), dict) and key in data[section]
         if not isinstance(value, int) or given or value <= limit // 2:
+            continue
+        if section == "algorithm" and not evaluating:  # SFT's: the held-out evaluation's length, unused without it
             continue
         setattr(part, key, max(1, limit // 2))
         sys.stderr.write(f"rlgen: warning: {section}.{key} = {value} (the default) is more than half of the model's "
@@ -194,6 +197,7 @@ def load_config(algo, config: str | Path | dict | None = None, *, sets: list[str
         if not saved.is_file():
             raise RlgenError(f"cannot resume: {saved} not found (is {resume} a run directory?)")
         data = upgrade_keys(algorithm.config_cls, read_toml(saved), str(saved))
+        saved_data = deep_merge({}, data)  # the saved config as read (its warnings given once), before overrides
     else:
         data = deep_merge({}, algorithm.defaults)
         if isinstance(config, dict):
@@ -218,5 +222,5 @@ def load_config(algo, config: str | Path | dict | None = None, *, sets: list[str
         if value and Path(value).exists():
             setattr(part, key, str(Path(value).resolve()))
     if resume and user:
-        check_same_split(typed, from_dict(algorithm.config_cls, upgrade_keys(algorithm.config_cls, read_toml(saved), str(saved))))
+        check_same_split(typed, from_dict(algorithm.config_cls, saved_data))
     return typed

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -607,6 +609,10 @@ class Trainer:
             if self.dist.is_main:
                 self.run.unlock()
 
+    def _loading_notice(self) -> None:
+        model = getattr(getattr(self.config, "model", None), "path", None)
+        self.reporter.log(f"loading {model} and the data (set-up still running) ..." if model else "setting up ...")
+
     # --- experiment trackers (run.report_to) ---
     def _tracker_classes(self) -> list[tuple[str, object]]:
         """The trackers of run.report_to, their packages imported: a missing one is one line, before the model loads."""
@@ -669,7 +675,15 @@ class Trainer:
             self.run.lock()
         elif main:
             self.run.check_fresh()  # early, before the model loads; create() checks again under the lock
-        self.setup()
+        # A slow set-up (a large model loading) says so within seconds; a fast one, or one that fails on bad
+        # input, prints nothing more than its own lines (an error stays one line).
+        notice = threading.Timer(float(os.environ.get("RLGEN_LOADING_NOTICE_S", LOADING_NOTICE_S)), self._loading_notice)
+        notice.daemon = True
+        notice.start()
+        try:
+            self.setup()
+        finally:
+            notice.cancel()
         failure = None
         if main:
             try:
@@ -790,6 +804,9 @@ class Trainer:
         rewards = getattr(self, "rewards", None)
         return rewards if getattr(data, "path", None) and hasattr(rewards, "compute") else None
 
+
+# Seconds of set-up (model and data loading) after which a run says what it is loading.
+LOADING_NOTICE_S = 5.0
 
 # Rewards that score a completion right (1) or wrong (0): their mean over held-out problems is an accuracy.
 CORRECTNESS_REWARDS = ("exact-match", "numeric-match", "countdown")
