@@ -92,11 +92,11 @@ _rlgen_sample() {
         -t|--task)
             _rlgen_registry task "arithmetic countdown digits sorting"
             return ;;
-        --batch-size|--chat-template|--device|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|--min-p|-n|--num-samples|--num-steps|--repetition-penalty|--sampler-reward|--seed|--stop|--system-prompt|--temperature|--top-k|--top-p)
+        --batch-size|--chat-template|--device|--engine|--eta|--guidance-scale|--image-dir|--limit|--max-new-tokens|--min-p|-n|--num-samples|--num-steps|--repetition-penalty|--sampler-reward|--seed|--stop|--system-prompt|--temperature|--top-k|--top-p)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--batch-size --chat-template --debug --device --eta --grid --guidance-scale --help --image-dir --limit --max-new-tokens --min-p --model --num-samples --num-steps --out --prompts --quiet --repetition-penalty --sampler --sampler-opt --sampler-reward --seed --split --stop --system-prompt --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
+        _rlgen_words "--batch-size --chat-template --debug --device --engine --eta --grid --guidance-scale --help --image-dir --limit --max-new-tokens --min-p --model --num-samples --num-steps --out --prompts --quiet --repetition-penalty --sampler --sampler-opt --sampler-reward --seed --split --stop --system-prompt --task --temperature --top-k --top-p -h -m -n -o -p -q -t"
         return
     fi
 }
@@ -288,14 +288,14 @@ _rlgen_eval() {
         -t|--task)
             _rlgen_registry task "arithmetic countdown digits sorting"
             return ;;
-        --chat-template|--device|--eta|--guidance-scale|-k|--limit|--max-new-tokens|--min-p|--num-steps|--repetition-penalty|--sampler-reward|--seed|--stop|--system-prompt|--temperature)
+        --chat-template|--device|--engine|--eta|--guidance-scale|-k|--limit|--max-new-tokens|--min-p|--num-steps|--repetition-penalty|--sampler-reward|--seed|--stop|--system-prompt|--temperature)
             return ;;
     esac
     if [[ $cur == -* ]]; then
-        _rlgen_words "--chat-template --data --debug --device --eta --guidance-scale --help --json --limit --max-new-tokens --metric --min-p --model --num-steps --plot --plot-dir --quiet --ref --repetition-penalty --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --stop --system-prompt --task --temperature -h -k -m -q -r -t"
+        _rlgen_words "--chat-template --data --debug --device --engine --eta --guidance-scale --help --json --limit --max-new-tokens --metric --min-p --model --num-steps --plot --plot-dir --quiet --ref --repetition-penalty --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --stop --system-prompt --task --temperature -h -k -m -q -r -t"
         return
     fi
-    _rlgen_npos "--chat-template --data --device --eta --guidance-scale --limit --max-new-tokens --metric --min-p --model --num-steps --plot --plot-dir --ref --repetition-penalty --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --stop --system-prompt --task --temperature -k -m -r -t"
+    _rlgen_npos "--chat-template --data --device --engine --eta --guidance-scale --limit --max-new-tokens --metric --min-p --model --num-steps --plot --plot-dir --ref --repetition-penalty --reward --rm --sampler --sampler-opt --sampler-reward --samples-out --seed --similarity --split --stop --system-prompt --task --temperature -k -m -r -t"
     case $npos in
         *)
             _rlgen_files

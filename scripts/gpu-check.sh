@@ -26,5 +26,15 @@ for bench in logprob grpo_step dpo_step diffusion_step "merge --work $scratch/me
   # shellcheck disable=SC2086  # $bench carries the script's extra arguments
   python bench/$name.py ${bench#"$name"} --device cuda --json "$scratch/$name.json" || status=1
 done
+# The vLLM rollout engine on CUDA (needs `pip install "rlgen[vllm]"`): its tests (weight sync, log-probs against
+# the policy, the GRPO demo), then a bf16 GRPO run with sleep mode, and the HF-vs-vLLM rollout benchmark.
+if python -c "import vllm" 2>/dev/null; then
+  RLGEN_REQUIRE_VLLM=1 python -m pytest -q tests/test_vllm.py || status=1
+  rlgen train grpo --device cuda --out "$scratch/grpo-vllm" --set 'rollout.engine="vllm"' --set 'run.precision="bf16-mixed"' \
+    --set 'rollout.vllm_dtype="bfloat16"' --set rollout.vllm_enable_sleep_mode=true --set run.steps=50 || status=1
+  python bench/rollout.py --shape both --json "$scratch/rollout.json" || status=1
+else
+  echo "gpu-check: vLLM is not installed: the vLLM engine checks did not run"
+fi
 echo "gpu-check: JSON results in $scratch"
 exit $status

@@ -12,7 +12,7 @@ import torch
 
 from rlgen.models.logprobs import completion_logprobs
 from rlgen.algorithms.contracts import ADVANTAGE_ESTIMATOR_DEFAULTS, AdvantageInput, estimate_advantages
-from rlgen.algorithms.losses import KL_ESTIMATORS, LossContext, policy_loss
+from rlgen.algorithms.losses import KL_ESTIMATORS, LossContext, engine_is_weights, policy_loss
 from rlgen.errors import RlgenError
 from rlgen.extension import capabilities
 from rlgen.models.sequences import prefix_runs, supports_shared_prefix
@@ -39,6 +39,11 @@ class RolloutConfig(GroupRolloutConfig):
     min_p: float = setting(0.0, "drop tokens below this fraction of the most likely token's probability; 0 = off", bounds=PROBABILITY)
     repetition_penalty: float = setting(1.0, "CTRL's penalty on tokens already in the prompt or completion (vLLM's / transformers'); 1 = off", bounds=POSITIVE)
     stop: list[str] = setting(doc="stop strings: a completion ends with the token that completes one (the text leaves it out)", factory=list)
+    engine: Literal["hf", "vllm"] = setting("hf", "rollout engine: hf (rlgen's KV-cached loop on the policy) | vllm (colocated vLLM, weights synced after every update)")
+    vllm_gpu_memory_utilization: float = setting(0.3, "vllm on a GPU: the fraction of its memory vLLM may take (TRL's colocate default)", bounds=PROBABILITY)
+    vllm_enable_sleep_mode: bool = setting(False, "vllm on a GPU: free the engine's weights and KV cache during each update (woken, and synced, for the next rollout)")
+    vllm_kv_cache_gib: float = setting(0.0, "vllm on a CPU: GiB of KV cache; 0 = enough for one step's rollouts")
+    vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "vllm: the engine's weight dtype; auto = the policy's (bf16 generation beside fp32 training is where the off-policy correction matters)")
 
     def sampling_params(self) -> SamplingParams:
         """These settings as the rollout engine's SamplingParams."""
@@ -70,6 +75,12 @@ class GRPOAlgoConfig:
     overlong_penalty: float = setting(1.0, "DAPO: the penalty at the length limit (linear over the buffer)")
     mask_truncated_completions: bool = setting(False, "DAPO: no loss on completions that hit the length limit")
     shared_prefix: bool = setting(True, "run each group's prompt once and share its KV cache (same result, faster)")
+    engine_is_correction: Literal["none", "tis", "mis"] = setting(
+        "tis", "a rollout engine with its own weights (vllm): weight each token's loss by the trainer / engine probability "
+        "ratio, truncated at engine_is_cap (tis: TRL's vllm_importance_sampling_correction, verl's TIS), or drop what exceeds "
+        "it (mis: masked IS); none = off")
+    engine_is_cap: float = setting(3.0, "the ratio cap of engine_is_correction (TRL's vllm_importance_sampling_cap)", bounds=POSITIVE)
+    engine_is_level: Literal["token", "sequence"] = setting("token", "engine_is_correction per token, or per sequence (the product of its tokens' ratios)")
 
     def registered_names(self) -> list[RegisteredName]:
         return [("algorithm.advantage", "advantage-estimator", self.advantage), ("algorithm.loss_type", "policy-loss", self.loss_type)]
@@ -243,6 +254,7 @@ class GRPOTrainer(Trainer):
             return metrics
         rollouts, valid = batch.rollouts, batch.valid
         advantages = self._advantages(batch.records, batch.components, batch.total, valid, rollouts.completion_mask)
+        release_engine(self.engine)  # the step's generation is over: an engine with memory of its own frees it
         mask = rollouts.completion_mask.float()
         if cfg.algorithm.mask_truncated_completions:
             mask = mask * (~rollouts.truncated).float().unsqueeze(-1)
@@ -293,7 +305,9 @@ class GRPOTrainer(Trainer):
         if a.beta > 0 and chunks:
             batch.ref_logps = self._reference_logprobs(inputs, passes, temperature, shared, budget)
         old_logps, ref_logps = batch.old_logps, batch.ref_logps
+        engine_logps = batch.rollouts.logprobs  # None: the policy sampled (the HF engine), nothing to correct
         sums: dict[str, float] = {}
+        ratio_max = 0.0
         grad_norm = 0.0
         for _ in range(a.num_iterations):
             for idx, real in passes:
@@ -308,7 +322,17 @@ class GRPOTrainer(Trainer):
                 kl = self.kl_fn(logp, ref) if ref is not None else None
                 adv = advantages[idx] if advantages.dim() == 1 else advantages[idx, :w]
                 m = mask[idx, :w]
-                loss, stats = policy_loss(self.loss_fn, logp, old, adv, m, ctx, kl, a.beta, ref_logp=ref, name=a.loss_type)
+                token_weights = None
+                if engine_logps is not None:
+                    token_weights, engine_stats = engine_is_weights(old, engine_logps[idx, :w], m, a.engine_is_correction,
+                                                                    a.engine_is_cap, a.engine_is_level)
+                    ratio_max = max(ratio_max, float(engine_stats.pop("ratio_max")))
+                    for key, value in engine_stats.items():
+                        _accumulate(sums, f"engine/{key}", float(value) * float(m.sum()) / ctx.num_items_in_batch)
+                    if a.engine_is_correction == "none":
+                        token_weights = None
+                loss, stats = policy_loss(self.loss_fn, logp, old, adv, m, ctx, kl, a.beta, ref_logp=ref, name=a.loss_type,
+                                          token_weights=token_weights)
                 self.backward(loss)
                 weight = float(m.sum()) / ctx.num_items_in_batch
                 _accumulate(sums, "loss", float(loss.detach()))
@@ -322,6 +346,8 @@ class GRPOTrainer(Trainer):
             keys = sorted({key for keys in self.dist.all_gather_json(sorted(sums)) for key in keys})
             sums = summed_over_ranks(self.dist, {key: sums.get(key, 0.0) for key in keys})
         out = {k: v / a.num_iterations for k, v in sums.items()}
+        if engine_logps is not None:
+            out["engine/ratio_max"] = ratio_max
         out["grad_norm"] = grad_norm
         return out
 
@@ -359,6 +385,14 @@ class GatheredRewards:
         gather = dist.all_gather_rows
         return cls(gather(batch.components), gather(batch.total), gather(batch.valid), gather(batch.completion_lengths),
                    gather(batch.rollouts.truncated))
+
+
+def release_engine(engine) -> None:
+    """Between a step's generation and its update: an engine with its own weights and KV cache (vLLM with
+    rollout.vllm_enable_sleep_mode) frees them, to be woken and synced before its next generation."""
+    sleep = getattr(engine, "sleep", None)
+    if sleep is not None:
+        sleep()
 
 
 def completion_rows(batch: RolloutBatch, reward_names: list[str]) -> list[dict]:

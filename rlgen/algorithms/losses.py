@@ -155,14 +155,49 @@ POLICY_LOSSES = {"grpo": grpo, "bnpo": bnpo, "dr_grpo": dr_grpo, "dapo": dapo, "
 
 
 def policy_loss(fn, logp, old_logp, advantages, mask, ctx: LossContext, kl: torch.Tensor | None = None,
-                beta: float = 0.0, ref_logp: torch.Tensor | None = None, name: str = ""):
-    """Apply a registered loss (either form), add beta * per-token KL before aggregation (as TRL does),
-    aggregate. `advantages` may be per sequence [B] or per token [B, T]."""
+                beta: float = 0.0, ref_logp: torch.Tensor | None = None, name: str = "",
+                token_weights: torch.Tensor | None = None):
+    """Apply a registered loss (either form), weight each token's loss by `token_weights` [B, T] (the rollout
+    engine's importance weights, `engine_is_weights`), add beta * per-token KL before aggregation (both as TRL
+    does), aggregate. `advantages` may be per sequence [B] or per token [B, T]."""
     out = run_policy_loss(fn, PolicyLossInput(logp, old_logp, advantages, mask, ctx, ref_logp), name)
     per_token = out.per_token_loss
+    if token_weights is not None:
+        per_token = per_token * token_weights
     if kl is not None and beta:
         per_token = per_token + beta * kl
     return aggregate(per_token, mask, out.aggregation, ctx), out.stats
+
+
+# --- the rollout engine's off-policy correction ---
+
+def engine_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, mode: str, cap: float,
+                      level: str = "token") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Importance weights [B, T] (no gradient) for completions a separate engine sampled (vLLM, whose kernels,
+    precision or weights differ from the trainer's): the ratio pi_trainer / pi_engine of each token (`level` =
+    "token") or of each sequence (the product of its tokens' ratios, on every token of it), with
+    `mode` = "tis" truncated at `cap` (min(ratio, cap): TRL's vllm_importance_sampling_correction, verl's TIS),
+    "mis" zero where the ratio exceeds `cap` (masked IS), "none" all ones. `trainer_logp` is the trainer's
+    log-prob of the sampled token under the policy that sampled (the old policy), `engine_logp` the engine's.
+    Stats over the completion tokens (`mask`): `kl`, the k3 estimate of KL(engine || trainer); `ratio_max`;
+    `masked_fraction`, the share of tokens whose ratio exceeded the cap (capped under tis, dropped under mis)."""
+    with torch.no_grad():
+        m = mask.float()
+        log_ratio = (trainer_logp.float() - engine_logp.float()) * m
+        token_ratio = log_ratio.exp()
+        ratio = (log_ratio.sum(-1, keepdim=True).exp().expand_as(log_ratio) if level == "sequence" else token_ratio)
+        over = (ratio > cap).float() * m
+        if mode == "tis":
+            weights = ratio.clamp(max=cap)
+        elif mode == "mis":
+            weights = ratio * (1.0 - over)
+        else:
+            weights = torch.ones_like(ratio)
+        tokens = m.sum().clamp(min=1)
+        stats = {"kl": ((token_ratio - 1 - log_ratio) * m).sum() / tokens,
+                 "ratio_max": (ratio * m).max() if m.any() else ratio.new_tensor(1.0),
+                 "masked_fraction": over.sum() / tokens}
+        return weights * m, stats
 
 
 # --- KL estimators between the policy and a frozen reference (Schulman's k1 / k2 / k3) ---

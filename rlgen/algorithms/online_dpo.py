@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rlgen.algorithms.dpo import PreferenceAlgoConfig, PreferenceTrainer
-from rlgen.algorithms.grpo import RolloutConfig, check_context_length, check_rollout_shares, completion_rows, data_source
+from rlgen.algorithms.grpo import (RolloutConfig, check_context_length, check_rollout_shares, completion_rows, data_source,
+                                   release_engine)
 from rlgen.algorithms.preference_losses import PreferenceOptions, needs_reference
 from rlgen.data.preferences import make_pairs
 from rlgen.errors import RlgenError
@@ -126,6 +127,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
             self.log_completions(completion_rows(batch, self.rewards.names))
         gather = self.dist.all_gather_rows
         metrics = self.rewards.metrics(gather(batch.components), gather(batch.total), gather(batch.valid))
+        release_engine(self.engine)  # the step's generation is over (vLLM sleep mode frees its memory for the update)
         pairs, rows = best_worst_pairs(batch)
         if not self.dist.sum(len(pairs)):  # no pair on any rank: every rank skips
             metrics.update(pairs=0, skipped_update=1)

@@ -54,6 +54,10 @@ _EXPORTS = {
     "RewardSpec": ("rlgen.rewards.base", "RewardSpec"),
     "SamplingParams": ("rlgen.rollout.engine", "SamplingParams"),
     "Rollouts": ("rlgen.rollout.engine", "Rollouts"),  # what an engine returns: prompts, token ids, masks, texts
+    "HFEngine": ("rlgen.rollout.engine", "HFEngine"),  # rlgen's KV-cached sampling loop over a causal LM
+    "VLLMEngine": ("rlgen.rollout.vllm_engine", "VLLMEngine"),  # the same contract over a colocated vLLM engine
+    "build_text_engine": ("rlgen.rollout.engines", "build_text_engine"),  # "hf" | "vllm" over a loaded model
+    "checkpoint_weights": ("rlgen.models.causal_lm", "checkpoint_weights"),  # (name, tensor) as in the HF checkpoint
     "RolloutBatch": ("rlgen.rollout.groups", "RolloutBatch"),
     "GroupRollout": ("rlgen.rollout.groups", "GroupRollout"),
     "ModelInputs": ("rlgen.rollout.groups", "ModelInputs"),

@@ -28,7 +28,8 @@ from rlgen.models.causal_lm import ModelConfig, load_policy, resolve_model_path
 from rlgen.models.reward_model import load_reward_model
 from rlgen.plugins import registry
 from rlgen.rewards.base import RewardSet, RewardSpec, scoring_device
-from rlgen.rollout.engine import HFEngine, check_context
+from rlgen.rollout.engine import check_context
+from rlgen.rollout.engines import build_text_engine, check_engine_kind
 from rlgen.training.trainer import DataConfig, load_records
 
 
@@ -39,7 +40,8 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
              sampler_options=None, sampler_reward=None, reward_model: str | None = None, num_steps: int = 20,
              guidance_scale: float = 1.0, eta: float = 0.0, compare: list[str] | None = None,
              plot_dir: str | None = None, metrics: list[str] | None = None, device: str = "auto", min_p: float = 0.0,
-             repetition_penalty: float = 1.0, stop=None, chat_template: str = "auto", system_prompt: str = "") -> dict:
+             repetition_penalty: float = 1.0, stop=None, chat_template: str = "auto", system_prompt: str = "",
+             engine: str = "hf") -> dict:
     """The result `rlgen eval --json` prints, for whichever of these is given:
 
     - `model` with `task` or `data`: accuracy (greedy, or one `sampler` completion at `temperature`),
@@ -60,14 +62,16 @@ def evaluate(source=None, *, model: str | None = None, task: str | None = None, 
     evaluated one, `ref`, `reward_model`, and the reward models and image classifiers of the rewards) run
     on `device`: auto (CUDA when available), cpu, cuda or cuda:N. A text model's prompts (strings or chat
     message lists) go through its chat template (`chat_template`: auto, always, never; `system_prompt`), and
-    every completion is drawn with `min_p`, `repetition_penalty` and `stop` strings as `sample` draws them."""
+    every completion is drawn with `min_p`, `repetition_penalty` and `stop` strings as `sample` draws them, by
+    `engine`: hf (rlgen's KV-cached loop) or vllm (a vLLM engine in this process)."""
     # the ranges `rlgen eval` checks for its flags, named by keyword, before anything is read or loaded
     check_numbers(("limit", limit, COUNT, "int?"), ("k", k, COUNT, "int"),
                   ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
                   ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
                   ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"),
                   ("min_p", min_p, PROBABILITY, "float"), ("repetition_penalty", repetition_penalty, POSITIVE, "float"))
-    text_options = dict(chat_template=chat_template, system_prompt=system_prompt, sampling=dict(
+    check_engine_kind("engine", engine)
+    text_options = dict(chat_template=chat_template, system_prompt=system_prompt, engine=engine, sampling=dict(
         min_p=min_p, repetition_penalty=repetition_penalty, stop=tuple(string_list("stop", stop, "stop strings") or ())))
     target = device_for(device)
     if source is not None and not isinstance(source, (str, Path, list, tuple)):
@@ -141,11 +145,17 @@ def _eval_model(model, task, data, split, limit, k, temperature, max_new_tokens,
         reference, _, ref_path = load_policy(ModelConfig(path=ref))
         reference.to(device).eval().requires_grad_(False)
         check_vocabularies(policy, reference)
-    engine = HFEngine(policy.eval(), tokenizer)
-    engine.add_special_tokens = chat.add_special_tokens
-    result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
-                            generator=torch.Generator().manual_seed(seed), sampler=sampler, sampler_rewards=guide,
-                            sampler_options=sampler_options, sampling=text_options.get("sampling"), prompt_texts=texts)
+    engine = build_text_engine(text_options.get("engine", "hf"), policy.eval(), tokenizer,
+                               add_special_tokens=chat.add_special_tokens, prompts=texts, max_new_tokens=max_new_tokens,
+                               rows=min(256, max(1, len(records) * k)), seed=seed)
+    try:
+        result = evaluate_model(engine, records, rewards, max_new_tokens, k=k, temperature=temperature,
+                                generator=torch.Generator().manual_seed(seed), sampler=sampler, sampler_rewards=guide,
+                                sampler_options=sampler_options, sampling=text_options.get("sampling"), prompt_texts=texts)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
     if samples_out:  # written with the prompts as given (a message list stays one, its completion assistant messages)
         write_records([{**sample, "prompt": original["prompt"],
                         "completion": chat.completion_value(original["prompt"], sample["completion"])}
@@ -179,6 +189,8 @@ def _eval_image_model(model, task, data, split, limit, k, _temperature, _max_new
                       sampler, sampler_opt, sampler_reward, ref, _similarity, num_steps, guidance_scale, eta,
                       specs=(), device=None, text_options=None) -> dict:
     """Reward statistics of k images per prompt at fixed seeds (overall and per prompt)."""
+    if (text_options or {}).get("engine", "hf") != "hf":
+        raise RlgenError(f"--engine {text_options['engine']} draws text; {model} is an image model (sampled by rlgen's pipeline)")
     if ref:
         raise RlgenError("--ref (KL to a reference model) is for language models")
     if not task and not data:

@@ -18,7 +18,8 @@ from rlgen.errors import RlgenError, show_value
 from rlgen.events import as_events
 from rlgen.models.causal_lm import ModelConfig, load_policy
 from rlgen.plugins import registry
-from rlgen.rollout.engine import HFEngine, SamplingParams, check_context
+from rlgen.rollout.engine import SamplingParams, check_context
+from rlgen.rollout.engines import build_text_engine, check_engine_kind
 from rlgen.rollout.samplers import call_sampler, check_sampler, prepare_sampler
 
 
@@ -79,7 +80,7 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
            out: str | None = None, image_dir: str | None = None, grid: str | None = None, num_steps: int = 20,
            guidance_scale: float = 1.0, eta: float = 0.0, batch_size: int = 64, min_p: float = 0.0,
            repetition_penalty: float = 1.0, stop=None, chat_template: str = "auto", system_prompt: str = "",
-           device: str = "auto", callbacks=None) -> list[dict]:
+           device: str = "auto", engine: str = "hf", callbacks=None) -> list[dict]:
     """`n` samples per prompt: each record plus `completion` (text) and `sample_index`, drawn on `device`
     (auto: CUDA when available; cpu, cuda, cuda:N). The seed decides the draws on every device, but a GPU's
     random stream differs from the CPU's: the same seed gives other samples there.
@@ -90,7 +91,8 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
 
     A prompt is a string or a chat message list; `chat_template` (auto: when the tokenizer has one, always,
     never) renders it with the model's template, `system_prompt` first, and the completion of a message-list
-    prompt is written as assistant messages (TRL's conversational format)."""
+    prompt is written as assistant messages (TRL's conversational format). `engine` draws text completions:
+    hf (rlgen's KV-cached loop) or vllm (a vLLM engine in this process; `pip install 'rlgen[vllm]'`)."""
     # the ranges `rlgen sample` checks for its flags, named by keyword, before anything is read or loaded
     check_numbers(("n", n, COUNT, "int"), ("limit", limit, COUNT, "int?"), ("batch_size", batch_size, COUNT, "int"),
                   ("max_new_tokens", max_new_tokens, COUNT, "int"), ("temperature", temperature, NON_NEGATIVE, "float"),
@@ -98,6 +100,7 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
                   ("min_p", min_p, PROBABILITY, "float"), ("repetition_penalty", repetition_penalty, POSITIVE, "float"),
                   ("seed", seed, SEED, "int"), ("num_steps", num_steps, COUNT, "int"),
                   ("guidance_scale", guidance_scale, ANY, "float"), ("eta", eta, NON_NEGATIVE, "float"))
+    check_engine_kind("engine", engine)
     target = device_for(device)
     model = model_name("model", model)
     events = as_events(callbacks)
@@ -108,13 +111,13 @@ def sample(model: str | None = None, prompts=None, *, task: str | None = None, s
                 image_dir=image_dir, grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                 chat_template=chat_template, system_prompt=system_prompt, min_p=min_p,
                 repetition_penalty=repetition_penalty, stop=tuple(string_list("stop", stop, "stop strings") or ()),
-                batch_size=batch_size, device=target, events=events))
+                batch_size=batch_size, device=target, engine=engine, events=events))
 
 
 def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str, sampler_options, sampler_reward,
                  max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, device, events,
                  chat_template: str = "auto", system_prompt: str = "", min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 stop: tuple = (), **_image_options):
+                 stop: tuple = (), engine: str = "hf", **_image_options):
     """Completions of a causal LM, through the rollout engine the trainers use."""
     import torch
 
@@ -126,13 +129,25 @@ def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str
     texts = rendered_prompts(chat, records)
     policy.to(device).eval()
     check_context(policy, tokenizer, list(texts.values()), max_new_tokens, "--max-new-tokens", chat.add_special_tokens)
-    engine = HFEngine(policy, tokenizer)
-    engine.add_special_tokens = chat.add_special_tokens
+    chunk = max(1, 256 // n)
+    engine = build_text_engine(engine, policy, tokenizer, add_special_tokens=chat.add_special_tokens,
+                               prompts=list(texts.values()), max_new_tokens=max_new_tokens, rows=chunk * n, seed=seed)
     params = SamplingParams(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty, stop)
     generator = torch.Generator().manual_seed(seed)
     results = []
     stats: dict = {}
-    chunk = max(1, 256 // n)
+    try:
+        _draw_text(engine, records, texts, chat, n, chunk, strategy, params, generator, guide, stats, options, events, results)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
+    if stats:
+        events.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
+    return results
+
+
+def _draw_text(engine, records, texts, chat, n, chunk, strategy, params, generator, guide, stats, options, events, results):
     with events.progress(total=len(records), description="sampling") as advance:
         for start in range(0, len(records), chunk):
             part = records[start : start + chunk]
@@ -143,9 +158,6 @@ def _sample_text(model: str | None, records: list[dict], *, n: int, sampler: str
                 results.append({**record, "completion": chat.completion_value(record["prompt"], text), "sample_index": i % n})
             for _ in part:
                 advance()
-    if stats:
-        events.log(f"{sampler}: " + ", ".join(f"{key}={value}" for key, value in sorted(stats.items())))
-    return results
 
 
 def rendered_prompts(chat, records: list[dict]) -> dict[int, str]:
@@ -164,6 +176,9 @@ def _sample_images(model: str, records: list[dict], *, n: int, sampler: str, sam
                    image_dir: str | None, grid: str | None, device, events, **_text_options) -> list[dict]:
     """Images of a diffusers pipeline, through the sampling code the image trainers use."""
     import torch
+
+    if _text_options.get("engine", "hf") != "hf":
+        raise RlgenError(f"--engine {_text_options['engine']} draws text; {model} is an image model (sampled by rlgen's pipeline)")
 
     strategy, options, guide = sampler_setup(sampler, sampler_options, sampler_reward, kind="image-sampler")
     params = DiffusionSamplingParams(num_steps, guidance_scale, eta, eta)

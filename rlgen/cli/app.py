@@ -174,6 +174,12 @@ def _end_process_group() -> None:
     """A torchrun worker's clean exit: the process group of its run is destroyed (NCCL warns otherwise).
     Only after a command succeeded: on a failure torchrun ends the other ranks."""
     dist = sys.modules.get("torch.distributed")
+    if dist is None:
+        return
+    from rlgen.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():  # a group of a library's own (vLLM's in-process engine) is its to end
+        return
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

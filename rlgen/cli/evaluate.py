@@ -89,6 +89,7 @@ def evaluate(
     stop: opt.StrList = opt.Stop,
     chat_template: str = opt.ChatTemplate,
     system_prompt: str = opt.SystemPrompt,
+    engine: str = opt.Engine,
     device: str = opt.Device,
     quiet: bool = opt.Quiet,
     json_output: bool = opt.Json,
@@ -116,7 +117,7 @@ def evaluate(
         sampler_options=sampler_opt, sampler_reward=sampler_reward, reward_model=rm, num_steps=num_steps,
         guidance_scale=guidance_scale, eta=eta, compare=compare, plot_dir=plot_dir, metrics=metric, device=device,
         min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, chat_template=chat_template,
-        system_prompt=system_prompt)
+        system_prompt=system_prompt, engine=engine)
     if json_output:
         reporter.emit_json(result)
         return

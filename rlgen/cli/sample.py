@@ -55,6 +55,7 @@ def sample(
     stop: opt.StrList = opt.Stop,
     chat_template: str = opt.ChatTemplate,
     system_prompt: str = opt.SystemPrompt,
+    engine: str = opt.Engine,
     device: str = opt.Device,
     quiet: bool = opt.Quiet,
 ):
@@ -76,7 +77,7 @@ def sample(
                            grid=grid, num_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                            batch_size=batch_size, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop,
                            chat_template=chat_template, system_prompt=system_prompt,
-                           device=device, callbacks=reporter.events())
+                           device=device, engine=engine, callbacks=reporter.events())
     write_records(records, out)
 
 

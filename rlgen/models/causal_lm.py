@@ -258,3 +258,32 @@ def replace_dir(tmp: Path, target: Path) -> None:
 def model_summary(path: Path) -> dict:
     config = json.loads((path / "config.json").read_text())
     return {"path": str(path), "architecture": (config.get("architectures") or ["?"])[0]}
+
+
+def checkpoint_weights(model):
+    """(name, tensor) of the policy's weights under the names of its HF checkpoint, one tensor at a time and
+    without gradient: a LoRA module's weight comes merged (W + its delta, computed here: the model itself is
+    left untouched, so no merge / unmerge round-off reaches the trained base), a sharded (FSDP) parameter
+    gathered just before it is yielded (every rank must walk the iterator in step). For engines holding their
+    own copy of the weights (vLLM), which read them as they would a checkpoint."""
+    base = unwrap_peft(model)
+    adapter = getattr(model, "active_adapter", None) if is_peft(model) else None
+    adapter = adapter[0] if isinstance(adapter, (list, tuple)) else adapter
+    with torch.no_grad():
+        for name, value in base.state_dict(keep_vars=True).items():
+            if ".lora_" in name or ".original_module." in name:
+                continue  # adapters are merged into their base weights; modules_to_save replace the originals
+            gathered = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if ".base_layer." in name:
+                module_name, _, leaf = name.partition(".base_layer.")
+                module = base.get_submodule(module_name)
+                if getattr(module, "use_dora", {}).get(adapter, False):
+                    raise RlgenError("DoRA adapters cannot be handed to another engine yet (their magnitudes are not "
+                                     "merged here)")
+                if leaf == "weight" and adapter is not None and adapter in getattr(module, "lora_A", {}) \
+                        and not getattr(module, "merged", False):
+                    gathered = gathered + module.get_delta_weight(adapter).to(gathered.dtype)
+                name = f"{module_name}.{leaf}"
+            elif adapter is not None and f".modules_to_save.{adapter}." in name:
+                name = name.replace(f".modules_to_save.{adapter}.", ".")
+            yield name, gathered.detach()

@@ -36,6 +36,9 @@ class Rollouts:
     completion_mask: torch.Tensor  # [B, C]; 1 up to and including the stop token
     truncated: torch.Tensor  # [B] bool: no stop token within max_new_tokens
     texts: list[str] = field(default_factory=list)
+    # [B, C] the engine's log-probability of each sampled token (0 at padding), for engines that report them
+    # (vLLM); the trainers compare them with their own (off-policy correction). None: the policy itself sampled.
+    logprobs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +55,7 @@ class Rollouts:
             completion_mask=self.completion_mask[rows],
             truncated=self.truncated[rows],
             texts=[self.texts[i] for i in picked],
+            logprobs=None if self.logprobs is None else self.logprobs[rows],
         )
 
 
@@ -426,4 +430,5 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         completion_mask=cat([p.completion_mask for p in parts], False, 0),
         truncated=torch.cat([p.truncated for p in parts]),
         texts=[t for part in parts for t in part.texts],
+        logprobs=None if any(p.logprobs is None for p in parts) else cat([p.logprobs for p in parts], False, 0.0),
     )

@@ -313,8 +313,47 @@ class Trainer:
         the template's special tokens: none are added)."""
         from rlgen.rollout.engine import HFEngine
 
-        engine = HFEngine(self.model, self.tokenizer)
+        previous = getattr(getattr(self, "engine", None), "close", None)
+        if previous is not None:  # a set-up run again (a damaged checkpoint skipped): one engine at a time
+            previous()
+        rollout = getattr(self.config, "rollout", None)
+        if getattr(rollout, "engine", "hf") == "vllm":
+            engine = self._vllm_engine(rollout)
+        else:
+            engine = HFEngine(self.model, self.tokenizer)
         engine.add_special_tokens = self.chat.add_special_tokens if self.chat is not None else True
+        return engine
+
+    def _vllm_engine(self, rollout):
+        """A colocated vLLM engine sized for this run: its context holds the longest training or held-out prompt
+        plus the longest completion the run asks for; one step's rollouts run at once."""
+        from rlgen.rollout.vllm_engine import VLLMEngine
+
+        if self.dist.enabled:
+            raise RlgenError("config key 'rollout.engine' = 'vllm' runs on one process so far (one engine per rank under "
+                             "torchrun is not built yet); use rollout.engine = 'hf' with --nproc")
+        if self.fsdp:
+            raise RlgenError("config key 'rollout.engine' = 'vllm' does not run with run.distributed = fsdp yet")
+        prompts = [self.prompt_text(r) for r in list(self.records) + list(self.eval_records or [])]
+        add = self.chat.add_special_tokens if self.chat is not None else True
+        longest = max((len(ids) for ids in self.tokenizer(sorted(set(prompts)), add_special_tokens=add).input_ids), default=0)
+        new_tokens = max(rollout.max_new_tokens, self.eval_max_new_tokens if self.eval_records else 0)
+        rows = rollout.prompts_per_step * rollout.num_generations
+        started = time.perf_counter()
+        engine = VLLMEngine(self.model, self.tokenizer, max_model_len=longest + new_tokens, max_num_seqs=max(rows, 1),
+                          gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                          kv_cache_gib=rollout.vllm_kv_cache_gib, enable_sleep_mode=rollout.vllm_enable_sleep_mode,
+                          dtype=rollout.vllm_dtype, seed=self.config.run.seed)
+        self.reporter.log(f"vLLM rollout engine started in {time.perf_counter() - started:.0f} s (context "
+                          f"{engine.max_model_len} tokens, up to {rows} sequences at once)")
+        algorithm = getattr(self.config, "algorithm", None)
+        filtered = [f"rollout.{key}" for key, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0))
+                    if getattr(rollout, key) != off]
+        if filtered and getattr(algorithm, "engine_is_correction", "none") != "none":
+            self.reporter.log(f"warning: with {', '.join(filtered)} the vLLM engine's log-probs are those of the filtered "
+                              "(renormalised, penalised) distribution, the trainer's are not: the importance ratio of "
+                              "algorithm.engine_is_correction also measures that difference (engine_is_correction = 'none' "
+                              "turns it off)")
         return engine
 
     def prompt_text(self, record: dict) -> str:
@@ -568,6 +607,9 @@ class Trainer:
                              f"optim.adam_eps); training stopped{self._resume_hint()}")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        engine = getattr(self, "engine", None)
+        if engine is not None:  # an engine with its own copy of the weights (vLLM) takes the new ones before sampling
+            engine.sync_weights(self.model)
         return norm
 
     def _weights_finite(self, params: list) -> bool:
@@ -606,6 +648,9 @@ class Trainer:
             self._close_trackers(failed=False)
             return result
         finally:
+            close = getattr(getattr(self, "engine", None), "close", None)
+            if close is not None:  # an engine with resources of its own (vLLM) shuts down with the run
+                close()
             if self.dist.is_main:
                 self.run.unlock()
 
@@ -671,6 +716,10 @@ class Trainer:
         self.init_runtime()
         main = self.dist.is_main  # rank 0 alone writes the run directory
         chosen = self._tracker_classes()  # every rank: a missing package fails before the model loads
+        if getattr(getattr(self.config, "rollout", None), "engine", "hf") == "vllm":
+            from rlgen.rollout.vllm_engine import import_vllm
+
+            import_vllm()  # likewise vLLM
         if main and self.resume:
             self.run.lock()
         elif main:
