@@ -44,6 +44,9 @@ def test_greedy_completions_equal_the_hf_engines(probe):
     assert probe["greedy_ids_equal"] and probe["greedy_masks_equal"]
     assert probe["stop"]["vllm"] == probe["stop"]["hf"]  # the stop string's token ends it, the text stops before it
     assert probe["truncated_at_one_token"][0] == probe["truncated_at_one_token"][1]
+    shortest_prompt, rows = probe["long_prompt_rows"]
+    assert rows == 128 and shortest_prompt >= 20  # long seeded prompts in one call (bench/rollout.py's 60m shape
+    # is where vLLM's chunked prefill crashed on CPU generators before whole-prompt steps were set)
 
 
 @pytest.mark.slow

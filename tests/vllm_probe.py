@@ -108,6 +108,11 @@ def main(out_path: str) -> None:
     reference = hf.generate(["12+34="], SamplingParams(max_new_tokens=8, temperature=0.0, stop=("4",)))
     figures["stop"] = {"vllm": [stop.texts, stop.completion_mask.tolist(), stop.truncated.tolist()],
                        "hf": [reference.texts, reference.completion_mask.tolist(), reference.truncated.tolist()]}
+    # many long prompts sampled with seeds in one call: more prompt tokens than an engine step takes by default
+    # (vLLM would split a prompt across steps and then rewind its seeded CPU generator, which fails)
+    long_prompts = [f"{123456789 + i}+{987654321012 + 7 * i}=" for i in range(64)]
+    many = engine.generate(long_prompts * 2, SamplingParams(max_new_tokens=4, temperature=1.0), generator)
+    figures["long_prompt_rows"] = [int(many.prompt_mask.sum(1).min()), len(many.texts)]
     # truncation at max_new_tokens
     short = engine.generate(prompts, SamplingParams(max_new_tokens=1, temperature=0.0))
     figures["truncated_at_one_token"] = [short.truncated.tolist(),

@@ -151,6 +151,10 @@ class VLLMEngine:
             if device.type == "cuda":
                 kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
             else:
+                # Whole prompts only: vLLM 0.32 rewinds a seeded request's generator when it discards the token
+                # sampled after a partial (chunked) prefill, which CPU generators cannot do ("CPU Generator does
+                # not use offset"), so a step's prompts must never be split across engine steps.
+                kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(self.max_model_len, 8192))
                 kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30)) if kv_cache_gib > 0 else \
                     kv_cache_bytes(model, max_num_seqs, self.max_model_len)
             threads, set_threads = torch.get_num_threads(), torch.set_num_threads
