@@ -303,6 +303,21 @@ _rlgen_eval() {
     esac
 }
 
+_rlgen_serve() {
+    case $prev in
+        -m|--model)
+            _rlgen_registry model "tiny-arith tiny-digits tiny-digits-flow"
+            _rlgen_dirs
+            return ;;
+        --device|--dtype|--gpu-memory-utilization|--host|--kv-cache-gib|--max-model-len|--max-num-seqs|--port|--seed|--timeout)
+            return ;;
+    esac
+    if [[ $cur == -* ]]; then
+        _rlgen_words "--debug --device --dtype --gpu-memory-utilization --help --host --kv-cache-gib --max-model-len --max-num-seqs --model --port --quiet --seed --timeout -h -m -q"
+        return
+    fi
+}
+
 _rlgen_plugins() {
     if [[ $cur == -* ]]; then
         _rlgen_words "--debug --help --json -h"
@@ -369,7 +384,7 @@ _rlgen() {
             if [[ $cur == -* ]]; then
                 _rlgen_words "--debug --help --version -h"
             else
-                _rlgen_words "config env eval example-hello merge pairs plugins sample score train"
+                _rlgen_words "config env eval example-hello merge pairs plugins sample score serve train"
             fi
             ;;
         config) _rlgen_config ;;
@@ -381,6 +396,7 @@ _rlgen() {
         plugins) _rlgen_plugins ;;
         sample) _rlgen_sample ;;
         score) _rlgen_score ;;
+        serve) _rlgen_serve ;;
         train) _rlgen_train ;;
     esac
 }

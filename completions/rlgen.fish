@@ -145,6 +145,7 @@ complete -c rlgen -n 'not __rlgen_subcommand' -a pairs -d 'Turn scored samples (
 complete -c rlgen -n 'not __rlgen_subcommand' -a plugins -d 'List every registered item by kind with the package that provides it'
 complete -c rlgen -n 'not __rlgen_subcommand' -a sample -d 'Generate completions for a task\'s prompts or a prompts file; JSONL on stdout (or --out FILE)'
 complete -c rlgen -n 'not __rlgen_subcommand' -a score -d 'Score JSONL samples (fields `prompt`, `completion`, plus e.g. `answer`) with rewards'
+complete -c rlgen -n 'not __rlgen_subcommand' -a serve -d 'Serve a model\'s generation with vLLM for training runs elsewhere (TRL\'s `trl vllm-serve`)'
 complete -c rlgen -n 'not __rlgen_subcommand' -a train -d 'Train a model with ALGO (sft, grpo, rloo, dapo, ..., dpo, simpo, rpo, orpo, kto, online-dpo, rm; see `rlgen plugins`)'
 
 # rlgen config
@@ -289,6 +290,22 @@ complete -c rlgen -n '__rlgen_using score' -s q -l quiet -d 'No logs or progress
 complete -c rlgen -n '__rlgen_using score' -s r -l reward -x -a '(__rlgen_complete_reward)' -d 'Reward NAME[:WEIGHT] or module:function[:WEIGHT]; repeatable.'
 complete -c rlgen -n '__rlgen_using score' -l shape -x -d 'Transform of the combined reward: NAME[:key=value,...], e.g. par:ref_field=answer, clip:low=0,high=1, ref-normalize (stats from the whole input unless mean=, std= are given). Default: none.'
 complete -c rlgen -n '__rlgen_using score; and test (__rlgen_npos --combine --device --on-error --out --reward --shape -o -r) = 0' -F -d 'JSONL/Parquet file, or \'-\' for stdin.'
+
+# rlgen serve
+complete -c rlgen -n '__rlgen_using serve' -l debug -d 'Show tracebacks on errors (also accepted after a subcommand).'
+complete -c rlgen -n '__rlgen_using serve' -l device -x -d 'Where the models run: auto (CUDA when available), cpu, cuda or cuda:N.'
+complete -c rlgen -n '__rlgen_using serve' -l dtype -x -d 'Weight dtype of the engine: auto (the model\'s), float32, bfloat16, float16.'
+complete -c rlgen -n '__rlgen_using serve' -l gpu-memory-utilization -x -d 'GPU: the fraction of its memory vLLM may take.'
+complete -c rlgen -n '__rlgen_using serve' -s h -l help -d 'Show this message and exit.'
+complete -c rlgen -n '__rlgen_using serve' -l host -x -d 'Address to listen on (0.0.0.0: every interface).'
+complete -c rlgen -n '__rlgen_using serve' -l kv-cache-gib -x -d 'CPU: GiB of KV cache; 0 = 2 GiB.'
+complete -c rlgen -n '__rlgen_using serve' -l max-model-len -x -d 'Context in tokens (prompt + completion); 0 = the model\'s.'
+complete -c rlgen -n '__rlgen_using serve' -l max-num-seqs -x -d 'Sequences vLLM runs at once.'
+complete -c rlgen -n '__rlgen_using serve' -s m -l model -x -a '(__rlgen_complete_model; __fish_complete_directories)' -d 'Built-in model name or local Hugging Face model directory (the policy the trainer starts from).'
+complete -c rlgen -n '__rlgen_using serve' -l port -x -d 'HTTP port (the trainer\'s rollout.vllm_server_port).'
+complete -c rlgen -n '__rlgen_using serve' -s q -l quiet -d 'No logs or progress bars on stderr.'
+complete -c rlgen -n '__rlgen_using serve' -l seed -x -d 'vLLM\'s seed (each request carries its own).'
+complete -c rlgen -n '__rlgen_using serve' -l timeout -x -d 'Seconds a weight transfer may wait for the trainer.'
 
 # rlgen train
 complete -c rlgen -n '__rlgen_using train' -s c -l config -r -F -d 'TOML config file.'

@@ -33,6 +33,14 @@ if python -c "import vllm" 2>/dev/null; then
   rlgen train grpo --device cuda --out "$scratch/grpo-vllm" --set 'rollout.engine="vllm"' --set 'run.precision="bf16-mixed"' \
     --set 'rollout.vllm_dtype="bfloat16"' --set rollout.vllm_enable_sleep_mode=true --set run.steps=50 || status=1
   python bench/rollout.py --shape both --json "$scratch/rollout.json" || status=1
+  # server mode across two GPUs (NCCL weight group), when there are two
+  if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    CUDA_VISIBLE_DEVICES=1 rlgen serve --model tiny-arith --port 8011 > "$scratch/serve.log" 2>&1 &
+    server=$!
+    CUDA_VISIBLE_DEVICES=0 rlgen train grpo --device cuda --out "$scratch/grpo-vllm-server" --set 'rollout.engine="vllm"' \
+      --set 'rollout.vllm_mode="server"' --set rollout.vllm_server_port=8011 --set run.steps=50 || status=1
+    kill "$server"
+  fi
 else
   echo "gpu-check: vLLM is not installed: the vLLM engine checks did not run"
 fi

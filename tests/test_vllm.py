@@ -155,3 +155,112 @@ def test_lora_run_resumes_with_the_engine_holding_the_merged_weights(tmp_path):
     assert [r["step"] for r in trained] == [1, 2, 3, 4]
     assert all(r["engine/ratio_max"] < 1.01 and abs(r["engine/kl"]) < 1e-4 for r in trained), trained
     assert any(r["grad_norm"] > 0 for r in trained)
+
+
+# Two ranks, an engine each (vLLM's torchrun mode): each generates its share of the prompts from the seeds a
+# single process would give those rows, so the run equals a one-process run with the vLLM engine. Under FSDP
+# every parameter is gathered on both ranks for the pushes, and both evaluate (weights pushed there too).
+PER_RANK_CASES = {
+    "ddp": ["--set", "rollout.prompts_per_step=5"],
+    "fsdp": ["--set", "rollout.prompts_per_step=4", "--set", "run.distributed=fsdp", "--set", "run.eval_every=2",
+             "--set", "data.eval_samples=6"],
+}
+# Step 3 of these runs updates on a single group with a spread, three of its four completions alike: their
+# gradients nearly cancel, and the gradient norm carries the float noise of a different summation order
+# (all-reduce, FSDP's reduce-scatter) 100-1000 times over: 1.3e-5 relative under DDP, 2.2e-4 under FSDP, with
+# the off-policy correction on or off (the same completions on both runs). The final weights agree within 1.2e-7.
+PER_RANK_LOOSE = {"grad_norm": 1e-3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(PER_RANK_CASES))
+def test_one_engine_per_rank_trains_like_one_process(tmp_path, case):
+    import torch
+    from test_distributed_offline import COMMON, assert_same_run, rows_of, torchrun_command, torchrun_env
+    from test_distributed_rollouts import ROLLOUT
+
+    _need_vllm()
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:  # a CUDA vLLM puts rank 1's engine on cuda:1
+        pytest.skip("two ranks of CUDA vLLM need two GPUs")
+    args = ["train", "grpo", *ROLLOUT, "--steps", "3", "--set", 'rollout.engine="vllm"', *COMMON,
+            *PER_RANK_CASES[case]]
+    rlgen_process(*args, "--out", str(tmp_path / "single"), cwd=tmp_path, timeout=600, check=True)
+    proc = subprocess.run(torchrun_command(*args, "--out", tmp_path / "multi"), capture_output=True, text=True,
+                          env=torchrun_env(), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    diffs = assert_same_run(tmp_path / "single", tmp_path / "multi", loose=PER_RANK_LOOSE)
+    print(f"vllm {case}: max |metric diff| {diffs['metric']:.2e}, max |weight diff| {diffs['weight']:.2e}")
+    rows = rows_of(tmp_path / "multi")
+    trained = [r for r in rows if "engine/ratio_max" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3]
+    assert all(r["engine/ratio_max"] < 1.01 and abs(r["engine/kl"]) < 1e-4 for r in trained), trained
+    if case == "fsdp":
+        assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2, 3]  # and at the end
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`rlgen serve --model tiny-arith` on a free port, up until the test ends -> (port, group port)."""
+    _need_vllm()
+    import time
+
+    from cli_helpers import rlgen_command
+
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen(rlgen_command("serve", "--model", "tiny-arith", "--port", port, "--kv-cache-gib", "0.25"),
+                            stdout=subprocess.DEVNULL, stderr=log, env=cli_env(), cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while "serving" not in (tmp_path / "server.log").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+        time.sleep(0.5)
+    yield port, _free_port()
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+@pytest.mark.slow
+def test_a_run_with_a_served_engine_equals_the_colocated_one(tmp_path, served):
+    # The same seeds give the same tokens in either mode, so the runs agree step for step, weights included:
+    # the server held every update (a stale one would sample other completions and log ratios far from 1).
+    from test_distributed_offline import COMMON, assert_same_run, rows_of
+    from test_distributed_rollouts import ROLLOUT
+
+    port, group_port = served
+    args = ["train", "grpo", *ROLLOUT, "--steps", "3", "--set", 'rollout.engine="vllm"', *COMMON,
+            "--set", "rollout.prompts_per_step=4", "--set", "run.eval_every=2", "--set", "data.eval_samples=6"]
+    rlgen_process(*args, "--out", str(tmp_path / "colocated"), cwd=tmp_path, timeout=600, check=True)
+    server_args = ["--set", 'rollout.vllm_mode="server"', "--set", f"rollout.vllm_server_port={port}",
+                   "--set", f"rollout.vllm_group_port={group_port}"]
+    rlgen_process(*args, *server_args, "--out", str(tmp_path / "served"), cwd=tmp_path, timeout=600, check=True)
+    # the server sampled and took the weights: the first ones, then after each of the 3 updates
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        health = json.loads(response.read())
+    assert health["weight_updates"] == 4 and not health["weight_sync"], health
+    diffs = assert_same_run(tmp_path / "colocated", tmp_path / "served")
+    print(f"served vs colocated: max |metric diff| {diffs['metric']:.2e}, max |weight diff| {diffs['weight']:.2e}")
+    trained = [r for r in rows_of(tmp_path / "served") if "engine/ratio_max" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3]
+    assert all(r["engine/ratio_max"] < 1.01 and abs(r["engine/kl"]) < 1e-4 for r in trained), trained
+    # a second run against the same server (the first closed its weight group), on two processes
+    import torch
+    from test_distributed_offline import torchrun_command, torchrun_env
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < 3:
+        return  # two training ranks beside the server's GPU
+
+    multi = subprocess.run(torchrun_command(*args, *server_args, "--out", tmp_path / "served2"), capture_output=True,
+                           text=True, env=torchrun_env(), cwd=tmp_path, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    assert_same_run(tmp_path / "colocated", tmp_path / "served2")

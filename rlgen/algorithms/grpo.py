@@ -23,7 +23,7 @@ from rlgen.rollout.groups import GroupRollout, ModelInputs, RolloutBatch, scored
 from rlgen.training.data import PromptSampler
 from rlgen.training.micro_batches import even_passes, micro_batches, pad_to, row_costs, trimmed
 from rlgen.training.parts import summed_over_ranks
-from rlgen.config import POSITIVE, PROBABILITY, section, setting
+from rlgen.config import POSITIVE, PROBABILITY, Bounds, section, setting
 from rlgen.training.config import (DataConfig, GroupRolloutConfig, OptimConfig, RegisteredName, RewardedTrainConfig, RunConfig,
                                    ScaleRewards)
 from rlgen.training.trainer import Trainer, load_records
@@ -44,6 +44,11 @@ class RolloutConfig(GroupRolloutConfig):
     vllm_enable_sleep_mode: bool = setting(False, "vllm on a GPU: free the engine's weights and KV cache during each update (woken, and synced, for the next rollout)")
     vllm_kv_cache_gib: float = setting(0.0, "vllm on a CPU: GiB of KV cache; 0 = enough for one step's rollouts")
     vllm_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting("auto", "vllm: the engine's weight dtype; auto = the policy's (bf16 generation beside fp32 training is where the off-policy correction matters)")
+    vllm_mode: Literal["colocate", "server"] = setting("colocate", "vllm: colocate (an engine in each training process) | server (generation by `rlgen serve` on other devices or another machine; TRL's vllm_mode)")
+    vllm_server_host: str = setting("127.0.0.1", "vllm_mode = server: the host of `rlgen serve`")
+    vllm_server_port: int = setting(8000, "vllm_mode = server: its HTTP port (rlgen serve --port)", bounds=Bounds(1, 65535))
+    vllm_group_port: int = setting(51216, "vllm_mode = server: the port of the weight-sync group, on the server's host (TRL's vllm_group_port)", bounds=Bounds(1, 65535))
+    vllm_server_timeout: float = setting(240.0, "vllm_mode = server: seconds to wait for the server to come up, and for one request or weight transfer", bounds=POSITIVE)
 
     def sampling_params(self) -> SamplingParams:
         """These settings as the rollout engine's SamplingParams."""
@@ -346,8 +351,8 @@ class GRPOTrainer(Trainer):
             keys = sorted({key for keys in self.dist.all_gather_json(sorted(sums)) for key in keys})
             sums = summed_over_ranks(self.dist, {key: sums.get(key, 0.0) for key in keys})
         out = {k: v / a.num_iterations for k, v in sums.items()}
-        if engine_logps is not None:
-            out["engine/ratio_max"] = ratio_max
+        if engine_logps is not None:  # the largest ratio of any rank's tokens
+            out["engine/ratio_max"] = max(self.dist.all_gather_json(ratio_max))
         out["grad_norm"] = grad_norm
         return out
 

@@ -28,6 +28,7 @@ _EXPORTS = {
     "pairs": ("rlgen.api._score", "pairs"),
     "pair_stats": ("rlgen.api._score", "pair_stats"),
     "evaluate": ("rlgen.api._evaluate", "evaluate"),
+    "serve": ("rlgen.api._serve", "serve"),
     "merge": ("rlgen.api._merge", "merge"),
     "merge_config": ("rlgen.api._merge", "merge_config"),
     "SweepSettings": ("rlgen.api.merge_sweep", "SweepSettings"),

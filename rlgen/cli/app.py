@@ -38,9 +38,9 @@ def _root(
 
 
 def _register_commands() -> None:
-    from rlgen.cli import complete, config_cmd, evaluate, info, merge, pairs, sample, score, train
+    from rlgen.cli import complete, config_cmd, evaluate, info, merge, pairs, sample, score, serve, train
 
-    for module in (sample, score, pairs, train, merge, evaluate, config_cmd, info, complete):
+    for module in (sample, score, pairs, train, merge, evaluate, serve, config_cmd, info, complete):
         module.register(app)
 
 

@@ -1,5 +1,6 @@
 """vLLM as a rollout engine (`rollout.engine = "vllm"`, `rlgen sample --engine vllm`): the same `generate` /
-`sync_weights` contract as `HFEngine`, colocated (one `vllm.LLM` in this process, beside the policy).
+`sync_weights` contract as `HFEngine`, colocated (one `vllm.LLM` in this process, beside the policy; under torchrun
+one per rank, each generating its rank's share of the prompts).
 
 The engine keeps its own copy of the weights. It starts without reading any (`load_format="dummy"`: only the
 policy's config and tokenizer are written to a temporary directory, so no file of a model directory is run or
@@ -22,7 +23,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 
@@ -91,6 +93,12 @@ def kv_cache_bytes(model, sequences: int, tokens: int) -> int:
     return max(64 << 20, int(per_token * sequences * (tokens + 128) * 1.1))
 
 
+def distributed_world_size() -> int:
+    """Processes in this run's torch.distributed group (1 outside torchrun)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _random_states() -> dict:
     import random
 
@@ -112,6 +120,15 @@ def _restore_random_states(states: dict) -> None:
     numpy.random.set_state(states["numpy"])
     if "cuda" in states:
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@dataclass
+class Completion:
+    """One sampled completion as the engine returns it (plain values: what a served engine sends as JSON)."""
+    token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)  # of each sampled token, as vLLM's sampler saw it
+    finish_reason: str | None = None  # "stop" | "length"
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
 
 
 class VLLMEngine:
@@ -136,8 +153,15 @@ class VLLMEngine:
         limit = context_limit(model)
         self.max_model_len = min(max_model_len or limit or 2048, limit or max_model_len or 2048)
         device = module_device(model)
-        if device.type == "cuda" and device.index not in (None, 0):
-            raise RlgenError(f"the vLLM engine runs on the first visible GPU, not {device}: choose the GPU with "
+        # Under torchrun every rank starts an engine of its own on its own share of the prompts: vLLM's
+        # torchrun mode (`external_launcher`) takes this process's rank from the environment and uses the
+        # process group already there, each engine one tensor-parallel group of one ("external" data parallelism:
+        # the engines never wait for each other).
+        self.per_rank = distributed_world_size() > 1
+        expected = int(os.environ.get("LOCAL_RANK", "0")) if self.per_rank else 0
+        if device.type == "cuda" and device.index not in (None, expected):
+            where = "this process's GPU (cuda:LOCAL_RANK)" if self.per_rank else "the first visible GPU"
+            raise RlgenError(f"the vLLM engine runs on {where}, cuda:{expected}, not {device}: choose the GPU with "
                              "CUDA_VISIBLE_DEVICES and --device cuda")
         if dtype == "auto":
             dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -148,6 +172,8 @@ class VLLMEngine:
             kwargs = dict(model=self._config_dir, tokenizer=self._config_dir, dtype=dtype, seed=seed,
                           max_model_len=self.max_model_len, max_num_seqs=max_num_seqs, load_format="dummy",
                           logprobs_mode="processed_logprobs", trust_remote_code=False, enforce_eager=device.type != "cuda")
+            if self.per_rank:
+                kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=1)
             if device.type == "cuda":
                 kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=enable_sleep_mode)
             else:
@@ -190,16 +216,19 @@ class VLLMEngine:
         """Load the policy's current weights into the engine in place, one tensor at a time."""
         if self.sleeping:  # woken for the weights first: the KV cache comes back after them (less peak memory)
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": checkpoint_weights(self.model),
-                                                          "is_checkpoint_format": True})
+        self.load_weights(checkpoint_weights(self.model))
         if self.sleeping:
             self.llm.wake_up(tags=["kv_cache"])
             self.sleeping = False
-        self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
         self.stale = False
         self.weight_syncs += 1
         if self.weight_syncs == 1:
             self._check_weights()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (checkpoint name, tensor) pairs into the engine in place, as they come."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
 
     def _check_weights(self) -> None:
         """After the first push: the engine's log-probs of a short fixed text must be the policy's. vLLM only logs
@@ -217,9 +246,7 @@ class VLLMEngine:
         self.model.train(was_training)
         with torch.no_grad():
             policy = logits.log_softmax(-1).gather(-1, torch.tensor(rest, device=logits.device).unsqueeze(-1)).squeeze(-1)
-        request = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        entries = self.llm.generate([{"prompt_token_ids": ids}], request, use_tqdm=False)[0].prompt_logprobs
-        engine = torch.tensor([entries[i][ids[i]].logprob for i in range(1, len(ids))], device=policy.device)
+        engine = torch.tensor(self.prompt_logprobs([ids])[0], device=policy.device)
         gap = float((engine - policy).abs().mean())
         if not gap < 0.5:  # fp32 agrees to ~1e-5, bf16 to a few hundredths; random weights are nats away
             raise RlgenError(f"the vLLM engine's weights do not reproduce the policy (mean log-prob gap {gap:.3g} on "
@@ -280,10 +307,8 @@ class VLLMEngine:
         if params.max_new_tokens > 0 and prompts:
             if self.stale:
                 self.push_weights()
-            requests = [self._request_params(params, int(seed) & _SEED_MASK if params.temperature > 0 else None)
-                        for seed in seeds.tolist()]
-            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_lists], requests, use_tqdm=False)
-            completions = [out.outputs[0] for out in outputs]
+            completions = self.sample(prompt_lists, params, [int(seed) & _SEED_MASK if params.temperature > 0 else None
+                                                             for seed in seeds.tolist()])
         else:
             completions = []
         return self._rollouts(list(prompts), prompt_lists, completions, params)
@@ -297,19 +322,35 @@ class VLLMEngine:
             self.push_weights()
         prompt_lists = self.tokenizer(list(prompts), add_special_tokens=self.add_special_tokens).input_ids
         full = [p + list(c) for p, c in zip(prompt_lists, completions)]
-        request = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in full], request, use_tqdm=False)
         width = max((len(c) for c in completions), default=0)
         out = torch.zeros((len(full), width), dtype=torch.float32)
-        for row, (ids, start, output) in enumerate(zip(full, (len(p) for p in prompt_lists), outputs)):
-            entries = output.prompt_logprobs
-            out[row, :len(ids) - start] = torch.tensor([entries[i][ids[i]].logprob for i in range(start, len(ids))])
+        for row, (start, values) in enumerate(zip((len(p) for p in prompt_lists), self.prompt_logprobs(full))):
+            out[row, :len(values) - start + 1] = torch.tensor(values[start - 1:])
         return out.to(self.device)
+
+    def prompt_logprobs(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """Per sequence, the engine's log-probability of each token after the first given the ones before it
+        (temperature 1)."""
+        request = self._vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in token_lists], request, use_tqdm=False)
+        return [[output.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+                for ids, output in zip(token_lists, outputs)]
+
+    def sample(self, prompt_lists: list[list[int]], params: SamplingParams, seeds: list[int | None]) -> list[Completion]:
+        """One completion per prompt (token ids), each row with its seed (None: greedy)."""
+        requests = [self._request_params(params, seed) for seed in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_lists], requests, use_tqdm=False)
+        completions = []
+        for out in outputs:
+            c = out.outputs[0]
+            logprobs = [entry[token].logprob for token, entry in zip(c.token_ids, c.logprobs or [])]
+            completions.append(Completion(list(c.token_ids), logprobs, c.finish_reason, c.stop_reason))
+        return completions
 
     def _rollouts(self, prompts, prompt_lists, completions, params: SamplingParams) -> Rollouts:
         device = self.device
         prompt_ids, prompt_mask = pad_tokens(prompt_lists, self.pad_id, left=True)
-        token_lists = [list(c.token_ids) for c in completions] or [[] for _ in prompts]
+        token_lists = [c.token_ids for c in completions] or [[] for _ in prompts]
         completion_ids, _ = pad_tokens(token_lists, self.pad_id, left=False)
         completion_ids = completion_ids.to(device)
         stop_ids = self.stop_ids.to(device)
@@ -320,8 +361,7 @@ class VLLMEngine:
         logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=device)
         for row, c in enumerate(completions):
             if c.logprobs:
-                values = [entry[token].logprob for token, entry in zip(c.token_ids, c.logprobs)]
-                logprobs[row, :len(values)] = torch.tensor(values, dtype=torch.float32)
+                logprobs[row, :len(c.logprobs)] = torch.tensor(c.logprobs, dtype=torch.float32)
         ended = [c.finish_reason == "length" for c in completions] if completions else [True] * len(prompts)
         truncated = torch.tensor(ended, dtype=torch.bool, device=device)
         texts = self.decode(completion_ids, completion_mask)

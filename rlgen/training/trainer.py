@@ -185,9 +185,13 @@ class Trainer:
                 return
             try:
                 self._restore(checkpoint)
-                return
             except RESTORE_ERRORS as exc:
                 problem = f"its state does not restore: {_describe(exc)}"
+            else:
+                engine = getattr(self, "engine", None)
+                if engine is not None:  # a sharded checkpoint's rows reached the model after the engine started
+                    engine.sync_weights(self.model)
+                return
             _warn(f"skipping damaged checkpoint {checkpoint} ({problem})")
             damaged[checkpoint] = problem
             self.step = 0
@@ -326,26 +330,40 @@ class Trainer:
 
     def _vllm_engine(self, rollout):
         """A colocated vLLM engine sized for this run: its context holds the longest training or held-out prompt
-        plus the longest completion the run asks for; one step's rollouts run at once."""
+        plus the longest completion the run asks for; one step's rollouts run at once. Multi-process, one engine
+        per rank, each holding the whole model: every rank generates its share, and the weights reach every
+        engine at the same generation (under FSDP each parameter is gathered in turn on all ranks together,
+        which is why every rank generates at every step and evaluates under FSDP)."""
         from rlgen.rollout.vllm_engine import VLLMEngine
 
-        if self.dist.enabled:
-            raise RlgenError("config key 'rollout.engine' = 'vllm' runs on one process so far (one engine per rank under "
-                             "torchrun is not built yet); use rollout.engine = 'hf' with --nproc")
-        if self.fsdp:
-            raise RlgenError("config key 'rollout.engine' = 'vllm' does not run with run.distributed = fsdp yet")
         prompts = [self.prompt_text(r) for r in list(self.records) + list(self.eval_records or [])]
         add = self.chat.add_special_tokens if self.chat is not None else True
         longest = max((len(ids) for ids in self.tokenizer(sorted(set(prompts)), add_special_tokens=add).input_ids), default=0)
         new_tokens = max(rollout.max_new_tokens, self.eval_max_new_tokens if self.eval_records else 0)
-        rows = rollout.prompts_per_step * rollout.num_generations
+        rows = -(-rollout.prompts_per_step // self.dist.world_size) * rollout.num_generations  # this rank's share
         started = time.perf_counter()
+        if rollout.vllm_mode == "server":
+            from rlgen.rollout.vllm_server import RemoteVLLMEngine
+
+            engine = RemoteVLLMEngine(self.model, self.tokenizer, host=rollout.vllm_server_host,
+                                      port=rollout.vllm_server_port, group_port=rollout.vllm_group_port,
+                                      timeout_s=rollout.vllm_server_timeout, dist=self.dist if self.dist.enabled else None,
+                                      gather_everywhere=bool(self.fsdp))
+            if longest + new_tokens > engine.max_model_len:
+                raise RlgenError(f"the vLLM server's context ({engine.max_model_len} tokens) is shorter than this run's "
+                                 f"longest prompt plus completion ({longest + new_tokens}): rlgen serve --max-model-len")
+            self.reporter.log(f"vLLM server at {engine.url} (context {engine.max_model_len} tokens): connected in "
+                              f"{time.perf_counter() - started:.1f} s")
+            return self._warn_filtered(rollout, engine)
         engine = VLLMEngine(self.model, self.tokenizer, max_model_len=longest + new_tokens, max_num_seqs=max(rows, 1),
                           gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
                           kv_cache_gib=rollout.vllm_kv_cache_gib, enable_sleep_mode=rollout.vllm_enable_sleep_mode,
                           dtype=rollout.vllm_dtype, seed=self.config.run.seed)
         self.reporter.log(f"vLLM rollout engine started in {time.perf_counter() - started:.0f} s (context "
                           f"{engine.max_model_len} tokens, up to {rows} sequences at once)")
+        return self._warn_filtered(rollout, engine)
+
+    def _warn_filtered(self, rollout, engine):
         algorithm = getattr(self.config, "algorithm", None)
         filtered = [f"rollout.{key}" for key, off in (("top_p", 1.0), ("top_k", 0), ("min_p", 0.0), ("repetition_penalty", 1.0))
                     if getattr(rollout, key) != off]
@@ -716,7 +734,8 @@ class Trainer:
         self.init_runtime()
         main = self.dist.is_main  # rank 0 alone writes the run directory
         chosen = self._tracker_classes()  # every rank: a missing package fails before the model loads
-        if getattr(getattr(self.config, "rollout", None), "engine", "hf") == "vllm":
+        rollout = getattr(self.config, "rollout", None)
+        if getattr(rollout, "engine", "hf") == "vllm" and getattr(rollout, "vllm_mode", "colocate") == "colocate":
             from rlgen.rollout.vllm_engine import import_vllm
 
             import_vllm()  # likewise vLLM
