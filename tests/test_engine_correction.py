@@ -105,6 +105,13 @@ def test_missing_vllm_is_one_line(monkeypatch, tmp_path):
     result = rlgen("train", "grpo", "--out", str(tmp_path / "run"), "--set", 'rollout.engine="vllm"', "--set", "run.steps=1")
     assert result.code == 2 and "needs vLLM" in result.err and len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # bad set-up leaves no run directory
+    result = rlgen("serve", "--port", "8123")
+    assert result.code == 2 and "needs vLLM" in result.err and len(result.err.strip().splitlines()) == 1
+    # server mode: the trainer itself needs no vLLM (it fails on the missing server instead)
+    result = rlgen("train", "grpo", "--out", str(tmp_path / "run"), "--set", 'rollout.engine="vllm"', "--set", "run.steps=1",
+                   "--set", 'rollout.vllm_mode="server"', "--set", "rollout.vllm_server_port=9", "--set",
+                   "rollout.vllm_server_timeout=1")
+    assert result.code == 2 and "needs vLLM" not in result.err and "not reachable" in result.err, result.err
 
 
 def test_unknown_engine_is_one_line():

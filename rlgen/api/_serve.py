@@ -17,9 +17,10 @@ def serve(model: str = "tiny-arith", *, host: str = "127.0.0.1", port: int = 800
     """Load `model` (rlgen's loader: no code from the directory), start vLLM on it and serve generation and
     weight updates on http://host:port until interrupted (see rlgen.rollout.vllm_server)."""
     from rlgen.devices import resolve_device
-    from rlgen.rollout.vllm_engine import VLLMEngine
+    from rlgen.rollout.vllm_engine import VLLMEngine, import_vllm
     from rlgen.rollout.vllm_server import serve as serve_engine
 
+    import_vllm()  # a missing vLLM is one line before the model loads
     policy, tokenizer, _ = load_policy(ModelConfig(path=model))
     where = resolve_device(device)
     if where.type == "cuda" and where.index not in (None, 0):
